@@ -1,0 +1,191 @@
+// Package localcluster runs a small, real Kubernetes control plane on this
+// machine: etcd and kube-apiserver (through envtest) plus kube-controller-manager,
+// whose Deployment, ReplicaSet and EndpointSlice controllers do the work a
+// cluster would. It backs `make demo` and the e2e suite. There is no kubelet:
+// pods are run by whoever uses the cluster.
+package localcluster
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/util/yaml"
+	"k8s.io/client-go/rest"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/envtest"
+
+	"github.com/trellis-mesh/trellis/internal/testenv"
+)
+
+// Cluster is a running local control plane.
+type Cluster struct {
+	Env *testenv.Env
+	// Kubeconfig is the path of an admin kubeconfig for kubectl and clients.
+	Kubeconfig string
+	// Kubectl is the path of the kubectl binary built with the others.
+	Kubectl string
+
+	kcm *exec.Cmd
+}
+
+// Options configure Start.
+type Options struct {
+	// Dir receives the kubeconfig and the controller-manager's log.
+	Dir string
+	// Controllers of kube-controller-manager to run.
+	Controllers []string
+}
+
+// DefaultControllers are what the demo and e2e need from
+// kube-controller-manager: workloads, endpoints, namespace cleanup and GC.
+var DefaultControllers = []string{
+	"deployment-controller", "replicaset-controller", "endpointslice-controller", "endpointslice-mirroring-controller",
+	"serviceaccount-controller", "namespace-controller", "garbage-collector-controller",
+}
+
+// Start brings up etcd, kube-apiserver (with the Trellis CRDs) and
+// kube-controller-manager.
+func Start(ctx context.Context, opts Options) (*Cluster, error) {
+	if opts.Dir == "" {
+		return nil, errors.New("localcluster: Options.Dir is required")
+	}
+	if len(opts.Controllers) == 0 {
+		opts.Controllers = DefaultControllers
+	}
+	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
+		return nil, err
+	}
+	env, err := testenv.Start(testenv.Options{})
+	if err != nil {
+		return nil, err
+	}
+	c := &Cluster{Env: env}
+	ok := false
+	defer func() {
+		if !ok {
+			_ = c.Stop()
+		}
+	}()
+	admin, err := env.Environment().AddUser(envtest.User{Name: "trellis-admin", Groups: []string{"system:masters"}}, &rest.Config{QPS: 100, Burst: 200})
+	if err != nil {
+		return nil, fmt.Errorf("add admin user: %w", err)
+	}
+	kubeconfig, err := admin.KubeConfig()
+	if err != nil {
+		return nil, fmt.Errorf("admin kubeconfig: %w", err)
+	}
+	c.Kubeconfig = filepath.Join(opts.Dir, "kubeconfig")
+	if err := os.WriteFile(c.Kubeconfig, kubeconfig, 0o600); err != nil {
+		return nil, err
+	}
+	assets, err := testenv.AssetsDir(env.Root)
+	if err != nil {
+		return nil, err
+	}
+	c.Kubectl = filepath.Join(assets, "kubectl")
+
+	logFile, err := os.Create(filepath.Join(opts.Dir, "kube-controller-manager.log"))
+	if err != nil {
+		return nil, err
+	}
+	c.kcm = exec.Command(filepath.Join(assets, "kube-controller-manager"),
+		"--kubeconfig="+c.Kubeconfig,
+		"--controllers="+strings.Join(opts.Controllers, ","),
+		"--leader-elect=false",
+		"--secure-port=0",
+		"--v=1",
+	)
+	c.kcm.Stdout, c.kcm.Stderr = logFile, logFile
+	// If this process dies, the kernel stops the controller-manager too.
+	c.kcm.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := c.kcm.Start(); err != nil {
+		return nil, fmt.Errorf("start kube-controller-manager: %w", err)
+	}
+	ok = true
+	return c, nil
+}
+
+// Apply creates every object of the multi-document YAML manifests in dir
+// (files ending in .yaml), in file order; namespaced objects without a
+// namespace go to defaultNamespace.
+func (c *Cluster) Apply(ctx context.Context, dir, defaultNamespace string) ([]string, error) {
+	files, err := filepath.Glob(filepath.Join(dir, "*.yaml"))
+	if err != nil {
+		return nil, err
+	}
+	var created []string
+	for _, f := range files {
+		objs, err := ReadManifests(f)
+		if err != nil {
+			return created, err
+		}
+		for _, u := range objs {
+			if u.GetNamespace() == "" && u.GetKind() != "Namespace" && u.GetKind() != "MeshConfig" {
+				u.SetNamespace(defaultNamespace)
+			}
+			if err := c.Env.Client.Create(ctx, u); err != nil {
+				return created, fmt.Errorf("%s: create %s %s: %w", f, u.GetKind(), u.GetName(), err)
+			}
+			created = append(created, fmt.Sprintf("%s/%s", strings.ToLower(u.GetKind()), u.GetName()))
+		}
+	}
+	return created, nil
+}
+
+// ReadManifests parses a multi-document YAML file.
+func ReadManifests(path string) ([]*unstructured.Unstructured, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	dec := yaml.NewYAMLOrJSONDecoder(f, 4096)
+	var out []*unstructured.Unstructured
+	for {
+		u := &unstructured.Unstructured{}
+		if err := dec.Decode(&u.Object); err != nil {
+			if errors.Is(err, io.EOF) {
+				return out, nil
+			}
+			return nil, fmt.Errorf("parse %s: %w", path, err)
+		}
+		if len(u.Object) == 0 {
+			continue
+		}
+		out = append(out, u)
+	}
+}
+
+// Client returns the admin client.
+func (c *Cluster) Client() client.Client { return c.Env.Client }
+
+// Stop stops kube-controller-manager, kube-apiserver and etcd.
+func (c *Cluster) Stop() error {
+	var errs []error
+	if c.kcm != nil && c.kcm.Process != nil {
+		_ = c.kcm.Process.Signal(syscall.SIGTERM)
+		done := make(chan error, 1)
+		go func() { done <- c.kcm.Wait() }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			_ = c.kcm.Process.Kill()
+			<-done
+		}
+	}
+	if c.Env != nil {
+		if err := c.Env.Stop(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
