@@ -39,7 +39,7 @@ generate: $(CONTROLLER_GEN)
 .PHONY: manifests
 manifests: $(CONTROLLER_GEN)
 	$(CONTROLLER_GEN) crd paths=./pkg/apis/... output:crd:artifacts:config=config/crd/bases
-	$(CONTROLLER_GEN) rbac:roleName=trellis-controller paths=./pkg/... paths=./cmd/... output:rbac:artifacts:config=config/rbac
+	$(CONTROLLER_GEN) rbac:roleName=trellis-controller paths=./pkg/... output:rbac:artifacts:config=config/rbac
 	$(CONTROLLER_GEN) webhook paths=./pkg/... output:webhook:artifacts:config=config/webhook
 	@mkdir -p charts/trellis/crds
 	@rm -f charts/trellis/crds/*.yaml
