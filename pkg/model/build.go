@@ -1,0 +1,335 @@
+package model
+
+import (
+	"cmp"
+	"fmt"
+	"slices"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
+)
+
+// Annotations and labels the model reads.
+const (
+	// AnnotationProxy selects the proxy mode of a pod: "envoy" (set by the
+	// injector) or "grpc" (set by the user for proxyless gRPC).
+	AnnotationProxy = "trellis.dev/proxy"
+)
+
+// Input is the cluster state the model is built from: plain Kubernetes
+// objects, as the controller's informers hold them.
+type Input struct {
+	MeshConfig       *meshv1alpha1.MeshConfig
+	Services         []*corev1.Service
+	EndpointSlices   []*discoveryv1.EndpointSlice
+	Pods             []*corev1.Pod
+	AccessPolicies   []*meshv1alpha1.AccessPolicy
+	BackendPolicies  []*meshv1alpha1.BackendPolicy
+	ExternalServices []*meshv1alpha1.ExternalService
+	HTTPRoutes       []*gwv1.HTTPRoute
+	GRPCRoutes       []*gwv1.GRPCRoute
+	ReferenceGrants  []*gwv1.ReferenceGrant
+}
+
+// Defaults returns spec with every unset field given the CRD's default, so
+// the translator never sees a zero value the apiserver would have defaulted.
+func Defaults(spec meshv1alpha1.MeshConfigSpec) meshv1alpha1.MeshConfigSpec {
+	if spec.MTLS.Mode == "" {
+		spec.MTLS.Mode = meshv1alpha1.MTLSStrict
+	}
+	if spec.TrustDomain == "" {
+		spec.TrustDomain = "cluster.local"
+	}
+	if spec.Certificates.Lifetime == "" {
+		spec.Certificates.Lifetime = "24h"
+	}
+	if spec.Certificates.RotationPercent == 0 {
+		spec.Certificates.RotationPercent = 50
+	}
+	if spec.Issuer.Type == "" {
+		spec.Issuer.Type = meshv1alpha1.IssuerBuiltIn
+	}
+	if spec.Sidecar.Image == "" {
+		spec.Sidecar.Image = "envoyproxy/envoy:v1.40.0"
+	}
+	if spec.Sidecar.LogLevel == "" {
+		spec.Sidecar.LogLevel = "warning"
+	}
+	if spec.OutboundPolicy == "" {
+		spec.OutboundPolicy = meshv1alpha1.OutboundAllowAny
+	}
+	if spec.DefaultAccess == "" {
+		spec.DefaultAccess = meshv1alpha1.DefaultAccessAllow
+	}
+	if spec.AccessLog != nil && spec.AccessLog.Encoding == "" {
+		spec.AccessLog = &meshv1alpha1.AccessLog{Encoding: "Text"}
+	}
+	if spec.Tracing != nil && spec.Tracing.SamplingPercent == 0 {
+		t := *spec.Tracing
+		t.SamplingPercent = 1
+		spec.Tracing = &t
+	}
+	return spec
+}
+
+// Build resolves the input into a Mesh. It never fails: what cannot be
+// resolved is left out and reported as a Problem on the object at fault.
+// Output is deterministic: every list is sorted.
+func Build(in Input) (*Mesh, []Problem) {
+	var problems []Problem
+	m := &Mesh{
+		servicesByName: map[string]*Service{},
+		workloadsByKey: map[string]*Workload{},
+		grants:         in.ReferenceGrants,
+	}
+	if in.MeshConfig != nil {
+		m.Config = Defaults(in.MeshConfig.Spec)
+	} else {
+		m.Config = Defaults(meshv1alpha1.MeshConfigSpec{})
+	}
+
+	for _, p := range in.Pods {
+		w := workloadFromPod(p)
+		if w == nil {
+			continue
+		}
+		m.Workloads = append(m.Workloads, w)
+		m.workloadsByKey[w.Namespace+"/"+w.Name] = w
+	}
+	slices.SortFunc(m.Workloads, func(a, b *Workload) int {
+		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
+	})
+
+	for _, s := range in.Services {
+		svc := serviceFromObject(s)
+		if svc == nil {
+			continue
+		}
+		m.Services = append(m.Services, svc)
+		m.servicesByName[svc.Namespace+"/"+svc.Name] = svc
+	}
+	slices.SortFunc(m.Services, func(a, b *Service) int {
+		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
+	})
+
+	m.addEndpoints(in.EndpointSlices)
+	problems = append(problems, m.attachBackendPolicies(in.BackendPolicies)...)
+	problems = append(problems, m.attachAccessPolicies(in.AccessPolicies)...)
+	problems = append(problems, m.attachRoutes(in.HTTPRoutes, in.GRPCRoutes)...)
+	problems = append(problems, m.addExternal(in.ExternalServices)...)
+	return m, problems
+}
+
+func workloadFromPod(p *corev1.Pod) *Workload {
+	if p.Spec.HostNetwork || p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed {
+		return nil
+	}
+	w := &Workload{
+		Namespace:      p.Namespace,
+		Name:           p.Name,
+		ServiceAccount: cmp.Or(p.Spec.ServiceAccountName, "default"),
+		Labels:         p.Labels,
+		Mode:           ProxyMode(p.Annotations[AnnotationProxy]),
+		ContainerPorts: map[string]int32{},
+	}
+	if w.Mode != ProxySidecar && w.Mode != ProxyGRPC {
+		w.Mode = ProxyNone
+	}
+	for _, ip := range p.Status.PodIPs {
+		w.IPs = append(w.IPs, ip.IP)
+	}
+	if len(w.IPs) == 0 && p.Status.PodIP != "" {
+		w.IPs = []string{p.Status.PodIP}
+	}
+	for _, c := range p.Spec.Containers {
+		for _, port := range c.Ports {
+			if port.Name != "" {
+				w.ContainerPorts[port.Name] = port.ContainerPort
+			}
+		}
+	}
+	return w
+}
+
+func serviceFromObject(s *corev1.Service) *Service {
+	// ExternalName Services are DNS aliases: nothing to proxy.
+	if s.Spec.Type == corev1.ServiceTypeExternalName {
+		return nil
+	}
+	svc := &Service{
+		Namespace:      s.Namespace,
+		Name:           s.Name,
+		Endpoints:      map[int32][]Endpoint{},
+		ConsumerRoutes: map[string][]*Route{},
+	}
+	for _, ip := range s.Spec.ClusterIPs {
+		if ip != "" && ip != corev1.ClusterIPNone {
+			svc.ClusterIPs = append(svc.ClusterIPs, ip)
+		}
+	}
+	if len(svc.ClusterIPs) == 0 && s.Spec.ClusterIP != "" && s.Spec.ClusterIP != corev1.ClusterIPNone {
+		svc.ClusterIPs = []string{s.Spec.ClusterIP}
+	}
+	for _, p := range s.Spec.Ports {
+		if p.Protocol != "" && p.Protocol != corev1.ProtocolTCP {
+			continue // UDP and SCTP are not proxied
+		}
+		tp := p.TargetPort
+		if tp.Type == intstr.Int && tp.IntVal == 0 || tp.Type == intstr.String && tp.StrVal == "" {
+			tp = intstr.FromInt32(p.Port)
+		}
+		svc.Ports = append(svc.Ports, ServicePort{
+			Name: p.Name, Port: p.Port, TargetPort: tp, Protocol: ProtocolFor(p.Name, p.AppProtocol),
+		})
+	}
+	slices.SortFunc(svc.Ports, func(a, b ServicePort) int { return cmp.Compare(a.Port, b.Port) })
+	return svc
+}
+
+func (m *Mesh) addEndpoints(slices_ []*discoveryv1.EndpointSlice) {
+	for _, es := range slices_ {
+		if es.AddressType == discoveryv1.AddressTypeFQDN {
+			continue
+		}
+		svc := m.Service(es.Namespace, es.Labels[discoveryv1.LabelServiceName])
+		if svc == nil {
+			continue
+		}
+		for _, sp := range svc.Ports {
+			var port int32
+			found := false
+			for _, p := range es.Ports {
+				if p.Port != nil && ptrOr(p.Name, "") == sp.Name {
+					port, found = *p.Port, true
+					break
+				}
+			}
+			if !found {
+				continue
+			}
+			for _, e := range es.Endpoints {
+				ready := e.Conditions.Ready == nil || *e.Conditions.Ready
+				serving := e.Conditions.Serving == nil && ready || e.Conditions.Serving != nil && *e.Conditions.Serving
+				terminating := e.Conditions.Terminating != nil && *e.Conditions.Terminating
+				ep := Endpoint{Port: port, Ready: ready, Serving: serving, Terminating: terminating, Zone: ptrOr(e.Zone, "")}
+				if e.TargetRef != nil && e.TargetRef.Kind == "Pod" {
+					ep.Pod = e.TargetRef.Name
+					if w := m.Workload(es.Namespace, e.TargetRef.Name); w != nil {
+						ep.ServiceAccount = w.ServiceAccount
+						ep.Mesh = w.Mode
+						if w.Zone == "" {
+							w.Zone = ep.Zone
+						}
+					}
+				}
+				for _, ip := range e.Addresses {
+					ep.IP = ip
+					svc.Endpoints[sp.Port] = append(svc.Endpoints[sp.Port], ep)
+				}
+			}
+		}
+	}
+	for _, svc := range m.Services {
+		sas := map[string]bool{}
+		for port, eps := range svc.Endpoints {
+			slices.SortFunc(eps, func(a, b Endpoint) int {
+				return cmp.Or(cmp.Compare(a.IP, b.IP), cmp.Compare(a.Port, b.Port))
+			})
+			// The same address can appear in two slices during a rollout.
+			svc.Endpoints[port] = slices.CompactFunc(eps, func(a, b Endpoint) bool { return a.IP == b.IP && a.Port == b.Port })
+			for _, e := range eps {
+				if e.ServiceAccount != "" {
+					sas[e.ServiceAccount] = true
+				}
+			}
+		}
+		for sa := range sas {
+			svc.ServiceAccounts = append(svc.ServiceAccounts, sa)
+		}
+		slices.Sort(svc.ServiceAccounts)
+	}
+}
+
+func ptrOr[T any](p *T, def T) T {
+	if p == nil {
+		return def
+	}
+	return *p
+}
+
+func targetProblem(kind, ns, name string, i int, target string) Problem {
+	return Problem{
+		Object:    Ref{Kind: kind, Namespace: ns, Name: name},
+		Field:     fmt.Sprintf("spec.targetRefs[%d]", i),
+		Reason:    meshv1alpha1.ReasonTargetNotFound,
+		Condition: meshv1alpha1.ConditionResolvedRefs,
+		Message:   fmt.Sprintf("Service %s/%s does not exist", ns, target),
+	}
+}
+
+func (m *Mesh) attachBackendPolicies(policies []*meshv1alpha1.BackendPolicy) []Problem {
+	var problems []Problem
+	// Oldest first: on a conflict the oldest policy wins, as in Gateway API.
+	sorted := slices.Clone(policies)
+	slices.SortFunc(sorted, func(a, b *meshv1alpha1.BackendPolicy) int {
+		return cmp.Or(a.CreationTimestamp.Compare(b.CreationTimestamp.Time), cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
+	})
+	for _, p := range sorted {
+		bp := &BackendPolicy{Namespace: p.Namespace, Name: p.Name, Spec: p.Spec}
+		for i, t := range p.Spec.TargetRefs {
+			svc := m.Service(p.Namespace, t.Name)
+			if svc == nil {
+				problems = append(problems, targetProblem("BackendPolicy", p.Namespace, p.Name, i, t.Name))
+				continue
+			}
+			if svc.Policy != nil {
+				problems = append(problems, Problem{
+					Object:    Ref{Kind: "BackendPolicy", Namespace: p.Namespace, Name: p.Name},
+					Field:     fmt.Sprintf("spec.targetRefs[%d]", i),
+					Reason:    meshv1alpha1.ReasonConflicted,
+					Condition: meshv1alpha1.ConditionAccepted,
+					Message:   fmt.Sprintf("Service %s already has the older BackendPolicy %s; only one BackendPolicy applies to a Service", t.Name, svc.Policy.Name),
+				})
+				continue
+			}
+			svc.Policy = bp
+		}
+	}
+	return problems
+}
+
+func (m *Mesh) attachAccessPolicies(policies []*meshv1alpha1.AccessPolicy) []Problem {
+	var problems []Problem
+	sorted := slices.Clone(policies)
+	slices.SortFunc(sorted, func(a, b *meshv1alpha1.AccessPolicy) int {
+		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
+	})
+	for _, p := range sorted {
+		ap := &AccessPolicy{Namespace: p.Namespace, Name: p.Name, Spec: p.Spec}
+		for i, t := range p.Spec.TargetRefs {
+			svc := m.Service(p.Namespace, t.Name)
+			if svc == nil {
+				problems = append(problems, targetProblem("AccessPolicy", p.Namespace, p.Name, i, t.Name))
+				continue
+			}
+			if !slices.Contains(svc.AccessPolicies, ap) {
+				svc.AccessPolicies = append(svc.AccessPolicies, ap)
+			}
+		}
+	}
+	return problems
+}
+
+func (m *Mesh) addExternal(ess []*meshv1alpha1.ExternalService) []Problem {
+	for _, es := range ess {
+		m.External = append(m.External, &ExternalService{Namespace: es.Namespace, Name: es.Name, Spec: es.Spec})
+	}
+	slices.SortFunc(m.External, func(a, b *ExternalService) int {
+		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
+	})
+	return nil
+}

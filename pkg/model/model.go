@@ -1,0 +1,267 @@
+package model
+
+import (
+	"fmt"
+	"strings"
+
+	"k8s.io/apimachinery/pkg/util/intstr"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
+)
+
+// Ref names the object a problem is about.
+type Ref struct {
+	Kind      string `json:"kind"`
+	Namespace string `json:"namespace,omitempty"`
+	Name      string `json:"name"`
+}
+
+func (r Ref) String() string {
+	if r.Namespace == "" {
+		return r.Kind + "/" + r.Name
+	}
+	return r.Kind + "/" + r.Namespace + "/" + r.Name
+}
+
+// Problem is something wrong with the user's input. The controller turns it
+// into a status condition on Object; the rest of the mesh is unaffected.
+type Problem struct {
+	Object Ref `json:"object"`
+	// Field is the path of the offending field, e.g. spec.rules[0].matches[1].path.
+	Field string `json:"field,omitempty"`
+	// Reason is a CamelCase condition reason (Gateway API's where one fits).
+	Reason  string `json:"reason"`
+	Message string `json:"message"`
+	// Condition is the condition type the problem sets to False: Accepted or ResolvedRefs.
+	Condition string `json:"condition"`
+}
+
+func (p Problem) String() string {
+	if p.Field == "" {
+		return fmt.Sprintf("%s: %s", p.Object, p.Message)
+	}
+	return fmt.Sprintf("%s: %s: %s", p.Object, p.Field, p.Message)
+}
+
+// Protocol is the application protocol of a port.
+type Protocol string
+
+const (
+	ProtocolHTTP  Protocol = "http"
+	ProtocolHTTP2 Protocol = "http2"
+	ProtocolGRPC  Protocol = "grpc"
+	ProtocolTCP   Protocol = "tcp"
+	ProtocolTLS   Protocol = "tls"
+)
+
+// IsHTTP says whether the port carries HTTP (any version).
+func (p Protocol) IsHTTP() bool { return p == ProtocolHTTP || p == ProtocolHTTP2 || p == ProtocolGRPC }
+
+// IsHTTP2 says whether the port needs HTTP/2 upstream.
+func (p Protocol) IsHTTP2() bool { return p == ProtocolHTTP2 || p == ProtocolGRPC }
+
+// ProtocolFor derives a port's protocol the way Istio does: appProtocol
+// first (including the kubernetes.io/h2c and k8s.io/ variants), then the
+// port name's prefix before "-", else TCP.
+func ProtocolFor(name string, appProtocol *string) Protocol {
+	if appProtocol != nil {
+		switch strings.ToLower(*appProtocol) {
+		case "http", "kubernetes.io/http":
+			return ProtocolHTTP
+		case "http2", "h2c", "kubernetes.io/h2c":
+			return ProtocolHTTP2
+		case "grpc":
+			return ProtocolGRPC
+		case "tls", "https":
+			return ProtocolTLS
+		case "tcp":
+			return ProtocolTCP
+		}
+	}
+	prefix := strings.ToLower(name)
+	if i := strings.IndexByte(prefix, '-'); i >= 0 {
+		prefix = prefix[:i]
+	}
+	switch prefix {
+	case "http":
+		return ProtocolHTTP
+	case "http2", "h2c":
+		return ProtocolHTTP2
+	case "grpc":
+		return ProtocolGRPC
+	case "tls", "https":
+		return ProtocolTLS
+	}
+	return ProtocolTCP
+}
+
+// ProxyMode is how a workload takes part in the mesh.
+type ProxyMode string
+
+const (
+	// ProxyNone: the workload has no proxy (not meshed).
+	ProxyNone ProxyMode = ""
+	// ProxySidecar: an injected Envoy sidecar.
+	ProxySidecar ProxyMode = "envoy"
+	// ProxyGRPC: a proxyless gRPC application with gRPC's xDS client.
+	ProxyGRPC ProxyMode = "grpc"
+)
+
+// Mesh is the whole model, built by Build.
+type Mesh struct {
+	Config meshv1alpha1.MeshConfigSpec
+	// Services sorted by namespace and name.
+	Services []*Service
+	// Workloads sorted by namespace and name.
+	Workloads []*Workload
+	// External services sorted by namespace and name.
+	External []*ExternalService
+
+	servicesByName map[string]*Service
+	workloadsByKey map[string]*Workload
+	grants         []*gwv1.ReferenceGrant
+}
+
+// Service returns the Service namespace/name, or nil.
+func (m *Mesh) Service(namespace, name string) *Service {
+	return m.servicesByName[namespace+"/"+name]
+}
+
+// Workload returns the workload (pod) namespace/name, or nil.
+func (m *Mesh) Workload(namespace, name string) *Workload {
+	return m.workloadsByKey[namespace+"/"+name]
+}
+
+// SPIFFEID is the identity of a ServiceAccount in the mesh's trust domain.
+func (m *Mesh) SPIFFEID(namespace, serviceAccount string) string {
+	return SPIFFEID(m.Config.TrustDomain, namespace, serviceAccount)
+}
+
+// SPIFFEID is spiffe://<trustDomain>/ns/<namespace>/sa/<serviceAccount>.
+func SPIFFEID(trustDomain, namespace, serviceAccount string) string {
+	return "spiffe://" + trustDomain + "/ns/" + namespace + "/sa/" + serviceAccount
+}
+
+// Service is a Kubernetes Service in the mesh.
+type Service struct {
+	Namespace string
+	Name      string
+	// ClusterIPs are empty for a headless Service.
+	ClusterIPs []string
+	Ports      []ServicePort
+	// Endpoints per service port number.
+	Endpoints map[int32][]Endpoint
+	// ServiceAccounts of the pods behind the Service, sorted; the client
+	// verifies the server certificate against their SPIFFE IDs.
+	ServiceAccounts []string
+
+	// Policy is the BackendPolicy that applies, if any.
+	Policy *BackendPolicy
+	// AccessPolicies that target the Service, sorted by namespace and name.
+	AccessPolicies []*AccessPolicy
+	// ProducerRoutes are the routes in the Service's namespace; they apply
+	// to every client without a consumer route.
+	ProducerRoutes []*Route
+	// ConsumerRoutes by the client namespace they apply to (GEP-1686).
+	ConsumerRoutes map[string][]*Route
+}
+
+// Headless says whether the Service has no cluster IP.
+func (s *Service) Headless() bool { return len(s.ClusterIPs) == 0 }
+
+// Hostname is the Service's fully qualified name.
+func (s *Service) Hostname() string { return s.Name + "." + s.Namespace + ".svc.cluster.local" }
+
+// Port returns the port with the given number, or nil.
+func (s *Service) Port(number int32) *ServicePort {
+	for i := range s.Ports {
+		if s.Ports[i].Port == number {
+			return &s.Ports[i]
+		}
+	}
+	return nil
+}
+
+// RoutesFor returns the routes that apply to a client in namespace ns:
+// consumer routes of that namespace if any, else the producer routes.
+func (s *Service) RoutesFor(ns string) []*Route {
+	if r := s.ConsumerRoutes[ns]; len(r) > 0 {
+		return r
+	}
+	return s.ProducerRoutes
+}
+
+// ServicePort is one port of a Service.
+type ServicePort struct {
+	Name       string
+	Port       int32
+	TargetPort intstr.IntOrString
+	Protocol   Protocol
+}
+
+// Endpoint is one address behind a Service port.
+type Endpoint struct {
+	IP          string
+	Port        int32
+	Ready       bool
+	Serving     bool
+	Terminating bool
+	Zone        string
+	// Pod backing the endpoint ("" when the slice names none).
+	Pod            string
+	ServiceAccount string
+	// Mesh is the proxy mode of the backing pod: whether it speaks mTLS.
+	Mesh ProxyMode
+}
+
+// Workload is a pod in the mesh.
+type Workload struct {
+	Namespace      string
+	Name           string
+	ServiceAccount string
+	IPs            []string
+	Labels         map[string]string
+	Mode           ProxyMode
+	// ContainerPorts by name, for Services with named target ports.
+	ContainerPorts map[string]int32
+	// Zone of the pod, from the EndpointSlices that list it ("" if none do).
+	Zone string
+}
+
+// AccessPolicy is an AccessPolicy that resolved at least one target.
+type AccessPolicy struct {
+	Namespace string
+	Name      string
+	Spec      meshv1alpha1.AccessPolicySpec
+}
+
+// BackendPolicy is a BackendPolicy attached to a Service.
+type BackendPolicy struct {
+	Namespace string
+	Name      string
+	Spec      meshv1alpha1.BackendPolicySpec
+}
+
+// ExternalService is an ExternalService.
+type ExternalService struct {
+	Namespace string
+	Name      string
+	Spec      meshv1alpha1.ExternalServiceSpec
+}
+
+// Route is an HTTPRoute or GRPCRoute attached to a Service (GAMMA).
+type Route struct {
+	Kind      string // "HTTPRoute" or "GRPCRoute"
+	Namespace string
+	Name      string
+	// Created orders routes of equal precedence, oldest first (Gateway API).
+	Created int64
+	HTTP    *gwv1.HTTPRouteSpec
+	GRPC    *gwv1.GRPCRouteSpec
+	// Port is the parentRef port, 0 for every port of the Service.
+	Port int32
+}
+
+// Ref returns the route's object reference.
+func (r *Route) Ref() Ref { return Ref{Kind: r.Kind, Namespace: r.Namespace, Name: r.Name} }

@@ -1,0 +1,261 @@
+package model
+
+import (
+	"cmp"
+	"fmt"
+	"regexp"
+	"slices"
+
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
+)
+
+// Gateway API route condition reasons the model reports.
+const (
+	ReasonNoMatchingParent = string(gwv1.RouteReasonNoMatchingParent)
+	ReasonBackendNotFound  = string(gwv1.RouteReasonBackendNotFound)
+	ReasonRefNotPermitted  = string(gwv1.RouteReasonRefNotPermitted)
+	ReasonInvalidKind      = string(gwv1.RouteReasonInvalidKind)
+	ReasonUnsupportedValue = string(gwv1.RouteReasonUnsupportedValue)
+)
+
+func isServiceRef(group *gwv1.Group, kind *gwv1.Kind) bool {
+	return (group == nil || *group == "" || *group == "core") && (kind == nil || *kind == "Service")
+}
+
+func (m *Mesh) attachRoutes(httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRPCRoute) []Problem {
+	var problems []Problem
+	var routes []*Route
+	var parents [][]gwv1.ParentReference
+	for _, r := range httpRoutes {
+		routes = append(routes, &Route{Kind: "HTTPRoute", Namespace: r.Namespace, Name: r.Name, Created: r.CreationTimestamp.Unix(), HTTP: &r.Spec})
+		parents = append(parents, r.Spec.ParentRefs)
+	}
+	for _, r := range grpcRoutes {
+		routes = append(routes, &Route{Kind: "GRPCRoute", Namespace: r.Namespace, Name: r.Name, Created: r.CreationTimestamp.Unix(), GRPC: &r.Spec})
+		parents = append(parents, r.Spec.ParentRefs)
+	}
+	for i, r := range routes {
+		invalid := m.validateRoute(r)
+		problems = append(problems, invalid...)
+		if slices.ContainsFunc(invalid, func(p Problem) bool { return p.Reason == ReasonUnsupportedValue && p.Condition == meshv1alpha1.ConditionAccepted && p.Field != "" && isMatchField(p.Field) }) {
+			continue // a rule that cannot be matched correctly: the route is not programmed
+		}
+		for j, pr := range parents[i] {
+			if !isServiceRef(pr.Group, pr.Kind) {
+				continue // a Gateway parent: not ours
+			}
+			ns := r.Namespace
+			if pr.Namespace != nil && *pr.Namespace != "" {
+				ns = string(*pr.Namespace)
+			}
+			svc := m.Service(ns, string(pr.Name))
+			field := fmt.Sprintf("spec.parentRefs[%d]", j)
+			if svc == nil {
+				problems = append(problems, Problem{Object: r.Ref(), Field: field, Reason: ReasonNoMatchingParent, Condition: meshv1alpha1.ConditionAccepted,
+					Message: fmt.Sprintf("parent Service %s/%s does not exist", ns, pr.Name)})
+				continue
+			}
+			attached := r
+			if pr.Port != nil {
+				if svc.Port(int32(*pr.Port)) == nil {
+					problems = append(problems, Problem{Object: r.Ref(), Field: field + ".port", Reason: ReasonNoMatchingParent, Condition: meshv1alpha1.ConditionAccepted,
+						Message: fmt.Sprintf("parent Service %s/%s has no port %d", ns, pr.Name, *pr.Port)})
+					continue
+				}
+				c := *r
+				c.Port = int32(*pr.Port)
+				attached = &c
+			}
+			if ns == r.Namespace {
+				svc.ProducerRoutes = append(svc.ProducerRoutes, attached)
+			} else {
+				svc.ConsumerRoutes[r.Namespace] = append(svc.ConsumerRoutes[r.Namespace], attached)
+			}
+		}
+	}
+	order := func(a, b *Route) int {
+		return cmp.Or(cmp.Compare(a.Created, b.Created), cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name), cmp.Compare(a.Kind, b.Kind))
+	}
+	for _, svc := range m.Services {
+		slices.SortFunc(svc.ProducerRoutes, order)
+		for ns := range svc.ConsumerRoutes {
+			slices.SortFunc(svc.ConsumerRoutes[ns], order)
+		}
+	}
+	return problems
+}
+
+var matchField = regexp.MustCompile(`^spec\.rules\[\d+\]\.matches`)
+
+func isMatchField(field string) bool { return matchField.MatchString(field) }
+
+// validateRoute reports what the translator cannot program faithfully.
+// Invalid matches make the route unprogrammable (reported on matches);
+// invalid backends and unsupported filters make the rule answer HTTP 500,
+// as Gateway API requires.
+func (m *Mesh) validateRoute(r *Route) []Problem {
+	var problems []Problem
+	bad := func(field, reason, cond, format string, args ...any) {
+		problems = append(problems, Problem{Object: r.Ref(), Field: field, Reason: reason, Condition: cond, Message: fmt.Sprintf(format, args...)})
+	}
+	checkRegex := func(field, expr string) {
+		if _, err := regexp.Compile(expr); err != nil {
+			bad(field, ReasonUnsupportedValue, meshv1alpha1.ConditionAccepted, "invalid RE2 regular expression %q: %v", expr, err)
+		}
+	}
+	checkBackends := func(rule int, refs []gwv1.BackendRef) {
+		total := int32(0)
+		for k, b := range refs {
+			field := fmt.Sprintf("spec.rules[%d].backendRefs[%d]", rule, k)
+			total += ptrOr(b.Weight, 1)
+			if _, _, p := m.ResolveBackend(r.Kind, r.Namespace, b.BackendObjectReference); p != nil {
+				p.Object, p.Field = r.Ref(), field
+				problems = append(problems, *p)
+			}
+		}
+		if len(refs) > 0 && total == 0 {
+			bad(fmt.Sprintf("spec.rules[%d].backendRefs", rule), ReasonUnsupportedValue, meshv1alpha1.ConditionAccepted,
+				"every backendRef has weight 0: requests matching this rule get HTTP 500")
+		}
+	}
+	if r.HTTP != nil {
+		for i, rule := range r.HTTP.Rules {
+			for j, mt := range rule.Matches {
+				if mt.Path != nil && mt.Path.Type != nil && *mt.Path.Type == gwv1.PathMatchRegularExpression {
+					checkRegex(fmt.Sprintf("spec.rules[%d].matches[%d].path.value", i, j), ptrOr(mt.Path.Value, ""))
+				}
+				for k, h := range mt.Headers {
+					if h.Type != nil && *h.Type == gwv1.HeaderMatchRegularExpression {
+						checkRegex(fmt.Sprintf("spec.rules[%d].matches[%d].headers[%d].value", i, j, k), h.Value)
+					}
+				}
+				for k, q := range mt.QueryParams {
+					if q.Type != nil && *q.Type == gwv1.QueryParamMatchRegularExpression {
+						checkRegex(fmt.Sprintf("spec.rules[%d].matches[%d].queryParams[%d].value", i, j, k), q.Value)
+					}
+				}
+			}
+			for j, f := range rule.Filters {
+				if !supportedHTTPFilter(f.Type) {
+					bad(fmt.Sprintf("spec.rules[%d].filters[%d].type", i, j), ReasonUnsupportedValue, meshv1alpha1.ConditionAccepted,
+						"filter %s is not supported by Trellis: requests matching this rule get HTTP 500", f.Type)
+				}
+				if f.RequestMirror != nil {
+					if _, _, p := m.ResolveBackend(r.Kind, r.Namespace, f.RequestMirror.BackendRef); p != nil {
+						p.Object, p.Field = r.Ref(), fmt.Sprintf("spec.rules[%d].filters[%d].requestMirror.backendRef", i, j)
+						problems = append(problems, *p)
+					}
+				}
+			}
+			refs := make([]gwv1.BackendRef, len(rule.BackendRefs))
+			for k, b := range rule.BackendRefs {
+				refs[k] = b.BackendRef
+				if len(b.Filters) > 0 {
+					bad(fmt.Sprintf("spec.rules[%d].backendRefs[%d].filters", i, k), ReasonUnsupportedValue, meshv1alpha1.ConditionAccepted,
+						"filters on a backendRef are not supported by Trellis: requests matching this rule get HTTP 500")
+				}
+			}
+			checkBackends(i, refs)
+			if rule.SessionPersistence != nil {
+				bad(fmt.Sprintf("spec.rules[%d].sessionPersistence", i), ReasonUnsupportedValue, meshv1alpha1.ConditionAccepted,
+					"sessionPersistence is not supported by Trellis and is ignored; use a BackendPolicy with loadBalancer.algorithm RingHash")
+			}
+		}
+	}
+	if r.GRPC != nil {
+		for i, rule := range r.GRPC.Rules {
+			for j, mt := range rule.Matches {
+				if mt.Method != nil && mt.Method.Type != nil && *mt.Method.Type == gwv1.GRPCMethodMatchRegularExpression {
+					if mt.Method.Service != nil {
+						checkRegex(fmt.Sprintf("spec.rules[%d].matches[%d].method.service", i, j), *mt.Method.Service)
+					}
+					if mt.Method.Method != nil {
+						checkRegex(fmt.Sprintf("spec.rules[%d].matches[%d].method.method", i, j), *mt.Method.Method)
+					}
+				}
+				for k, h := range mt.Headers {
+					if h.Type != nil && *h.Type == gwv1.GRPCHeaderMatchRegularExpression {
+						checkRegex(fmt.Sprintf("spec.rules[%d].matches[%d].headers[%d].value", i, j, k), h.Value)
+					}
+				}
+			}
+			for j, f := range rule.Filters {
+				switch f.Type {
+				case gwv1.GRPCRouteFilterRequestHeaderModifier, gwv1.GRPCRouteFilterResponseHeaderModifier, gwv1.GRPCRouteFilterRequestMirror:
+				default:
+					bad(fmt.Sprintf("spec.rules[%d].filters[%d].type", i, j), ReasonUnsupportedValue, meshv1alpha1.ConditionAccepted,
+						"filter %s is not supported by Trellis: requests matching this rule get HTTP 500", f.Type)
+				}
+			}
+			refs := make([]gwv1.BackendRef, len(rule.BackendRefs))
+			for k, b := range rule.BackendRefs {
+				refs[k] = b.BackendRef
+			}
+			checkBackends(i, refs)
+		}
+	}
+	return problems
+}
+
+func supportedHTTPFilter(t gwv1.HTTPRouteFilterType) bool {
+	switch t {
+	case gwv1.HTTPRouteFilterRequestHeaderModifier, gwv1.HTTPRouteFilterResponseHeaderModifier,
+		gwv1.HTTPRouteFilterRequestRedirect, gwv1.HTTPRouteFilterURLRewrite, gwv1.HTTPRouteFilterRequestMirror:
+		return true
+	}
+	return false
+}
+
+// ResolveBackend resolves a route's backendRef to a Service port. A problem
+// means requests for that backend must fail (HTTP 500).
+func (m *Mesh) ResolveBackend(routeKind, routeNamespace string, b gwv1.BackendObjectReference) (*Service, *ServicePort, *Problem) {
+	if !isServiceRef(b.Group, b.Kind) {
+		return nil, nil, &Problem{Reason: ReasonInvalidKind, Condition: meshv1alpha1.ConditionResolvedRefs,
+			Message: fmt.Sprintf("backendRef kind %s is not supported: only Services", ptrOr(b.Kind, ""))}
+	}
+	ns := routeNamespace
+	if b.Namespace != nil && string(*b.Namespace) != routeNamespace {
+		ns = string(*b.Namespace)
+		if !m.granted(routeKind, routeNamespace, ns, string(b.Name)) {
+			return nil, nil, &Problem{Reason: ReasonRefNotPermitted, Condition: meshv1alpha1.ConditionResolvedRefs,
+				Message: fmt.Sprintf("backendRef to Service %s/%s in another namespace needs a ReferenceGrant in %s from %s in %s", ns, b.Name, ns, routeKind, routeNamespace)}
+		}
+	}
+	svc := m.Service(ns, string(b.Name))
+	if svc == nil {
+		return nil, nil, &Problem{Reason: ReasonBackendNotFound, Condition: meshv1alpha1.ConditionResolvedRefs,
+			Message: fmt.Sprintf("backend Service %s/%s does not exist", ns, b.Name)}
+	}
+	if b.Port == nil {
+		return nil, nil, &Problem{Reason: ReasonUnsupportedValue, Condition: meshv1alpha1.ConditionResolvedRefs,
+			Message: fmt.Sprintf("backendRef to Service %s needs a port", b.Name)}
+	}
+	p := svc.Port(int32(*b.Port))
+	if p == nil {
+		return nil, nil, &Problem{Reason: ReasonBackendNotFound, Condition: meshv1alpha1.ConditionResolvedRefs,
+			Message: fmt.Sprintf("backend Service %s/%s has no port %d", ns, b.Name, *b.Port)}
+	}
+	return svc, p, nil
+}
+
+// granted says whether a ReferenceGrant in toNamespace lets routes of kind
+// routeKind in fromNamespace refer to the Service name.
+func (m *Mesh) granted(routeKind, fromNamespace, toNamespace, name string) bool {
+	for _, g := range m.grants {
+		if g.Namespace != toNamespace {
+			continue
+		}
+		from := slices.ContainsFunc(g.Spec.From, func(f gwv1.ReferenceGrantFrom) bool {
+			return string(f.Group) == gwv1.GroupName && string(f.Kind) == routeKind && string(f.Namespace) == fromNamespace
+		})
+		to := slices.ContainsFunc(g.Spec.To, func(t gwv1.ReferenceGrantTo) bool {
+			return (t.Group == "" || t.Group == "core") && t.Kind == "Service" && (t.Name == nil || string(*t.Name) == name)
+		})
+		if from && to {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,295 @@
+package translate
+
+import (
+	"cmp"
+	"slices"
+	"strings"
+	"time"
+
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	httpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+	"google.golang.org/protobuf/types/known/anypb"
+	"google.golang.org/protobuf/types/known/structpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
+	"github.com/trellis-mesh/trellis/pkg/model"
+)
+
+const (
+	defaultConnectTimeout      = 5 * time.Second
+	httpProtocolOptionsKey     = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+	transportSocketMatchFilter = "envoy.transport_socket_match"
+)
+
+// serviceCluster adds (once) the cluster and endpoints of a Service port and
+// returns the cluster name.
+func (t *translator) serviceCluster(svc *model.Service, port *model.ServicePort) string {
+	name := OutboundClusterName(svc.Hostname(), port.Port)
+	if _, ok := t.clusters[name]; ok {
+		return name
+	}
+	c := &clusterv3.Cluster{
+		Name:           name,
+		ConnectTimeout: dur(defaultConnectTimeout),
+		AltStatName:    name,
+	}
+	if svc.Headless() {
+		// Clients of a headless Service dial pod IPs themselves: forward to
+		// the address they chose (L4 only; routes do not apply).
+		c.ClusterDiscoveryType = &clusterv3.Cluster_Type{Type: clusterv3.Cluster_ORIGINAL_DST}
+		c.LbPolicy = clusterv3.Cluster_CLUSTER_PROVIDED
+		if allMeshed(svc.Endpoints[port.Port]) {
+			c.TransportSocket = t.upstreamTLS(svc, port)
+		}
+	} else {
+		c.ClusterDiscoveryType = &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS}
+		c.EdsClusterConfig = &clusterv3.Cluster_EdsClusterConfig{EdsConfig: adsConfigSource(), ServiceName: name}
+		c.TransportSocketMatches = []*clusterv3.Cluster_TransportSocketMatch{{
+			Name:            "mtls",
+			Match:           &structpb.Struct{Fields: map[string]*structpb.Value{TransportSocketMatchKey: structpb.NewStringValue(TransportSocketMatchMTLS)}},
+			TransportSocket: t.upstreamTLS(svc, port),
+		}}
+		t.endpoints[name] = t.loadAssignment(name, svc, port)
+	}
+	if port.Protocol.IsHTTP2() {
+		c.TypedExtensionProtocolOptions = map[string]*anypb.Any{httpProtocolOptionsKey: mustAny(&httpv3.HttpProtocolOptions{
+			UpstreamProtocolOptions: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_{ExplicitHttpConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig{
+				ProtocolConfig: &httpv3.HttpProtocolOptions_ExplicitHttpConfig_Http2ProtocolOptions{Http2ProtocolOptions: &corev3.Http2ProtocolOptions{}},
+			}},
+		})}
+	}
+	if svc.Policy != nil {
+		t.applyBackendPolicy(c, svc.Policy)
+	}
+	t.clusters[name] = c
+	return name
+}
+
+func allMeshed(eps []model.Endpoint) bool {
+	if len(eps) == 0 {
+		return false
+	}
+	for _, e := range eps {
+		if e.Mesh == model.ProxyNone {
+			return false
+		}
+	}
+	return true
+}
+
+// upstreamTLS presents the workload certificate and verifies the server's
+// SPIFFE ID against the ServiceAccounts behind the Service.
+func (t *translator) upstreamTLS(svc *model.Service, port *model.ServicePort) *corev3.TransportSocket {
+	var sans []*tlsv3.SubjectAltNameMatcher
+	for _, sa := range svc.ServiceAccounts {
+		sans = append(sans, &tlsv3.SubjectAltNameMatcher{
+			SanType: tlsv3.SubjectAltNameMatcher_URI,
+			Matcher: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: t.mesh.SPIFFEID(svc.Namespace, sa)}},
+		})
+	}
+	alpn := []string{"http/1.1"}
+	if port.Protocol.IsHTTP2() {
+		alpn = []string{"h2"}
+	} else if !port.Protocol.IsHTTP() {
+		alpn = nil
+	}
+	ctx := &tlsv3.UpstreamTlsContext{
+		Sni:              svc.Hostname(),
+		CommonTlsContext: t.commonTLS(sans, alpn),
+	}
+	return &corev3.TransportSocket{Name: "envoy.transport_sockets.tls", ConfigType: &corev3.TransportSocket_TypedConfig{TypedConfig: mustAny(ctx)}}
+}
+
+func (t *translator) commonTLS(sans []*tlsv3.SubjectAltNameMatcher, alpn []string) *tlsv3.CommonTlsContext {
+	return &tlsv3.CommonTlsContext{
+		TlsParams:                      &tlsv3.TlsParameters{TlsMinimumProtocolVersion: tlsv3.TlsParameters_TLSv1_2},
+		TlsCertificateSdsSecretConfigs: []*tlsv3.SdsSecretConfig{{Name: SecretWorkloadCert, SdsConfig: adsConfigSource()}},
+		ValidationContextType: &tlsv3.CommonTlsContext_CombinedValidationContext{CombinedValidationContext: &tlsv3.CommonTlsContext_CombinedCertificateValidationContext{
+			DefaultValidationContext:         &tlsv3.CertificateValidationContext{MatchTypedSubjectAltNames: sans},
+			ValidationContextSdsSecretConfig: &tlsv3.SdsSecretConfig{Name: SecretTrustBundle, SdsConfig: adsConfigSource()},
+		}},
+		AlpnProtocols: alpn,
+	}
+}
+
+func (t *translator) applyBackendPolicy(c *clusterv3.Cluster, p *model.BackendPolicy) {
+	spec := p.Spec
+	if cs := spec.Connection; cs != nil {
+		if cs.ConnectTimeout != nil {
+			if d, ok := parseDuration(string(*cs.ConnectTimeout)); ok && d > 0 {
+				c.ConnectTimeout = dur(d)
+			}
+		}
+		th := &clusterv3.CircuitBreakers_Thresholds{Priority: corev3.RoutingPriority_DEFAULT}
+		set := false
+		u32 := func(v *int32) *wrapperspb.UInt32Value {
+			if v == nil || *v < 0 {
+				return nil
+			}
+			set = true
+			return wrapperspb.UInt32(uint32(*v))
+		}
+		th.MaxConnections = u32(cs.MaxConnections)
+		th.MaxPendingRequests = u32(cs.MaxPendingRequests)
+		th.MaxRequests = u32(cs.MaxRequests)
+		th.MaxRetries = u32(cs.MaxRetries)
+		if set {
+			c.CircuitBreakers = &clusterv3.CircuitBreakers{Thresholds: []*clusterv3.CircuitBreakers_Thresholds{th}}
+		}
+	}
+	if od := spec.OutlierDetection; od != nil {
+		o := &clusterv3.OutlierDetection{
+			Consecutive_5Xx:    wrapperspb.UInt32(uint32(max(od.Consecutive5xxErrors, 1))),
+			MaxEjectionPercent: wrapperspb.UInt32(uint32(min(max(od.MaxEjectionPercent, 0), 100))),
+		}
+		if d, ok := parseDuration(string(cmp.Or(od.Interval, "10s"))); ok && d > 0 {
+			o.Interval = dur(d)
+		}
+		if d, ok := parseDuration(string(cmp.Or(od.BaseEjectionTime, "30s"))); ok && d > 0 {
+			o.BaseEjectionTime = dur(d)
+		}
+		c.OutlierDetection = o
+	}
+	if lb := spec.LoadBalancer; lb != nil {
+		switch lb.Algorithm {
+		case "LeastRequest":
+			c.LbPolicy = clusterv3.Cluster_LEAST_REQUEST
+		case "RingHash":
+			c.LbPolicy = clusterv3.Cluster_RING_HASH
+		case "Random":
+			c.LbPolicy = clusterv3.Cluster_RANDOM
+		}
+	}
+}
+
+// loadAssignment builds the endpoints of a Service port: ready endpoints,
+// or serving-but-terminating ones when none is ready (Kubernetes'
+// ProxyTerminatingEndpoints semantics). Endpoints are grouped by zone; with
+// outlier detection on, the proxy's own zone gets priority 0 and others
+// priority 1 (locality failover, as Istio does).
+func (t *translator) loadAssignment(name string, svc *model.Service, port *model.ServicePort) *endpointv3.ClusterLoadAssignment {
+	eps := svc.Endpoints[port.Port]
+	var use []model.Endpoint
+	for _, e := range eps {
+		if e.Ready && !e.Terminating {
+			use = append(use, e)
+		}
+	}
+	if len(use) == 0 {
+		for _, e := range eps {
+			if e.Serving {
+				use = append(use, e)
+			}
+		}
+	}
+	failover := svc.Policy != nil && svc.Policy.Spec.OutlierDetection != nil && t.proxy.Zone != ""
+	byZone := map[string][]*endpointv3.LbEndpoint{}
+	for _, e := range use {
+		lbe := &endpointv3.LbEndpoint{
+			HostIdentifier:      &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{Address: socketAddress(e.IP, uint32(e.Port))}},
+			HealthStatus:        corev3.HealthStatus_HEALTHY,
+			LoadBalancingWeight: wrapperspb.UInt32(1),
+		}
+		if e.Mesh != model.ProxyNone {
+			lbe.Metadata = &corev3.Metadata{FilterMetadata: map[string]*structpb.Struct{
+				transportSocketMatchFilter: {Fields: map[string]*structpb.Value{TransportSocketMatchKey: structpb.NewStringValue(TransportSocketMatchMTLS)}},
+			}}
+		}
+		byZone[e.Zone] = append(byZone[e.Zone], lbe)
+	}
+	cla := &endpointv3.ClusterLoadAssignment{ClusterName: name}
+	zones := make([]string, 0, len(byZone))
+	for z := range byZone {
+		zones = append(zones, z)
+	}
+	slices.Sort(zones)
+	for _, z := range zones {
+		l := &endpointv3.LocalityLbEndpoints{
+			LbEndpoints:         byZone[z],
+			LoadBalancingWeight: wrapperspb.UInt32(uint32(len(byZone[z]))),
+		}
+		if z != "" {
+			l.Locality = &corev3.Locality{Zone: z}
+		}
+		if failover && z != t.proxy.Zone {
+			l.Priority = 1
+		}
+		cla.Endpoints = append(cla.Endpoints, l)
+	}
+	return cla
+}
+
+// externalCluster adds the cluster of an ExternalService host port.
+func (t *translator) externalCluster(es *model.ExternalService, host string, p meshv1alpha1.ExternalPort) string {
+	target := p.Number
+	if p.TargetPort != nil {
+		target = *p.TargetPort
+	}
+	name := OutboundClusterName(host, p.Number)
+	if _, ok := t.clusters[name]; ok {
+		return name
+	}
+	c := &clusterv3.Cluster{
+		Name:                 name,
+		ConnectTimeout:       dur(defaultConnectTimeout),
+		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_LOGICAL_DNS},
+		DnsLookupFamily:      clusterv3.Cluster_V4_PREFERRED,
+		LoadAssignment: &endpointv3.ClusterLoadAssignment{ClusterName: name, Endpoints: []*endpointv3.LocalityLbEndpoints{{
+			LbEndpoints: []*endpointv3.LbEndpoint{{HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{Address: socketAddress(host, uint32(target))}}}},
+		}}},
+	}
+	if p.TLS != nil {
+		sni := cmp.Or(p.TLS.SNI, host)
+		ctx := &tlsv3.UpstreamTlsContext{
+			Sni: sni,
+			CommonTlsContext: &tlsv3.CommonTlsContext{
+				TlsParams: &tlsv3.TlsParameters{TlsMinimumProtocolVersion: tlsv3.TlsParameters_TLSv1_2},
+				ValidationContextType: &tlsv3.CommonTlsContext_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{
+					TrustedCa: &corev3.DataSource{Specifier: &corev3.DataSource_Filename{Filename: SystemCABundle}},
+					MatchTypedSubjectAltNames: []*tlsv3.SubjectAltNameMatcher{{
+						SanType: tlsv3.SubjectAltNameMatcher_DNS,
+						Matcher: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: strings.ToLower(sni)}},
+					}},
+				}},
+			},
+		}
+		c.TransportSocket = &corev3.TransportSocket{Name: "envoy.transport_sockets.tls", ConfigType: &corev3.TransportSocket_TypedConfig{TypedConfig: mustAny(ctx)}}
+	}
+	t.clusters[name] = c
+	return name
+}
+
+// SystemCABundle is where the stock Envoy image keeps the system roots.
+const SystemCABundle = "/etc/ssl/certs/ca-certificates.crt"
+
+// originalDstCluster forwards to the address the application dialled.
+func originalDstCluster(name string) *clusterv3.Cluster {
+	return &clusterv3.Cluster{
+		Name:                 name,
+		ConnectTimeout:       dur(defaultConnectTimeout),
+		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_ORIGINAL_DST},
+		LbPolicy:             clusterv3.Cluster_CLUSTER_PROVIDED,
+	}
+}
+
+func (t *translator) addStaticClusters() {
+	t.clusters[PassthroughCluster] = originalDstCluster(PassthroughCluster)
+	t.clusters[BlackHoleCluster] = &clusterv3.Cluster{
+		Name:                 BlackHoleCluster,
+		ConnectTimeout:       dur(defaultConnectTimeout),
+		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_STATIC},
+	}
+	t.clusters[AdminCluster] = &clusterv3.Cluster{
+		Name:                 AdminCluster,
+		ConnectTimeout:       dur(defaultConnectTimeout),
+		ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_STATIC},
+		LoadAssignment: &endpointv3.ClusterLoadAssignment{ClusterName: AdminCluster, Endpoints: []*endpointv3.LocalityLbEndpoints{{
+			LbEndpoints: []*endpointv3.LbEndpoint{{HostIdentifier: &endpointv3.LbEndpoint_Endpoint{Endpoint: &endpointv3.Endpoint{Address: socketAddress("127.0.0.1", AdminPort)}}}},
+		}}},
+	}
+}

@@ -1,0 +1,358 @@
+package translate
+
+import (
+	"cmp"
+	"fmt"
+	"net/netip"
+	"slices"
+	"strconv"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	origdstv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/original_dst/v3"
+	tlsinspectorv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
+	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	"google.golang.org/protobuf/types/known/wrapperspb"
+
+	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
+	"github.com/trellis-mesh/trellis/pkg/model"
+)
+
+// outboundListener is the single listener iptables redirects outbound TCP to.
+// Filter chains are chosen by Envoy's filter-chain match on the original
+// destination (restored by the original_dst listener filter): destination
+// port first, then the most specific destination IP prefix, then SNI
+// (https://www.envoyproxy.io/docs/envoy/latest/api-v3/config/listener/v3/listener_components.proto#config-listener-v3-filterchainmatch).
+func (t *translator) outboundListener() *listenerv3.Listener {
+	type chainKey struct {
+		prefixes string
+		port     uint32
+		sni      string
+	}
+	seen := map[chainKey]string{}
+	var chains []*listenerv3.FilterChain
+	add := func(owner model.Ref, fc *listenerv3.FilterChain) {
+		m := fc.FilterChainMatch
+		k := chainKey{port: m.GetDestinationPort().GetValue()}
+		for _, p := range m.PrefixRanges {
+			k.prefixes += p.AddressPrefix + "/" + strconv.Itoa(int(p.PrefixLen.GetValue())) + ","
+		}
+		if len(m.ServerNames) > 0 {
+			k.sni = m.ServerNames[0]
+		}
+		if prev, dup := seen[k]; dup {
+			t.problem(owner, "", meshv1alpha1.ReasonConflicted, meshv1alpha1.ConditionAccepted,
+				fmt.Sprintf("destination %s%s port %d is already claimed by %s", k.prefixes, k.sni, k.port, prev))
+			return
+		}
+		seen[k] = fc.Name
+		chains = append(chains, fc)
+	}
+	httpPorts := map[int32]bool{}
+
+	for _, svc := range t.visibleServices() {
+		ref := model.Ref{Kind: "Service", Namespace: svc.Namespace, Name: svc.Name}
+		for i := range svc.Ports {
+			port := &svc.Ports[i]
+			if svc.Headless() {
+				cluster := t.serviceCluster(svc, port)
+				for _, e := range svc.Endpoints[port.Port] {
+					pfx, err := hostPrefix(e.IP)
+					if err != nil {
+						continue
+					}
+					add(ref, &listenerv3.FilterChain{
+						Name:             cluster + "|" + e.IP,
+						FilterChainMatch: &listenerv3.FilterChainMatch{PrefixRanges: cidrs(pfx), DestinationPort: wrapperspb.UInt32(uint32(e.Port))},
+						Filters:          []*listenerv3.Filter{t.tcpProxy(cluster, cluster)},
+					})
+				}
+				continue
+			}
+			var pfxs []netip.Prefix
+			for _, ip := range svc.ClusterIPs {
+				if p, err := hostPrefix(ip); err == nil {
+					pfxs = append(pfxs, p)
+				}
+			}
+			if len(pfxs) == 0 {
+				continue
+			}
+			cluster := t.serviceCluster(svc, port)
+			fc := &listenerv3.FilterChain{
+				Name:             cluster,
+				FilterChainMatch: &listenerv3.FilterChainMatch{PrefixRanges: cidrs(pfxs...), DestinationPort: wrapperspb.UInt32(uint32(port.Port))},
+			}
+			if port.Protocol.IsHTTP() {
+				httpPorts[port.Port] = true
+				fc.Filters = []*listenerv3.Filter{t.outboundHCM(OutboundRouteName(port.Port), cluster)}
+			} else {
+				fc.Filters = []*listenerv3.Filter{t.tcpProxy(cluster, cluster)}
+			}
+			add(ref, fc)
+		}
+	}
+
+	needTLSInspector := false
+	for _, es := range t.mesh.External {
+		ref := model.Ref{Kind: "ExternalService", Namespace: es.Namespace, Name: es.Name}
+		for _, p := range es.Spec.Ports {
+			switch p.Protocol {
+			case meshv1alpha1.ExternalHTTP:
+				for _, h := range es.Spec.Hosts {
+					t.externalCluster(es, h, p)
+				}
+				if !httpPorts[p.Number] {
+					httpPorts[p.Number] = true
+				}
+				// Any destination IP on this port: the Host header picks the route.
+				name := fmt.Sprintf("outbound|%d||external-http", p.Number)
+				if _, dup := findChain(chains, name); !dup {
+					add(ref, &listenerv3.FilterChain{
+						Name:             name,
+						FilterChainMatch: &listenerv3.FilterChainMatch{DestinationPort: wrapperspb.UInt32(uint32(p.Number))},
+						Filters:          []*listenerv3.Filter{t.outboundHCM(OutboundRouteName(p.Number), name)},
+					})
+				}
+			case meshv1alpha1.ExternalTLS:
+				needTLSInspector = true
+				for _, h := range es.Spec.Hosts {
+					cluster := t.externalCluster(es, h, p)
+					add(ref, &listenerv3.FilterChain{
+						Name: cluster,
+						FilterChainMatch: &listenerv3.FilterChainMatch{
+							DestinationPort: wrapperspb.UInt32(uint32(p.Number)), ServerNames: []string{h}, TransportProtocol: "tls",
+						},
+						Filters: []*listenerv3.Filter{t.tcpProxy(cluster, cluster)},
+					})
+				}
+			case meshv1alpha1.ExternalTCP:
+				var pfxs []netip.Prefix
+				for _, a := range es.Spec.Addresses {
+					if p, err := netip.ParsePrefix(a); err == nil {
+						pfxs = append(pfxs, p.Masked())
+					}
+				}
+				if len(pfxs) == 0 {
+					continue
+				}
+				name := fmt.Sprintf("outbound|%d||%s.%s.external", p.Number, es.Name, es.Namespace)
+				if _, ok := t.clusters[name]; !ok {
+					t.clusters[name] = originalDstCluster(name)
+				}
+				add(ref, &listenerv3.FilterChain{
+					Name:             name,
+					FilterChainMatch: &listenerv3.FilterChainMatch{PrefixRanges: cidrs(pfxs...), DestinationPort: wrapperspb.UInt32(uint32(p.Number))},
+					Filters:          []*listenerv3.Filter{t.tcpProxy(name, name)},
+				})
+			}
+		}
+	}
+
+	for port := range httpPorts {
+		t.routes[OutboundRouteName(port)] = t.outboundRouteConfig(port)
+	}
+
+	slices.SortFunc(chains, func(a, b *listenerv3.FilterChain) int { return cmp.Compare(a.Name, b.Name) })
+	fallthroughCluster := PassthroughCluster
+	if t.mesh.Config.OutboundPolicy == meshv1alpha1.OutboundRegistryOnly {
+		fallthroughCluster = BlackHoleCluster
+	}
+	l := &listenerv3.Listener{
+		Name:           OutboundListenerName,
+		Address:        socketAddress("0.0.0.0", OutboundPort),
+		UseOriginalDst: wrapperspb.Bool(true),
+		ListenerFilters: []*listenerv3.ListenerFilter{{
+			Name:       "envoy.filters.listener.original_dst",
+			ConfigType: &listenerv3.ListenerFilter_TypedConfig{TypedConfig: mustAny(&origdstv3.OriginalDst{})},
+		}},
+		FilterChains: chains,
+		DefaultFilterChain: &listenerv3.FilterChain{
+			Name:    fallthroughCluster,
+			Filters: []*listenerv3.Filter{t.tcpProxy(fallthroughCluster, fallthroughCluster)},
+		},
+		TrafficDirection: corev3.TrafficDirection_OUTBOUND,
+	}
+	if needTLSInspector {
+		l.ListenerFilters = append(l.ListenerFilters, &listenerv3.ListenerFilter{
+			Name:       "envoy.filters.listener.tls_inspector",
+			ConfigType: &listenerv3.ListenerFilter_TypedConfig{TypedConfig: mustAny(&tlsinspectorv3.TlsInspector{})},
+		})
+		// Server-first protocols must not wait for a ClientHello forever.
+		l.ContinueOnListenerFiltersTimeout = true
+	}
+	return l
+}
+
+func findChain(chains []*listenerv3.FilterChain, name string) (*listenerv3.FilterChain, bool) {
+	for _, c := range chains {
+		if c.Name == name {
+			return c, true
+		}
+	}
+	return nil, false
+}
+
+func cidrs(ps ...netip.Prefix) []*corev3.CidrRange {
+	out := make([]*corev3.CidrRange, 0, len(ps))
+	for _, p := range ps {
+		out = append(out, &corev3.CidrRange{AddressPrefix: p.Addr().String(), PrefixLen: wrapperspb.UInt32(uint32(p.Bits()))})
+	}
+	return out
+}
+
+// visibleServices is the scoping rule: a proxy receives every Service in
+// the mesh except those it provably may not call — a Service targeted by
+// Allow AccessPolicies none of whose rules can match the proxy's identity,
+// or, with defaultAccess Deny, a Service no Allow rule opens to it. Leaving
+// them out is safe: the server side would deny the request anyway.
+func (t *translator) visibleServices() []*model.Service {
+	var out []*model.Service
+	for _, svc := range t.mesh.Services {
+		if t.mayCall(svc) {
+			out = append(out, svc)
+		}
+	}
+	return out
+}
+
+func (t *translator) mayCall(svc *model.Service) bool {
+	hasAllow := false
+	for _, ap := range svc.AccessPolicies {
+		if ap.Spec.Action != meshv1alpha1.AccessAllow && ap.Spec.Action != "" {
+			continue
+		}
+		hasAllow = true
+		for _, r := range ap.Spec.Rules {
+			if len(r.From) == 0 {
+				return true
+			}
+			for _, f := range r.From {
+				if f.Namespace != nil && (*f.Namespace == "*" || *f.Namespace == t.proxy.Namespace) {
+					return true
+				}
+				if f.ServiceAccount != nil && cmp.Or(f.ServiceAccount.Namespace, ap.Namespace) == t.proxy.Namespace && f.ServiceAccount.Name == t.proxy.ServiceAccount {
+					return true
+				}
+			}
+		}
+	}
+	if hasAllow {
+		return false
+	}
+	return t.mesh.Config.DefaultAccess != meshv1alpha1.DefaultAccessDeny
+}
+
+func (t *translator) tcpProxy(statPrefix, cluster string) *listenerv3.Filter {
+	tp := &tcpproxyv3.TcpProxy{
+		StatPrefix:       statPrefix,
+		ClusterSpecifier: &tcpproxyv3.TcpProxy_Cluster{Cluster: cluster},
+		AccessLog:        t.accessLogs(false),
+	}
+	return &listenerv3.Filter{Name: "envoy.filters.network.tcp_proxy", ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: mustAny(tp)}}
+}
+
+func (t *translator) outboundHCM(rdsName, statPrefix string) *listenerv3.Filter {
+	h := t.baseHCM(statPrefix, false)
+	h.RouteSpecifier = &hcmv3.HttpConnectionManager_Rds{Rds: &hcmv3.Rds{RouteConfigName: rdsName, ConfigSource: adsConfigSource()}}
+	h.HttpFilters = []*hcmv3.HttpFilter{routerFilter()}
+	return hcmFilter(h)
+}
+
+func hcmFilter(h *hcmv3.HttpConnectionManager) *listenerv3.Filter {
+	return &listenerv3.Filter{Name: "envoy.filters.network.http_connection_manager", ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: mustAny(h)}}
+}
+
+// outboundRouteConfig holds a virtual host per HTTP Service on the port,
+// answering to every name of the Service, plus the external hosts on the
+// port and a catch-all that passes through (AllowAny) or answers 502
+// (RegistryOnly).
+func (t *translator) outboundRouteConfig(port int32) *routev3.RouteConfiguration {
+	rc := &routev3.RouteConfiguration{Name: OutboundRouteName(port), ValidateClusters: wrapperspb.Bool(false)}
+	domainsSeen := map[string]bool{}
+	uniq := func(ds []string) []string {
+		var out []string
+		for _, d := range ds {
+			if !domainsSeen[d] {
+				domainsSeen[d] = true
+				out = append(out, d)
+			}
+		}
+		return out
+	}
+	for _, svc := range t.visibleServices() {
+		sp := svc.Port(port)
+		if sp == nil || !sp.Protocol.IsHTTP() || svc.Headless() {
+			continue
+		}
+		domains := uniq(t.serviceDomains(svc, port))
+		if len(domains) == 0 {
+			continue
+		}
+		rc.VirtualHosts = append(rc.VirtualHosts, &routev3.VirtualHost{
+			Name:    fmt.Sprintf("%s:%d", svc.Hostname(), port),
+			Domains: domains,
+			Routes:  t.serviceRoutes(svc, sp),
+		})
+	}
+	for _, es := range t.mesh.External {
+		for _, p := range es.Spec.Ports {
+			if p.Number != port || p.Protocol != meshv1alpha1.ExternalHTTP {
+				continue
+			}
+			for _, h := range es.Spec.Hosts {
+				domains := uniq([]string{h, fmt.Sprintf("%s:%d", h, port)})
+				if len(domains) == 0 {
+					continue
+				}
+				cluster := OutboundClusterName(h, p.Number)
+				rc.VirtualHosts = append(rc.VirtualHosts, &routev3.VirtualHost{
+					Name:    fmt.Sprintf("%s:%d", h, port),
+					Domains: domains,
+					Routes: []*routev3.Route{{
+						Name:   "default",
+						Match:  &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
+						Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: cluster}, Timeout: dur(0)}},
+					}},
+				})
+			}
+		}
+	}
+	catchAll := &routev3.VirtualHost{Name: "allow_any", Domains: []string{"*"}, Routes: []*routev3.Route{{
+		Name:   "allow_any",
+		Match:  &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
+		Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: PassthroughCluster}, Timeout: dur(0)}},
+	}}}
+	if t.mesh.Config.OutboundPolicy == meshv1alpha1.OutboundRegistryOnly {
+		catchAll = &routev3.VirtualHost{Name: "block_all", Domains: []string{"*"}, Routes: []*routev3.Route{{
+			Name:   "block_all",
+			Match:  &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
+			Action: &routev3.Route_DirectResponse{DirectResponse: &routev3.DirectResponseAction{Status: 502}},
+		}}}
+	}
+	rc.VirtualHosts = append(rc.VirtualHosts, catchAll)
+	return rc
+}
+
+// serviceDomains are the names a client may use for a Service port. The
+// short name only resolves inside the Service's namespace, so only proxies
+// there get it (which also keeps domains unique across namespaces).
+func (t *translator) serviceDomains(svc *model.Service, port int32) []string {
+	names := []string{svc.Name + "." + svc.Namespace, svc.Name + "." + svc.Namespace + ".svc", svc.Hostname()}
+	if svc.Namespace == t.proxy.Namespace {
+		names = append([]string{svc.Name}, names...)
+	}
+	var out []string
+	for _, n := range names {
+		out = append(out, n, fmt.Sprintf("%s:%d", n, port))
+	}
+	for _, ip := range svc.ClusterIPs {
+		out = append(out, ip, fmt.Sprintf("%s:%d", ip, port))
+		if a, err := netip.ParseAddr(ip); err == nil && a.Is6() {
+			out = append(out, fmt.Sprintf("[%s]:%d", ip, port))
+		}
+	}
+	return out
+}
