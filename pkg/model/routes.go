@@ -39,7 +39,9 @@ func (m *Mesh) attachRoutes(httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRP
 	for i, r := range routes {
 		invalid := m.validateRoute(r)
 		problems = append(problems, invalid...)
-		if slices.ContainsFunc(invalid, func(p Problem) bool { return p.Reason == ReasonUnsupportedValue && p.Condition == meshv1alpha1.ConditionAccepted && p.Field != "" && isMatchField(p.Field) }) {
+		if slices.ContainsFunc(invalid, func(p Problem) bool {
+			return p.Reason == ReasonUnsupportedValue && p.Condition == meshv1alpha1.ConditionAccepted && p.Field != "" && isMatchField(p.Field)
+		}) {
 			continue // a rule that cannot be matched correctly: the route is not programmed
 		}
 		for j, pr := range parents[i] {

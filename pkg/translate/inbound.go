@@ -25,7 +25,6 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
-
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
 	"github.com/trellis-mesh/trellis/pkg/model"
 )
@@ -338,4 +337,3 @@ func pathPermissions(pm meshv1alpha1.PathMatch) []*rbacv3.Permission {
 		urlPath(&matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Prefix{Prefix: v + "/"}}),
 	}
 }
-

@@ -577,4 +577,3 @@ func grpcMatch(m gwv1.GRPCRouteMatch) (*routev3.RouteMatch, rankedRoute, bool) {
 	rm.Grpc = &routev3.RouteMatch_GrpcRouteMatchOptions{}
 	return rm, rank, true
 }
-
