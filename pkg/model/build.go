@@ -3,6 +3,7 @@ package model
 import (
 	"cmp"
 	"fmt"
+	"net/netip"
 	"slices"
 
 	corev1 "k8s.io/api/core/v1"
@@ -140,10 +141,12 @@ func workloadFromPod(p *corev1.Pod) *Workload {
 		w.Mode = ProxyNone
 	}
 	for _, ip := range p.Status.PodIPs {
-		w.IPs = append(w.IPs, ip.IP)
+		if a, err := netip.ParseAddr(ip.IP); err == nil {
+			w.IPs = append(w.IPs, a.String())
+		}
 	}
-	if len(w.IPs) == 0 && p.Status.PodIP != "" {
-		w.IPs = []string{p.Status.PodIP}
+	if a, err := netip.ParseAddr(p.Status.PodIP); err == nil && len(w.IPs) == 0 {
+		w.IPs = []string{a.String()}
 	}
 	for _, c := range p.Spec.Containers {
 		for _, port := range c.Ports {
@@ -227,7 +230,11 @@ func (m *Mesh) addEndpoints(slices_ []*discoveryv1.EndpointSlice) {
 					}
 				}
 				for _, ip := range e.Addresses {
-					ep.IP = ip
+					a, err := netip.ParseAddr(ip)
+					if err != nil || port <= 0 || port > 65535 {
+						continue // not an address a proxy can dial
+					}
+					ep.IP = a.String()
 					svc.Endpoints[sp.Port] = append(svc.Endpoints[sp.Port], ep)
 				}
 			}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"regexp"
 	"slices"
+	"strings"
 
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
@@ -127,6 +128,9 @@ func (m *Mesh) validateRoute(r *Route) []Problem {
 			for j, mt := range rule.Matches {
 				if mt.Path != nil && mt.Path.Type != nil && *mt.Path.Type == gwv1.PathMatchRegularExpression {
 					checkRegex(fmt.Sprintf("spec.rules[%d].matches[%d].path.value", i, j), ptrOr(mt.Path.Value, ""))
+				} else if mt.Path != nil && !ValidPath(ptrOr(mt.Path.Value, "/")) {
+					bad(fmt.Sprintf("spec.rules[%d].matches[%d].path.value", i, j), ReasonUnsupportedValue, meshv1alpha1.ConditionAccepted,
+						"path %q must start with / and contain no ? or #", ptrOr(mt.Path.Value, ""))
 				}
 				for k, h := range mt.Headers {
 					if h.Type != nil && *h.Type == gwv1.HeaderMatchRegularExpression {
@@ -260,4 +264,10 @@ func (m *Mesh) granted(routeKind, fromNamespace, toNamespace, name string) bool 
 		}
 	}
 	return false
+}
+
+// ValidPath says whether an Exact or PathPrefix value is a path Envoy can
+// match: it starts with "/" and has no query or fragment.
+func ValidPath(p string) bool {
+	return strings.HasPrefix(p, "/") && !strings.ContainsAny(p, "?#")
 }

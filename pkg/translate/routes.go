@@ -268,6 +268,9 @@ func httpMatch(m gwv1.HTTPRouteMatch) (*routev3.RouteMatch, rankedRoute, bool) {
 	if m.Path != nil {
 		pathType, value = ptrOr(m.Path.Type, gwv1.PathMatchPathPrefix), ptrOr(m.Path.Value, "/")
 	}
+	if pathType != gwv1.PathMatchRegularExpression && !model.ValidPath(value) {
+		return nil, rank, false
+	}
 	switch pathType {
 	case gwv1.PathMatchExact:
 		rm.PathSpecifier = &routev3.RouteMatch_Path{Path: value}
