@@ -209,12 +209,16 @@ func cidrs(ps ...netip.Prefix) []*corev3.CidrRange {
 // or, with defaultAccess Deny, a Service no Allow rule opens to it. Leaving
 // them out is safe: the server side would deny the request anyway.
 func (t *translator) visibleServices() []*model.Service {
-	var out []*model.Service
+	if t.visible != nil {
+		return t.visible
+	}
+	out := []*model.Service{}
 	for _, svc := range t.mesh.Services {
 		if t.mayCall(svc) {
 			out = append(out, svc)
 		}
 	}
+	t.visible = out
 	return out
 }
 

@@ -36,6 +36,7 @@ type translator struct {
 	clusters  map[string]*clusterv3.Cluster
 	endpoints map[string]*endpointv3.ClusterLoadAssignment
 	routes    map[string]*routev3.RouteConfiguration
+	visible   []*model.Service // memo of visibleServices
 }
 
 // Sidecar returns the Envoy configuration of the sidecar of workload w, and
