@@ -1,0 +1,383 @@
+package xds
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"maps"
+	"slices"
+	"sync"
+
+	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
+	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/anypb"
+)
+
+// Resource is one marshalled xDS resource with its content version.
+type Resource struct {
+	Name    string
+	Version string
+	Any     *anypb.Any
+	Size    int
+}
+
+// NewResource marshals m deterministically; the version is a hash of the bytes.
+func NewResource(name string, m proto.Message) (*Resource, error) {
+	b, err := proto.MarshalOptions{Deterministic: true}.Marshal(m)
+	if err != nil {
+		return nil, err
+	}
+	sum := sha256.Sum256(b)
+	return &Resource{
+		Name:    name,
+		Version: hex.EncodeToString(sum[:8]),
+		Any:     &anypb.Any{TypeUrl: resource.APITypePrefix + string(m.ProtoReflect().Descriptor().FullName()), Value: b},
+		Size:    len(b),
+	}, nil
+}
+
+// Class is the result for one class of proxies: resources by type URL and name.
+type Class map[string]map[string]*Resource
+
+// typeVersion is the version of a whole type: a hash of names and versions.
+func (c Class) typeVersion(typeURL string) string {
+	rs := c[typeURL]
+	names := slices.Sorted(maps.Keys(rs))
+	h := sha256.New()
+	for _, n := range names {
+		h.Write([]byte(n))
+		h.Write([]byte{0})
+		h.Write([]byte(rs[n].Version))
+		h.Write([]byte{0})
+	}
+	return hex.EncodeToString(h.Sum(nil)[:8])
+}
+
+// Cache implements go-control-plane's cache.Cache. Nodes are bound to a
+// class key (by the authenticator, from the verified node id); classes are
+// set by the pusher. A watch is answered once, when its node's class holds
+// something the client's subscription lacks, and kept open otherwise — it is
+// never dropped without a response (go-control-plane #1356).
+type Cache struct {
+	mu      sync.Mutex
+	classes map[string]Class
+	nodes   map[string]string // node id -> class key
+	watches map[*watch]struct{}
+
+	// OnRespond is called (outside the lock is not guaranteed; keep it
+	// cheap) for every response, for metrics.
+	OnRespond func(nodeID, typeURL string, resources, bytes int)
+}
+
+// NewCache returns an empty cache.
+func NewCache() *Cache {
+	return &Cache{classes: map[string]Class{}, nodes: map[string]string{}, watches: map[*watch]struct{}{}}
+}
+
+type watch struct {
+	nodeID string
+	sotw   *discovery.DiscoveryRequest
+	delta  *discovery.DeltaDiscoveryRequest
+	sub    cachev3.Subscription
+	ch     chan cachev3.Response
+	dch    chan cachev3.DeltaResponse
+}
+
+func (w *watch) typeURL() string {
+	if w.sotw != nil {
+		return w.sotw.GetTypeUrl()
+	}
+	return w.delta.GetTypeUrl()
+}
+
+var errNoNode = errors.New("request without a node id")
+
+// BindNode sets the class a node is served from and answers its open
+// watches from the new class.
+func (c *Cache) BindNode(nodeID, classKey string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.nodes[nodeID] == classKey {
+		return
+	}
+	c.nodes[nodeID] = classKey
+	for w := range c.watches {
+		if w.nodeID == nodeID {
+			c.tryRespond(w)
+		}
+	}
+}
+
+// UnbindNode forgets a node (its streams closed).
+func (c *Cache) UnbindNode(nodeID string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.nodes, nodeID)
+}
+
+// NodeClass returns the class key a node is bound to.
+func (c *Cache) NodeClass(nodeID string) (string, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	k, ok := c.nodes[nodeID]
+	return k, ok
+}
+
+// SetClass replaces a class's resources and answers the open watches of
+// its nodes whose subscriptions see a change.
+func (c *Cache) SetClass(key string, class Class) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.classes[key] = class
+	for w := range c.watches {
+		if c.nodes[w.nodeID] == key {
+			c.tryRespond(w)
+		}
+	}
+}
+
+// DeleteClass drops a class no node uses any more.
+func (c *Cache) DeleteClass(key string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.classes, key)
+}
+
+// ClassKeys lists the classes held.
+func (c *Cache) ClassKeys() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return slices.Sorted(maps.Keys(c.classes))
+}
+
+// CreateWatch implements cache.ConfigWatcher for state-of-the-world.
+func (c *Cache) CreateWatch(req *cachev3.Request, sub cachev3.Subscription, ch chan cachev3.Response) (func(), error) {
+	if req.GetNode().GetId() == "" {
+		return nil, errNoNode
+	}
+	w := &watch{nodeID: req.GetNode().GetId(), sotw: req, sub: sub, ch: ch}
+	return c.add(w), nil
+}
+
+// CreateDeltaWatch implements cache.ConfigWatcher for delta xDS.
+func (c *Cache) CreateDeltaWatch(req *cachev3.DeltaRequest, sub cachev3.Subscription, ch chan cachev3.DeltaResponse) (func(), error) {
+	if req.GetNode().GetId() == "" {
+		return nil, errNoNode
+	}
+	w := &watch{nodeID: req.GetNode().GetId(), delta: req, sub: sub, dch: ch}
+	return c.add(w), nil
+}
+
+func (c *Cache) add(w *watch) func() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.tryRespond(w) {
+		c.watches[w] = struct{}{}
+	}
+	return func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		delete(c.watches, w)
+	}
+}
+
+// Fetch is not supported: proxies use ADS streams.
+func (c *Cache) Fetch(context.Context, *cachev3.Request) (cachev3.Response, error) {
+	return nil, errors.New("fetch is not supported; use ADS")
+}
+
+// tryRespond answers w if its node's class has news for it; the caller
+// holds the lock. It reports whether it answered (and the watch is done).
+func (c *Cache) tryRespond(w *watch) bool {
+	key, bound := c.nodes[w.nodeID]
+	if !bound {
+		return false
+	}
+	class, ok := c.classes[key]
+	if !ok {
+		return false
+	}
+	if w.sotw != nil {
+		return c.respondSotw(w, class)
+	}
+	return c.respondDelta(w, class)
+}
+
+// wanted are the class's resources of the watch's type its subscription asks for.
+func wanted(class Class, typeURL string, sub cachev3.Subscription) map[string]*Resource {
+	all := class[typeURL]
+	if sub.IsWildcard() {
+		return all
+	}
+	out := map[string]*Resource{}
+	for name := range sub.SubscribedResources() {
+		if r, ok := all[name]; ok {
+			out[name] = r
+		}
+	}
+	return out
+}
+
+// respondSotw answers a state-of-the-world watch. Listeners and clusters
+// are full-state: any change re-sends all of them. Other types send only the
+// changed resources (the xDS protocol lets the server omit unchanged ones).
+// The first request of a stream is always answered, so a proxy finishes
+// initialising even when a type is empty; a NACKed response is not repeated
+// until the content changes (no push loop).
+func (c *Cache) respondSotw(w *watch, class Class) bool {
+	typeURL := w.sotw.GetTypeUrl()
+	want := wanted(class, typeURL, w.sub)
+	known := w.sub.ReturnedResources()
+	version := class.typeVersion(typeURL)
+	initial := w.sotw.GetResponseNonce() == ""
+	if initial && len(known) == 0 && w.sotw.GetVersionInfo() == version {
+		// A reconnecting proxy already holds this exact version.
+		known = map[string]string{}
+		for n, r := range want {
+			known[n] = r.Version
+		}
+		initial = false
+	}
+	var changed []*Resource
+	for _, r := range want {
+		if known[r.Name] != r.Version {
+			changed = append(changed, r)
+		}
+	}
+	removed := false
+	for n := range known {
+		if _, ok := want[n]; !ok {
+			removed = true
+		}
+	}
+	if len(changed) == 0 && !removed && !initial {
+		return false
+	}
+	send := changed
+	if cachev3.ResourceRequiresFullStateInSotw(typeURL) || removed {
+		send = slices.Collect(maps.Values(want))
+	}
+	slices.SortFunc(send, func(a, b *Resource) int { return compareStrings(a.Name, b.Name) })
+	resp := &discovery.DiscoveryResponse{VersionInfo: version, TypeUrl: typeURL}
+	returned := map[string]string{}
+	if !cachev3.ResourceRequiresFullStateInSotw(typeURL) && !removed {
+		maps.Copy(returned, known)
+	}
+	bytes := 0
+	for _, r := range send {
+		resp.Resources = append(resp.Resources, r.Any)
+		returned[r.Name] = r.Version
+		bytes += r.Size
+	}
+	for n, r := range want {
+		returned[n] = r.Version
+	}
+	w.ch <- &sotwResponse{req: w.sotw, resp: resp, returned: returned}
+	if c.OnRespond != nil {
+		c.OnRespond(w.nodeID, typeURL, len(send), bytes)
+	}
+	delete(c.watches, w)
+	return true
+}
+
+// respondDelta answers a delta watch with the resources whose version
+// differs from what the client holds and the names it holds that are gone.
+func (c *Cache) respondDelta(w *watch, class Class) bool {
+	typeURL := w.delta.GetTypeUrl()
+	want := wanted(class, typeURL, w.sub)
+	known := w.sub.ReturnedResources()
+	var changed []*Resource
+	for _, r := range want {
+		if known[r.Name] != r.Version {
+			changed = append(changed, r)
+		}
+	}
+	var removed []string
+	for n := range known {
+		if _, ok := want[n]; !ok {
+			removed = append(removed, n)
+		}
+	}
+	initial := w.delta.GetResponseNonce() == ""
+	if len(changed) == 0 && len(removed) == 0 && !initial {
+		return false
+	}
+	slices.SortFunc(changed, func(a, b *Resource) int { return compareStrings(a.Name, b.Name) })
+	slices.Sort(removed)
+	next := map[string]string{}
+	for n, r := range want {
+		next[n] = r.Version
+	}
+	resp := &discovery.DeltaDiscoveryResponse{SystemVersionInfo: class.typeVersion(typeURL), TypeUrl: typeURL, RemovedResources: removed}
+	bytes := 0
+	for _, r := range changed {
+		resp.Resources = append(resp.Resources, &discovery.Resource{Name: r.Name, Version: r.Version, Resource: r.Any})
+		bytes += r.Size
+	}
+	w.dch <- &deltaResponse{req: w.delta, resp: resp, next: next}
+	if c.OnRespond != nil {
+		c.OnRespond(w.nodeID, typeURL, len(changed), bytes)
+	}
+	delete(c.watches, w)
+	return true
+}
+
+func compareStrings(a, b string) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
+
+// sotwResponse implements cache.Response over a pre-built response; the
+// resources inside are shared by every proxy of the class (the server only
+// sets the nonce, on its own copy).
+type sotwResponse struct {
+	req      *discovery.DiscoveryRequest
+	resp     *discovery.DiscoveryResponse
+	returned map[string]string
+}
+
+// GetDiscoveryResponse returns a shallow copy: the server sets the nonce on
+// it, and the marshalled resources stay shared and unmodified.
+func (r *sotwResponse) GetDiscoveryResponse() (*discovery.DiscoveryResponse, error) {
+	return &discovery.DiscoveryResponse{VersionInfo: r.resp.VersionInfo, TypeUrl: r.resp.TypeUrl, Resources: r.resp.Resources}, nil
+}
+func (r *sotwResponse) GetRequest() *discovery.DiscoveryRequest { return r.req }
+func (r *sotwResponse) GetVersion() (string, error)             { return r.resp.VersionInfo, nil }
+func (r *sotwResponse) GetResponseVersion() string              { return r.resp.VersionInfo }
+func (r *sotwResponse) GetReturnedResources() map[string]string { return r.returned }
+func (r *sotwResponse) GetContext() context.Context             { return context.Background() }
+
+type deltaResponse struct {
+	req  *discovery.DeltaDiscoveryRequest
+	resp *discovery.DeltaDiscoveryResponse
+	next map[string]string
+}
+
+func (r *deltaResponse) GetDeltaDiscoveryResponse() (*discovery.DeltaDiscoveryResponse, error) {
+	return &discovery.DeltaDiscoveryResponse{
+		SystemVersionInfo: r.resp.SystemVersionInfo, TypeUrl: r.resp.TypeUrl,
+		Resources: r.resp.Resources, RemovedResources: r.resp.RemovedResources,
+	}, nil
+}
+func (r *deltaResponse) GetDeltaRequest() *discovery.DeltaDiscoveryRequest { return r.req }
+func (r *deltaResponse) GetSystemVersion() (string, error)                 { return r.resp.SystemVersionInfo, nil }
+func (r *deltaResponse) GetResponseVersion() string                        { return r.resp.SystemVersionInfo }
+func (r *deltaResponse) GetNextVersionMap() map[string]string              { return r.next }
+func (r *deltaResponse) GetReturnedResources() map[string]string           { return r.next }
+func (r *deltaResponse) GetContext() context.Context                       { return context.Background() }
+
+var (
+	_ cachev3.Cache         = (*Cache)(nil)
+	_ cachev3.Response      = (*sotwResponse)(nil)
+	_ cachev3.DeltaResponse = (*deltaResponse)(nil)
+	_                       = types.UnknownType
+)
