@@ -66,6 +66,9 @@ type Cache struct {
 	mu      sync.Mutex
 	classes map[string]Class
 	nodes   map[string]string // node id -> class key
+	// perNode holds resources only one node may see (its own certificate
+	// and key over SDS), served on top of its class.
+	perNode map[string]Class
 	watches map[*watch]struct{}
 
 	// OnRespond is called (outside the lock is not guaranteed; keep it
@@ -75,7 +78,7 @@ type Cache struct {
 
 // NewCache returns an empty cache.
 func NewCache() *Cache {
-	return &Cache{classes: map[string]Class{}, nodes: map[string]string{}, watches: map[*watch]struct{}{}}
+	return &Cache{classes: map[string]Class{}, nodes: map[string]string{}, perNode: map[string]Class{}, watches: map[*watch]struct{}{}}
 }
 
 type watch struct {
@@ -112,11 +115,28 @@ func (c *Cache) BindNode(nodeID, classKey string) {
 	}
 }
 
-// UnbindNode forgets a node (its streams closed).
+// UnbindNode forgets a node (its streams closed) and its own resources.
 func (c *Cache) UnbindNode(nodeID string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	delete(c.nodes, nodeID)
+	delete(c.perNode, nodeID)
+}
+
+// SetNodeResources sets resources of one type that only nodeID receives,
+// on top of its class (e.g. its certificate and private key).
+func (c *Cache) SetNodeResources(nodeID, typeURL string, rs map[string]*Resource) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.perNode[nodeID] == nil {
+		c.perNode[nodeID] = Class{}
+	}
+	c.perNode[nodeID][typeURL] = rs
+	for w := range c.watches {
+		if w.nodeID == nodeID {
+			c.tryRespond(w)
+		}
+	}
 }
 
 // NodeClass returns the class key a node is bound to.
@@ -200,6 +220,17 @@ func (c *Cache) tryRespond(w *watch) bool {
 	class, ok := c.classes[key]
 	if !ok {
 		return false
+	}
+	if own := c.perNode[w.nodeID]; own != nil {
+		merged := Class{}
+		maps.Copy(merged, class)
+		for typeURL, rs := range own {
+			m := map[string]*Resource{}
+			maps.Copy(m, class[typeURL])
+			maps.Copy(m, rs)
+			merged[typeURL] = m
+		}
+		class = merged
 	}
 	if w.sotw != nil {
 		return c.respondSotw(w, class)

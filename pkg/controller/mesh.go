@@ -1,0 +1,178 @@
+package controller
+
+import (
+	"context"
+	"sync"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/utils/ptr"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller"
+	"sigs.k8s.io/controller-runtime/pkg/event"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/log"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+	"sigs.k8s.io/controller-runtime/pkg/source"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
+	"github.com/trellis-mesh/trellis/pkg/model"
+)
+
+// ControllerName is written into Gateway API route parent statuses.
+const ControllerName = "trellis.dev/mesh-controller"
+
+// meshKey is the single work item: any change rebuilds the whole model
+// (Build takes ~25 ms for 5,000 Services) and the queue coalesces bursts.
+var meshKey = reconcile.Request{NamespacedName: types.NamespacedName{Name: "mesh"}}
+
+// Pusher receives every new model.
+type Pusher interface {
+	Update(mesh *model.Mesh)
+}
+
+// MeshReconciler keeps the mesh model current and writes status.
+//
+// +kubebuilder:rbac:groups="",resources=services;pods,verbs=get;list;watch
+// +kubebuilder:rbac:groups=discovery.k8s.io,resources=endpointslices,verbs=get;list;watch
+// +kubebuilder:rbac:groups=mesh.trellis.dev,resources=meshconfigs;accesspolicies;backendpolicies;externalservices,verbs=get;list;watch
+// +kubebuilder:rbac:groups=mesh.trellis.dev,resources=meshconfigs/status;accesspolicies/status;backendpolicies/status;externalservices/status,verbs=update;patch
+// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes;grpcroutes;referencegrants,verbs=get;list;watch
+// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes/status;grpcroutes/status,verbs=update;patch
+// +kubebuilder:rbac:groups=authentication.k8s.io,resources=tokenreviews,verbs=create
+// +kubebuilder:rbac:groups=coordination.k8s.io,resources=leases,verbs=get;list;watch;create;update;patch
+// +kubebuilder:rbac:groups="",resources=events,verbs=create;patch
+type MeshReconciler struct {
+	Client client.Client
+	Pusher Pusher
+	// IsLeader says whether this replica writes status.
+	IsLeader func() bool
+
+	mu                 sync.Mutex
+	translatorProblems []model.Problem
+	wake               chan event.GenericEvent
+}
+
+// SetTranslatorProblems records the problems the last push round found and
+// schedules a status update.
+func (r *MeshReconciler) SetTranslatorProblems(ps []model.Problem) {
+	r.mu.Lock()
+	r.translatorProblems = ps
+	r.mu.Unlock()
+	select {
+	case r.wake <- event.GenericEvent{Object: &corev1.Namespace{}}:
+	default:
+	}
+}
+
+// SetupWithManager registers the controller. It does not need leader
+// election: every replica serves xDS from its own model.
+func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
+	r.wake = make(chan event.GenericEvent, 1)
+	all := handler.EnqueueRequestsFromMapFunc(func(context.Context, client.Object) []reconcile.Request { return []reconcile.Request{meshKey} })
+	return ctrl.NewControllerManagedBy(mgr).
+		Named("mesh").
+		WithOptions(controller.Options{NeedLeaderElection: ptr.To(false), MaxConcurrentReconciles: 1}).
+		Watches(&corev1.Service{}, all).
+		Watches(&discoveryv1.EndpointSlice{}, all).
+		Watches(&corev1.Pod{}, all).
+		Watches(&meshv1alpha1.MeshConfig{}, all).
+		Watches(&meshv1alpha1.AccessPolicy{}, all).
+		Watches(&meshv1alpha1.BackendPolicy{}, all).
+		Watches(&meshv1alpha1.ExternalService{}, all).
+		Watches(&gwv1.HTTPRoute{}, all).
+		Watches(&gwv1.GRPCRoute{}, all).
+		Watches(&gwv1.ReferenceGrant{}, all).
+		WatchesRawSource(source.Channel(r.wake, all)).
+		Complete(r)
+}
+
+// Reconcile rebuilds the model, hands it to the pusher and, on the leader,
+// writes status.
+func (r *MeshReconciler) Reconcile(ctx context.Context, _ reconcile.Request) (reconcile.Result, error) {
+	logger := log.FromContext(ctx)
+	in, err := r.input(ctx)
+	if err != nil {
+		return reconcile.Result{}, err
+	}
+	mesh, problems := model.Build(in)
+	r.Pusher.Update(mesh)
+	logger.V(4).Info("model rebuilt", "services", len(mesh.Services), "workloads", len(mesh.Workloads), "problems", len(problems))
+	if r.IsLeader != nil && !r.IsLeader() {
+		return reconcile.Result{}, nil
+	}
+	r.mu.Lock()
+	problems = append(problems, r.translatorProblems...)
+	r.mu.Unlock()
+	return reconcile.Result{}, r.writeStatus(ctx, in, problems)
+}
+
+func (r *MeshReconciler) input(ctx context.Context) (model.Input, error) {
+	var in model.Input
+	var mcs meshv1alpha1.MeshConfigList
+	if err := r.Client.List(ctx, &mcs); err != nil {
+		return in, err
+	}
+	for i := range mcs.Items {
+		if mcs.Items[i].Name == meshv1alpha1.MeshConfigName {
+			in.MeshConfig = &mcs.Items[i]
+		}
+	}
+	var svcs corev1.ServiceList
+	if err := r.Client.List(ctx, &svcs); err != nil {
+		return in, err
+	}
+	in.Services = ptrs(svcs.Items)
+	var slices discoveryv1.EndpointSliceList
+	if err := r.Client.List(ctx, &slices); err != nil {
+		return in, err
+	}
+	in.EndpointSlices = ptrs(slices.Items)
+	var pods corev1.PodList
+	if err := r.Client.List(ctx, &pods); err != nil {
+		return in, err
+	}
+	in.Pods = ptrs(pods.Items)
+	var aps meshv1alpha1.AccessPolicyList
+	if err := r.Client.List(ctx, &aps); err != nil {
+		return in, err
+	}
+	in.AccessPolicies = ptrs(aps.Items)
+	var bps meshv1alpha1.BackendPolicyList
+	if err := r.Client.List(ctx, &bps); err != nil {
+		return in, err
+	}
+	in.BackendPolicies = ptrs(bps.Items)
+	var ess meshv1alpha1.ExternalServiceList
+	if err := r.Client.List(ctx, &ess); err != nil {
+		return in, err
+	}
+	in.ExternalServices = ptrs(ess.Items)
+	var hrs gwv1.HTTPRouteList
+	if err := r.Client.List(ctx, &hrs); err != nil {
+		return in, err
+	}
+	in.HTTPRoutes = ptrs(hrs.Items)
+	var grs gwv1.GRPCRouteList
+	if err := r.Client.List(ctx, &grs); err != nil {
+		return in, err
+	}
+	in.GRPCRoutes = ptrs(grs.Items)
+	var rgs gwv1.ReferenceGrantList
+	if err := r.Client.List(ctx, &rgs); err != nil {
+		return in, err
+	}
+	in.ReferenceGrants = ptrs(rgs.Items)
+	return in, nil
+}
+
+func ptrs[T any](items []T) []*T {
+	out := make([]*T, len(items))
+	for i := range items {
+		out[i] = &items[i]
+	}
+	return out
+}

@@ -1,0 +1,358 @@
+package xds
+
+import (
+	"context"
+	"fmt"
+	"runtime"
+	"sync"
+	"time"
+
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"github.com/go-logr/logr"
+	"golang.org/x/sync/errgroup"
+	"k8s.io/utils/clock"
+
+	"github.com/trellis-mesh/trellis/pkg/model"
+	"github.com/trellis-mesh/trellis/pkg/translate"
+)
+
+// Pusher turns model updates into class results in the Cache. Updates are
+// debounced as istiod does: a round starts after Debounce without a new
+// update, or MaxDelay after the first one, one round at a time. Only the
+// classes of connected proxies are computed, with bounded concurrency; a
+// result that fails validation is not served and the class keeps its last
+// good result.
+type Pusher struct {
+	Cache    *Cache
+	Metrics  *Metrics
+	Log      logr.Logger
+	Clock    clock.WithTicker
+	Debounce time.Duration
+	MaxDelay time.Duration
+	// Concurrency bounds parallel translations (default: number of CPUs).
+	Concurrency int
+	// OnProblems receives the translator's problems after each round.
+	OnProblems func([]model.Problem)
+	// NodeSecrets, when set, is asked for the SDS resources of a newly
+	// connected node (its certificate and the trust bundle).
+	NodeSecrets func(ctx context.Context, id *Identity) (map[string]*Resource, error)
+
+	mu         sync.Mutex
+	mesh       *model.Mesh
+	pushed     *model.Mesh
+	firstEvent time.Time
+	nodes      map[string]*nodeInfo
+	classes    map[string]*classInfo
+	trigger    chan struct{}
+	kick       chan struct{}
+}
+
+type nodeInfo struct {
+	ident *Identity
+	class string
+}
+
+type classInfo struct {
+	roundStart time.Time
+}
+
+// NewPusher returns a pusher with istiod's default timings.
+func NewPusher(c *Cache, m *Metrics, log logr.Logger, clk clock.WithTicker) *Pusher {
+	return &Pusher{
+		Cache: c, Metrics: m, Log: log, Clock: clk,
+		Debounce: 100 * time.Millisecond, MaxDelay: 10 * time.Second,
+		nodes: map[string]*nodeInfo{}, classes: map[string]*classInfo{},
+		trigger: make(chan struct{}, 1), kick: make(chan struct{}, 1),
+	}
+}
+
+// Update hands the pusher a new model; it is pushed after the debounce.
+func (p *Pusher) Update(mesh *model.Mesh) {
+	p.mu.Lock()
+	p.mesh = mesh
+	if p.firstEvent.IsZero() {
+		p.firstEvent = p.Clock.Now()
+	}
+	p.mu.Unlock()
+	select {
+	case p.trigger <- struct{}{}:
+	default:
+	}
+}
+
+// Connect registers an authenticated proxy and binds it to its class,
+// computing the class right away if no proxy of it is connected yet.
+func (p *Pusher) Connect(id *Identity) string {
+	p.mu.Lock()
+	mesh := p.pushed
+	if mesh == nil {
+		mesh = p.mesh
+	}
+	key := ""
+	if mesh != nil {
+		if w := mesh.Workload(id.NodeID.Namespace, id.NodeID.Pod); w != nil {
+			key = translate.ClassKey(mesh, w)
+		}
+	}
+	nodeID := id.NodeID.String()
+	p.nodes[nodeID] = &nodeInfo{ident: id, class: key}
+	_, known := p.classes[key]
+	p.mu.Unlock()
+	if known {
+		p.Cache.BindNode(nodeID, key)
+	} else {
+		select {
+		case p.kick <- struct{}{}:
+		default:
+		}
+	}
+	if p.NodeSecrets != nil {
+		go p.loadSecrets(id)
+	}
+	return key
+}
+
+func (p *Pusher) loadSecrets(id *Identity) {
+	rs, err := p.NodeSecrets(context.Background(), id)
+	if err != nil {
+		p.Log.Error(err, "issue workload certificate", "node", id.NodeID.String())
+		return
+	}
+	p.mu.Lock()
+	_, still := p.nodes[id.NodeID.String()]
+	p.mu.Unlock()
+	if still {
+		p.Cache.SetNodeResources(id.NodeID.String(), resource.SecretType, rs)
+	}
+}
+
+// RefreshSecrets re-issues the secrets of every connected node (rotation).
+func (p *Pusher) RefreshSecrets() {
+	p.mu.Lock()
+	var ids []*Identity
+	for _, n := range p.nodes {
+		ids = append(ids, n.ident)
+	}
+	p.mu.Unlock()
+	for _, id := range ids {
+		p.loadSecrets(id)
+	}
+}
+
+// Disconnect forgets a proxy whose last stream closed.
+func (p *Pusher) Disconnect(nodeID string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	delete(p.nodes, nodeID)
+}
+
+// RoundStart is when the first change behind a class's current result happened.
+func (p *Pusher) RoundStart(class string) (time.Time, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	c, ok := p.classes[class]
+	if !ok || c.roundStart.IsZero() {
+		return time.Time{}, false
+	}
+	return c.roundStart, true
+}
+
+// Run debounces and pushes until ctx ends.
+func (p *Pusher) Run(ctx context.Context) error {
+	var quiet, deadline <-chan time.Time
+	var quietTimer, maxTimer clock.Timer
+	stop := func() {
+		if quietTimer != nil {
+			quietTimer.Stop()
+		}
+		if maxTimer != nil {
+			maxTimer.Stop()
+		}
+		quiet, deadline = nil, nil
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			stop()
+			return nil
+		case <-p.trigger:
+			if quietTimer != nil {
+				quietTimer.Stop()
+			}
+			quietTimer = p.Clock.NewTimer(p.Debounce)
+			quiet = quietTimer.C()
+			if deadline == nil {
+				maxTimer = p.Clock.NewTimer(p.MaxDelay)
+				deadline = maxTimer.C()
+			}
+		case <-quiet:
+			stop()
+			p.round(ctx)
+		case <-deadline:
+			stop()
+			p.round(ctx)
+		case <-p.kick:
+			p.round(ctx)
+		}
+	}
+}
+
+type classJob struct {
+	key   string
+	w     *model.Workload
+	nodes []string
+}
+
+// round computes the classes of all connected proxies from the latest model.
+func (p *Pusher) round(ctx context.Context) {
+	p.mu.Lock()
+	mesh, start := p.mesh, p.firstEvent
+	p.firstEvent = time.Time{}
+	if mesh == nil {
+		p.mu.Unlock()
+		return
+	}
+	jobs := map[string]*classJob{}
+	rebind := map[string]string{}
+	for nodeID, n := range p.nodes {
+		w := mesh.Workload(n.ident.NodeID.Namespace, n.ident.NodeID.Pod)
+		if w == nil {
+			continue // not in the model (yet): keep serving its last class
+		}
+		key := translate.ClassKey(mesh, w)
+		if key != n.class {
+			rebind[nodeID] = key
+		}
+		if jobs[key] == nil {
+			jobs[key] = &classJob{key: key, w: w}
+		}
+		jobs[key].nodes = append(jobs[key].nodes, nodeID)
+	}
+	p.mu.Unlock()
+	if !start.IsZero() {
+		p.Metrics.Debounce.Observe(p.Clock.Since(start).Seconds())
+	}
+
+	type result struct {
+		class    Class
+		problems []model.Problem
+		err      error
+	}
+	results := make(map[string]*result, len(jobs))
+	var rmu sync.Mutex
+	g, _ := errgroup.WithContext(ctx)
+	limit := p.Concurrency
+	if limit <= 0 {
+		limit = runtime.NumCPU()
+	}
+	g.SetLimit(limit)
+	for _, j := range jobs {
+		g.Go(func() error {
+			t0 := p.Clock.Now()
+			res, problems := translate.Sidecar(mesh, j.w)
+			r := &result{problems: problems}
+			if err := res.Validate(); err != nil {
+				r.err = fmt.Errorf("invalid resources: %w", err)
+			} else if err := translate.CheckReferences(res); err != nil {
+				r.err = fmt.Errorf("dangling references: %w", err)
+			} else {
+				r.class, r.err = ClassFrom(res)
+			}
+			p.Metrics.Translate.Observe(p.Clock.Since(t0).Seconds())
+			rmu.Lock()
+			results[j.key] = r
+			rmu.Unlock()
+			return nil
+		})
+	}
+	_ = g.Wait()
+
+	var problems []model.Problem
+	served := map[string]bool{}
+	for key, r := range results {
+		problems = append(problems, r.problems...)
+		if r.err != nil {
+			// Keep the last good result; the proxies stay on it.
+			p.Metrics.TranslateErrors.Inc()
+			p.Log.Error(r.err, "translation result rejected; proxies keep their last good configuration", "class", key)
+			continue
+		}
+		p.Cache.SetClass(key, r.class)
+		served[key] = true
+	}
+	p.mu.Lock()
+	for key := range served {
+		p.classes[key] = &classInfo{roundStart: start}
+	}
+	var bind [][2]string
+	for nodeID, key := range rebind {
+		n := p.nodes[nodeID]
+		if n == nil {
+			continue
+		}
+		if _, ok := p.classes[key]; ok {
+			n.class = key
+			bind = append(bind, [2]string{nodeID, key})
+		}
+	}
+	// Classes no connected proxy uses any more are dropped.
+	used := map[string]bool{}
+	for _, n := range p.nodes {
+		used[n.class] = true
+	}
+	var drop []string
+	for key := range p.classes {
+		if !used[key] {
+			delete(p.classes, key)
+			drop = append(drop, key)
+		}
+	}
+	p.pushed = mesh
+	p.mu.Unlock()
+	for _, b := range bind {
+		p.Cache.BindNode(b[0], b[1])
+	}
+	for _, key := range drop {
+		p.Cache.DeleteClass(key)
+	}
+	if p.OnProblems != nil {
+		p.OnProblems(problems)
+	}
+}
+
+// ClassFrom marshals a translation result into a cache class.
+func ClassFrom(res *translate.Resources) (Class, error) {
+	c := Class{resource.ListenerType: {}, resource.RouteType: {}, resource.ClusterType: {}, resource.EndpointType: {}}
+	add := func(typeURL, name string, r *Resource, err error) error {
+		if err != nil {
+			return fmt.Errorf("marshal %s %s: %w", typeURL, name, err)
+		}
+		c[typeURL][name] = r
+		return nil
+	}
+	for _, l := range res.Listeners {
+		r, err := NewResource(l.Name, l)
+		if err := add(resource.ListenerType, l.Name, r, err); err != nil {
+			return nil, err
+		}
+	}
+	for _, rc := range res.Routes {
+		r, err := NewResource(rc.Name, rc)
+		if err := add(resource.RouteType, rc.Name, r, err); err != nil {
+			return nil, err
+		}
+	}
+	for _, cl := range res.Clusters {
+		r, err := NewResource(cl.Name, cl)
+		if err := add(resource.ClusterType, cl.Name, r, err); err != nil {
+			return nil, err
+		}
+	}
+	for _, e := range res.Endpoints {
+		r, err := NewResource(e.ClusterName, e)
+		if err := add(resource.EndpointType, e.ClusterName, r, err); err != nil {
+			return nil, err
+		}
+	}
+	return c, nil
+}

@@ -1,0 +1,374 @@
+package xds
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"net"
+	"net/http"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
+	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
+	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
+	"github.com/go-logr/logr"
+	"golang.org/x/time/rate"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+	"k8s.io/utils/clock"
+)
+
+// ProxyStatus is what the debug endpoint (and trellisctl proxy-status)
+// shows for a connected proxy.
+type ProxyStatus struct {
+	NodeID         string            `json:"nodeID"`
+	Namespace      string            `json:"namespace"`
+	Pod            string            `json:"pod"`
+	ServiceAccount string            `json:"serviceAccount"`
+	Class          string            `json:"class"`
+	Protocol       string            `json:"protocol"` // sotw or delta
+	ConnectedAt    time.Time         `json:"connectedAt"`
+	Sent           map[string]string `json:"sent"`  // type URL -> last version sent
+	Acked          map[string]string `json:"acked"` // type URL -> last version ACKed
+	LastNACK       *NACK             `json:"lastNACK,omitempty"`
+}
+
+// NACK is a response a proxy rejected.
+type NACK struct {
+	Type    string    `json:"type"`
+	Version string    `json:"version"`
+	Message string    `json:"message"`
+	At      time.Time `json:"at"`
+}
+
+// Server is the ADS endpoint: go-control-plane's server over Cache, with
+// authentication, ACK/NACK tracking and metrics in its callbacks.
+type Server struct {
+	Cache   *Cache
+	Auth    *Authenticator
+	Pusher  *Pusher
+	Metrics *Metrics
+	Log     logr.Logger
+	Clock   clock.PassiveClock
+
+	mu      sync.Mutex
+	streams map[int64]*streamState
+	nodes   map[string]int // node id -> open streams
+}
+
+type streamState struct {
+	token, peerIP string
+	delta         bool
+	ident         *Identity
+	status        ProxyStatus
+	// sentAt is when the push round behind the last response of a type began.
+	sentAt map[string]time.Time
+}
+
+// NewServer wires a server; call Register to serve it on a gRPC server.
+func NewServer(c *Cache, auth *Authenticator, p *Pusher, m *Metrics, log logr.Logger, clk clock.PassiveClock) *Server {
+	return &Server{Cache: c, Auth: auth, Pusher: p, Metrics: m, Log: log, Clock: clk, streams: map[int64]*streamState{}, nodes: map[string]int{}}
+}
+
+// Register serves ADS (state of the world and delta) on g.
+func (s *Server) Register(ctx context.Context, g *grpc.Server) {
+	srv := serverv3.NewServer(ctx, s.Cache, s)
+	discovery.RegisterAggregatedDiscoveryServiceServer(g, srv)
+}
+
+// GRPCOptions are the limits of the xDS gRPC server.
+type GRPCOptions struct {
+	TLS *tls.Config
+	// MaxConnectionAge makes proxies reconnect periodically so they spread
+	// across replicas (go-control-plane example server, istiod: 30 min).
+	MaxConnectionAge time.Duration
+	// MaxConcurrentStreams per connection; a proxy needs one.
+	MaxConcurrentStreams uint32
+}
+
+// NewGRPCServer returns a gRPC server with TLS, keepalive enforcement and
+// connection limits.
+func NewGRPCServer(o GRPCOptions) *grpc.Server {
+	opts := []grpc.ServerOption{
+		grpc.MaxConcurrentStreams(o.MaxConcurrentStreams),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 15 * time.Second, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{
+			Time: 30 * time.Second, Timeout: 10 * time.Second,
+			MaxConnectionAge: o.MaxConnectionAge, MaxConnectionAgeGrace: time.Minute,
+		}),
+		grpc.MaxRecvMsgSize(4 << 20),
+	}
+	if o.TLS != nil {
+		opts = append(opts, grpc.Creds(credentials.NewTLS(o.TLS)))
+	}
+	return grpc.NewServer(opts...)
+}
+
+// RateLimitedListener accepts at most r new connections per second (burst
+// b), so a mass reconnect cannot starve the control plane; excess
+// connections wait rather than fail.
+func RateLimitedListener(l net.Listener, r rate.Limit, b int) net.Listener {
+	return &limitedListener{Listener: l, lim: rate.NewLimiter(r, b)}
+}
+
+type limitedListener struct {
+	net.Listener
+	lim *rate.Limiter
+}
+
+func (l *limitedListener) Accept() (net.Conn, error) {
+	if err := l.lim.Wait(context.Background()); err != nil {
+		return nil, err
+	}
+	return l.Listener.Accept()
+}
+
+func bearer(ctx context.Context) string {
+	md, _ := metadata.FromIncomingContext(ctx)
+	for _, v := range md.Get("authorization") {
+		if t, ok := strings.CutPrefix(v, "Bearer "); ok {
+			return strings.TrimSpace(t)
+		}
+	}
+	return ""
+}
+
+func peerIP(ctx context.Context) string {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return ""
+	}
+	host, _, err := net.SplitHostPort(p.Addr.String())
+	if err != nil {
+		return p.Addr.String()
+	}
+	return host
+}
+
+func (s *Server) open(ctx context.Context, id int64, delta bool) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.streams[id] = &streamState{token: bearer(ctx), peerIP: peerIP(ctx), delta: delta, sentAt: map[string]time.Time{}}
+	return nil
+}
+
+func (s *Server) closed(id int64) {
+	s.mu.Lock()
+	st := s.streams[id]
+	delete(s.streams, id)
+	var node string
+	last := false
+	if st != nil && st.ident != nil {
+		node = st.status.NodeID
+		s.nodes[node]--
+		if s.nodes[node] <= 0 {
+			delete(s.nodes, node)
+			last = true
+		}
+		s.Metrics.ConnectedProxies.Dec()
+	}
+	s.mu.Unlock()
+	if last {
+		s.Pusher.Disconnect(node)
+		s.Cache.UnbindNode(node)
+	}
+}
+
+// request authenticates the first request of a stream and records ACKs and
+// NACKs of the later ones.
+func (s *Server) request(id int64, node *corev3.Node, typeURL, version, nonce string, errDetail *status.Status) error {
+	s.mu.Lock()
+	st := s.streams[id]
+	s.mu.Unlock()
+	if st == nil {
+		return status.Error(codes.Internal, "unknown stream")
+	}
+	if st.ident == nil {
+		nodeID := node.GetId()
+		ident, err := s.Auth.Authenticate(context.Background(), st.token, st.peerIP, nodeID)
+		if err != nil {
+			s.Metrics.AuthFailures.WithLabelValues(status.Code(err).String()).Inc()
+			s.Log.Info("rejected xDS stream", "node", nodeID, "peer", st.peerIP, "reason", err.Error())
+			return err
+		}
+		proto := "sotw"
+		if st.delta {
+			proto = "delta"
+		}
+		s.mu.Lock()
+		st.ident = ident
+		st.token = "" // not kept longer than needed
+		st.status = ProxyStatus{
+			NodeID: nodeID, Namespace: ident.NodeID.Namespace, Pod: ident.NodeID.Pod, ServiceAccount: ident.ServiceAccount,
+			Protocol: proto, ConnectedAt: s.Clock.Now(), Sent: map[string]string{}, Acked: map[string]string{},
+		}
+		s.nodes[nodeID]++
+		s.mu.Unlock()
+		s.Metrics.ConnectedProxies.Inc()
+		class := s.Pusher.Connect(ident)
+		s.mu.Lock()
+		st.status.Class = class
+		s.mu.Unlock()
+		s.Log.V(2).Info("proxy connected", "node", nodeID, "serviceAccount", ident.ServiceAccount, "protocol", proto)
+		return nil
+	}
+	if node != nil && node.GetId() != "" && node.GetId() != st.status.NodeID {
+		return status.Errorf(codes.PermissionDenied, "node id changed from %s to %s on one stream", st.status.NodeID, node.GetId())
+	}
+	if nonce == "" {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if errDetail != nil {
+		n := &NACK{Type: typeURL, Version: st.status.Sent[typeURL], Message: errDetail.Message(), At: s.Clock.Now()}
+		st.status.LastNACK = n
+		s.Metrics.NACKs.WithLabelValues(shortType(typeURL)).Inc()
+		s.Log.Info("proxy rejected configuration; it keeps its last accepted one", "node", st.status.NodeID, "type", shortType(typeURL), "version", n.Version, "error", n.Message)
+		return nil
+	}
+	if version != "" && st.status.Acked[typeURL] != version {
+		st.status.Acked[typeURL] = version
+		if at, ok := st.sentAt[typeURL]; ok && version == st.status.Sent[typeURL] {
+			s.Metrics.Convergence.Observe(s.Clock.Since(at).Seconds())
+			delete(st.sentAt, typeURL)
+		}
+	}
+	return nil
+}
+
+func (s *Server) response(id int64, typeURL, version string, resources int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.streams[id]
+	if st == nil {
+		return
+	}
+	st.status.Sent[typeURL] = version
+	if at, ok := s.Pusher.RoundStart(st.status.Class); ok && at.After(st.status.ConnectedAt) {
+		st.sentAt[typeURL] = at
+	}
+	s.Metrics.Pushes.WithLabelValues(shortType(typeURL)).Inc()
+	s.Metrics.PushedResources.WithLabelValues(shortType(typeURL)).Add(float64(resources))
+}
+
+func shortType(typeURL string) string {
+	if i := strings.LastIndexByte(typeURL, '.'); i >= 0 {
+		return typeURL[i+1:]
+	}
+	return typeURL
+}
+
+// OnStreamOpen implements go-control-plane's callbacks.
+func (s *Server) OnStreamOpen(ctx context.Context, id int64, _ string) error {
+	return s.open(ctx, id, false)
+}
+
+// OnStreamClosed implements go-control-plane's callbacks.
+func (s *Server) OnStreamClosed(id int64, _ *corev3.Node) { s.closed(id) }
+
+// OnStreamRequest implements go-control-plane's callbacks.
+func (s *Server) OnStreamRequest(id int64, r *discovery.DiscoveryRequest) error {
+	var detail *status.Status
+	if r.GetErrorDetail() != nil {
+		detail = status.FromProto(r.GetErrorDetail())
+	}
+	return s.request(id, r.GetNode(), r.GetTypeUrl(), r.GetVersionInfo(), r.GetResponseNonce(), detail)
+}
+
+// OnStreamResponse implements go-control-plane's callbacks.
+func (s *Server) OnStreamResponse(_ context.Context, id int64, _ *discovery.DiscoveryRequest, r *discovery.DiscoveryResponse) {
+	s.response(id, r.GetTypeUrl(), r.GetVersionInfo(), len(r.GetResources()))
+}
+
+// OnDeltaStreamOpen implements go-control-plane's callbacks.
+func (s *Server) OnDeltaStreamOpen(ctx context.Context, id int64, _ string) error {
+	return s.open(ctx, id, true)
+}
+
+// OnDeltaStreamClosed implements go-control-plane's callbacks.
+func (s *Server) OnDeltaStreamClosed(id int64, _ *corev3.Node) { s.closed(id) }
+
+// OnStreamDeltaRequest implements go-control-plane's callbacks. Delta
+// requests carry no version: an ACK is a request with the response's nonce
+// and no error.
+func (s *Server) OnStreamDeltaRequest(id int64, r *discovery.DeltaDiscoveryRequest) error {
+	var detail *status.Status
+	if r.GetErrorDetail() != nil {
+		detail = status.FromProto(r.GetErrorDetail())
+	}
+	version := ""
+	if r.GetResponseNonce() != "" {
+		s.mu.Lock()
+		if st := s.streams[id]; st != nil {
+			version = st.status.Sent[r.GetTypeUrl()]
+		}
+		s.mu.Unlock()
+	}
+	return s.request(id, r.GetNode(), r.GetTypeUrl(), version, r.GetResponseNonce(), detail)
+}
+
+// OnStreamDeltaResponse implements go-control-plane's callbacks.
+func (s *Server) OnStreamDeltaResponse(id int64, _ *discovery.DeltaDiscoveryRequest, r *discovery.DeltaDiscoveryResponse) {
+	s.response(id, r.GetTypeUrl(), r.GetSystemVersionInfo(), len(r.GetResources()))
+}
+
+// OnFetchRequest rejects REST fetches: only authenticated ADS streams are served.
+func (s *Server) OnFetchRequest(context.Context, *discovery.DiscoveryRequest) error {
+	return status.Error(codes.Unimplemented, "fetch is not supported; use ADS")
+}
+
+// OnFetchResponse implements go-control-plane's callbacks.
+func (s *Server) OnFetchResponse(*discovery.DiscoveryRequest, *discovery.DiscoveryResponse) {}
+
+// Proxies lists the connected proxies.
+func (s *Server) Proxies() []ProxyStatus {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []ProxyStatus
+	for _, st := range s.streams {
+		if st.ident == nil {
+			continue
+		}
+		ps := st.status
+		ps.Sent = cloneMap(ps.Sent)
+		ps.Acked = cloneMap(ps.Acked)
+		out = append(out, ps)
+	}
+	slices.SortFunc(out, func(a, b ProxyStatus) int {
+		return compareStrings(a.Namespace+"/"+a.Pod+"/"+a.Protocol, b.Namespace+"/"+b.Pod+"/"+b.Protocol)
+	})
+	return out
+}
+
+func cloneMap(m map[string]string) map[string]string {
+	out := make(map[string]string, len(m))
+	for k, v := range m {
+		out[k] = v
+	}
+	return out
+}
+
+// DebugHandler serves the connected proxies as JSON; mount it behind the
+// authenticated metrics endpoint.
+func (s *Server) DebugHandler() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(map[string]any{"proxies": s.Proxies()}); err != nil && !errors.Is(err, http.ErrHandlerTimeout) {
+			s.Log.Error(err, "write proxy status")
+		}
+	})
+}
+
+var _ serverv3.Callbacks = (*Server)(nil)
