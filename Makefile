@@ -41,9 +41,14 @@ manifests: $(CONTROLLER_GEN)
 	$(CONTROLLER_GEN) crd paths=./pkg/apis/... output:crd:artifacts:config=config/crd/bases
 	$(CONTROLLER_GEN) rbac:roleName=trellis-controller paths=./pkg/... output:rbac:artifacts:config=config/rbac
 	$(CONTROLLER_GEN) webhook paths=./pkg/... output:webhook:artifacts:config=config/webhook
-	@mkdir -p charts/trellis/crds
-	@rm -f charts/trellis/crds/*.yaml
+	@mkdir -p charts/trellis/crds config/crd/gateway-api
+	@rm -f charts/trellis/crds/*.yaml config/crd/gateway-api/*.yaml
 	cp config/crd/bases/*.yaml charts/trellis/crds/
+	@# Gateway API CRDs Trellis reads (standard channel, the pinned module's own manifests),
+	@# for tests and the demo; clusters install Gateway API themselves.
+	gwdir="$$($(GO) list -m -f '{{.Dir}}' sigs.k8s.io/gateway-api)"; \
+	for k in httproutes grpcroutes referencegrants; do \
+		install -m 0644 "$$gwdir/config/crd/standard/gateway.networking.k8s.io_$$k.yaml" config/crd/gateway-api/; done
 
 ## Checks.
 .PHONY: fmt-check

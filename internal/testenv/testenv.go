@@ -1,5 +1,6 @@
 // Package testenv starts a real kube-apiserver and etcd (controller-runtime's
-// envtest) for integration tests, with the Trellis CRDs installed. One
+// envtest) for integration tests, with the Trellis CRDs and the Gateway API
+// route CRDs Trellis reads installed. One
 // environment per test package, started from TestMain:
 //
 //	var env *testenv.Env
@@ -27,6 +28,7 @@ import (
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
 )
@@ -62,6 +64,9 @@ func Scheme() (*runtime.Scheme, error) {
 		return nil, err
 	}
 	if err := meshv1alpha1.AddToScheme(s); err != nil {
+		return nil, err
+	}
+	if err := gwv1.Install(s); err != nil {
 		return nil, err
 	}
 	return s, nil
@@ -121,7 +126,7 @@ func Start(opts Options) (*Env, error) {
 	}
 	env := &envtest.Environment{
 		BinaryAssetsDirectory:    assets,
-		CRDDirectoryPaths:        append([]string{filepath.Join(root, "config", "crd", "bases")}, opts.CRDDirectories...),
+		CRDDirectoryPaths:        append([]string{filepath.Join(root, "config", "crd", "bases"), filepath.Join(root, "config", "crd", "gateway-api")}, opts.CRDDirectories...),
 		CRDs:                     opts.CRDs,
 		ErrorIfCRDPathMissing:    true,
 		Scheme:                   scheme,

@@ -75,7 +75,9 @@ type Issued struct {
 }
 
 // TLSCertificate returns the pair for crypto/tls.
-func (i *Issued) TLSCertificate() (tls.Certificate, error) { return tls.X509KeyPair(i.CertPEM, i.KeyPEM) }
+func (i *Issued) TLSCertificate() (tls.Certificate, error) {
+	return tls.X509KeyPair(i.CertPEM, i.KeyPEM)
+}
 
 // IssueWorkload issues an X.509 SVID: the SPIFFE ID as the only SAN,
 // usable as client and server certificate.

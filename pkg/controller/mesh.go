@@ -35,16 +35,6 @@ type Pusher interface {
 }
 
 // MeshReconciler keeps the mesh model current and writes status.
-//
-// +kubebuilder:rbac:groups="",resources=services;pods,verbs=get;list;watch
-// +kubebuilder:rbac:groups=discovery.k8s.io,resources=endpointslices,verbs=get;list;watch
-// +kubebuilder:rbac:groups=mesh.trellis.dev,resources=meshconfigs;accesspolicies;backendpolicies;externalservices,verbs=get;list;watch
-// +kubebuilder:rbac:groups=mesh.trellis.dev,resources=meshconfigs/status;accesspolicies/status;backendpolicies/status;externalservices/status,verbs=update;patch
-// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes;grpcroutes;referencegrants,verbs=get;list;watch
-// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes/status;grpcroutes/status,verbs=update;patch
-// +kubebuilder:rbac:groups=authentication.k8s.io,resources=tokenreviews,verbs=create
-// +kubebuilder:rbac:groups=coordination.k8s.io,resources=leases,verbs=get;list;watch;create;update;patch
-// +kubebuilder:rbac:groups="",resources=events,verbs=create;patch
 type MeshReconciler struct {
 	Client client.Client
 	Pusher Pusher
@@ -89,6 +79,19 @@ func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
 		WatchesRawSource(source.Channel(r.wake, all)).
 		Complete(r)
 }
+
+// The permissions below are what the controller uses; README "Why each
+// permission" explains them.
+// +kubebuilder:rbac:groups="",resources=services;pods,verbs=get;list;watch
+// +kubebuilder:rbac:groups=discovery.k8s.io,resources=endpointslices,verbs=get;list;watch
+// +kubebuilder:rbac:groups=mesh.trellis.dev,resources=meshconfigs;accesspolicies;backendpolicies;externalservices,verbs=get;list;watch
+// +kubebuilder:rbac:groups=mesh.trellis.dev,resources=meshconfigs/status;accesspolicies/status;backendpolicies/status;externalservices/status,verbs=update;patch
+// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes;grpcroutes;referencegrants,verbs=get;list;watch
+// +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes/status;grpcroutes/status,verbs=update;patch
+// +kubebuilder:rbac:groups=authentication.k8s.io,resources=tokenreviews,verbs=create
+// +kubebuilder:rbac:groups=authorization.k8s.io,resources=subjectaccessreviews,verbs=create
+// +kubebuilder:rbac:groups=coordination.k8s.io,resources=leases,verbs=get;list;watch;create;update;patch
+// +kubebuilder:rbac:groups="",resources=events,verbs=create;patch
 
 // Reconcile rebuilds the model, hands it to the pusher and, on the leader,
 // writes status.

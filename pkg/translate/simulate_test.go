@@ -231,7 +231,11 @@ func TestMatchesFollowPrecedence(t *testing.T) {
 	}{
 		{"a plain request takes the catch-all rule", get("/products"), v1},
 		{"the exact path wins over longer prefixes", get("/api/health"), v1},
-		{"a header match selects the canary", func() simulate.Request { r := get("/api/x"); r.Headers = map[string]string{"X-Canary": "true"}; return r }(), v2},
+		{"a header match selects the canary", func() simulate.Request {
+			r := get("/api/x")
+			r.Headers = map[string]string{"X-Canary": "true"}
+			return r
+		}(), v2},
 		{"a method match selects v2 for POST", func() simulate.Request { r := get("/api/x"); r.Method = "POST"; return r }(), v2},
 		{"without the header or method, /api falls to the catch-all", get("/api/x"), v1},
 		{"regex, header regex and query matches together", func() simulate.Request {

@@ -8,6 +8,7 @@ import (
 // (controller-runtime's metrics.Registry) in main.
 type Metrics struct {
 	ConnectedProxies prometheus.Gauge
+	Rounds           prometheus.Counter
 	Pushes           *prometheus.CounterVec
 	PushedResources  *prometheus.CounterVec
 	PushedBytes      *prometheus.CounterVec
@@ -24,6 +25,7 @@ type Metrics struct {
 func NewMetrics() *Metrics {
 	return &Metrics{
 		ConnectedProxies: prometheus.NewGauge(prometheus.GaugeOpts{Name: "trellis_xds_connected_proxies", Help: "Proxies with an authenticated ADS stream."}),
+		Rounds:           prometheus.NewCounter(prometheus.CounterOpts{Name: "trellis_xds_push_rounds_total", Help: "Push rounds completed."}),
 		Pushes:           prometheus.NewCounterVec(prometheus.CounterOpts{Name: "trellis_xds_pushes_total", Help: "xDS responses sent, by resource type."}, []string{"type"}),
 		PushedResources:  prometheus.NewCounterVec(prometheus.CounterOpts{Name: "trellis_xds_pushed_resources_total", Help: "Resources sent in xDS responses, by type."}, []string{"type"}),
 		PushedBytes:      prometheus.NewCounterVec(prometheus.CounterOpts{Name: "trellis_xds_pushed_bytes_total", Help: "Serialized bytes of resources sent, by type."}, []string{"type"}),
@@ -42,5 +44,5 @@ func NewMetrics() *Metrics {
 
 // Collectors lists the metrics for registration.
 func (m *Metrics) Collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.ConnectedProxies, m.Pushes, m.PushedResources, m.PushedBytes, m.NACKs, m.Convergence, m.Debounce, m.Translate, m.TranslateErrors, m.TokenReviewCache, m.AuthFailures}
+	return []prometheus.Collector{m.ConnectedProxies, m.Rounds, m.Pushes, m.PushedResources, m.PushedBytes, m.NACKs, m.Convergence, m.Debounce, m.Translate, m.TranslateErrors, m.TokenReviewCache, m.AuthFailures}
 }

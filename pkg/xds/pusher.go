@@ -139,6 +139,13 @@ func (p *Pusher) RefreshSecrets() {
 	}
 }
 
+// Mesh returns the latest model (nil before the first update).
+func (p *Pusher) Mesh() *model.Mesh {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.mesh
+}
+
 // Disconnect forgets a proxy whose last stream closed.
 func (p *Pusher) Disconnect(nodeID string) {
 	p.mu.Lock()
@@ -318,6 +325,7 @@ func (p *Pusher) round(ctx context.Context) {
 	if p.OnProblems != nil {
 		p.OnProblems(problems)
 	}
+	p.Metrics.Rounds.Inc()
 }
 
 // ClassFrom marshals a translation result into a cache class.

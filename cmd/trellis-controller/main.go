@@ -1,0 +1,82 @@
+// Command trellis-controller is the Trellis control plane: a
+// controller-runtime manager running the mesh reconciler, the xDS server
+// (ADS, state of the world and delta, with SDS) and the certificate
+// authority. Every replica serves xDS; the leader writes status.
+package main
+
+import (
+	"flag"
+	"fmt"
+	"os"
+	"strings"
+
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+
+	"github.com/trellis-mesh/trellis/internal/controlplane"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintf(os.Stderr, "trellis-controller: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	o := controlplane.Defaults()
+	var dnsNames, rootCAOut string
+	fs := flag.CommandLine
+	fs.StringVar(&o.MetricsAddr, "metrics-bind-address", o.MetricsAddr, "Address of the metrics endpoint (Prometheus metrics and /debug/proxies); \"0\" disables it.")
+	fs.BoolVar(&o.MetricsSecure, "metrics-secure", o.MetricsSecure, "Serve metrics over HTTPS with Kubernetes authentication and authorization (TokenReview and SubjectAccessReview).")
+	fs.StringVar(&o.ProbeAddr, "health-probe-bind-address", o.ProbeAddr, "Address of the /healthz and /readyz endpoints.")
+	fs.BoolVar(&o.LeaderElect, "leader-elect", o.LeaderElect, "Elect a leader among replicas; only the leader writes status. Every replica serves xDS.")
+	fs.StringVar(&o.LeaderElectionNamespace, "leader-election-namespace", "", "Namespace of the leader election Lease (default: --namespace).")
+	fs.StringVar(&o.Namespace, "namespace", envOr("POD_NAMESPACE", o.Namespace), "Namespace the control plane runs in (env POD_NAMESPACE).")
+	fs.StringVar(&o.XDSAddr, "xds-address", o.XDSAddr, "Address of the xDS (ADS) gRPC server; it always uses TLS.")
+	fs.StringVar(&dnsNames, "xds-dns-names", "", "Comma-separated DNS names of the xDS serving certificate (default: trellis-xds.<namespace>.svc, its .cluster.local form, localhost).")
+	fs.StringVar(&rootCAOut, "xds-root-ca-out", "", "If set, write the mesh root certificate (PEM) to this file, for clients outside the cluster and tests.")
+	fs.DurationVar(&o.Debounce, "xds-debounce", o.Debounce, "Quiet period after a change before a push round.")
+	fs.DurationVar(&o.MaxDelay, "xds-debounce-max", o.MaxDelay, "Longest a change waits for a push round while changes keep coming.")
+	fs.DurationVar(&o.MaxConnectionAge, "xds-max-connection-age", o.MaxConnectionAge, "Proxies reconnect after this long, to spread across replicas.")
+	fs.Float64Var(&o.ConnectionRate, "xds-connection-rate", o.ConnectionRate, "New xDS connections accepted per second (burst: the same number).")
+	fs.StringVar(&o.Audience, "xds-token-audience", o.Audience, "Audience proxies' projected ServiceAccount tokens must carry.")
+	fs.BoolVar(&o.VerifyPeerIP, "xds-verify-peer-ip", o.VerifyPeerIP, "Require the connection to come from the IP of the pod named in the node id.")
+	fs.DurationVar(&o.TokenReviewTTL, "xds-tokenreview-cache-ttl", o.TokenReviewTTL, "Longest a successful TokenReview is reused (never past the token's expiry).")
+	zapOpts := zap.Options{}
+	zapOpts.BindFlags(fs)
+	fs.Usage = func() {
+		fmt.Fprintf(fs.Output(), "Usage: trellis-controller [flags]\n\nThe Trellis control plane: mesh reconciler, xDS/SDS server and certificate authority.\nEnvironment: POD_NAMESPACE (default of --namespace); KUBECONFIG or --kubeconfig outside a cluster.\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	flag.Parse()
+	for _, n := range strings.Split(dnsNames, ",") {
+		if n = strings.TrimSpace(n); n != "" {
+			o.XDSDNSNames = append(o.XDSDNSNames, n)
+		}
+	}
+	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&zapOpts)))
+	o.Log = ctrl.Log.WithName("trellis")
+	cfg, err := ctrl.GetConfig()
+	if err != nil {
+		return fmt.Errorf("kubeconfig: %w", err)
+	}
+	cp, err := controlplane.New(cfg, o)
+	if err != nil {
+		return err
+	}
+	if rootCAOut != "" {
+		if err := os.WriteFile(rootCAOut, cp.Authority.RootPEM(), 0o644); err != nil {
+			return err
+		}
+	}
+	o.Log.Info("starting", "namespace", o.Namespace, "leaderElection", o.LeaderElect)
+	return cp.Start(ctrl.SetupSignalHandler())
+}
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}

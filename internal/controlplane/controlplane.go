@@ -1,0 +1,280 @@
+// Package controlplane wires the Trellis control plane — manager, mesh
+// reconciler, pusher, xDS server and certificate authority — so that
+// cmd/trellis-controller and the integration tests run the same thing.
+package controlplane
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/go-logr/logr"
+	"golang.org/x/time/rate"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
+	"k8s.io/utils/clock"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
+	"sigs.k8s.io/controller-runtime/pkg/metrics"
+	"sigs.k8s.io/controller-runtime/pkg/metrics/filters"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+
+	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
+	"github.com/trellis-mesh/trellis/pkg/ca"
+	"github.com/trellis-mesh/trellis/pkg/controller"
+	"github.com/trellis-mesh/trellis/pkg/model"
+	"github.com/trellis-mesh/trellis/pkg/xds"
+)
+
+// Options configure the control plane; cmd/trellis-controller maps its
+// flags onto them.
+type Options struct {
+	MetricsAddr             string
+	MetricsSecure           bool
+	ProbeAddr               string
+	LeaderElect             bool
+	LeaderElectionNamespace string
+	Namespace               string
+	XDSAddr                 string
+	XDSDNSNames             []string
+	Debounce, MaxDelay      time.Duration
+	MaxConnectionAge        time.Duration
+	ConnectionRate          float64
+	Audience                string
+	VerifyPeerIP            bool
+	TokenReviewTTL          time.Duration
+	// Authority signs workload and serving certificates; nil creates an
+	// in-memory root.
+	Authority *ca.Authority
+	// Registry receives the Prometheus metrics; nil uses controller-runtime's.
+	Registry metrics.RegistererGatherer
+	Clock    clock.WithTicker
+	Log      logr.Logger
+}
+
+// Defaults returns the production defaults.
+func Defaults() Options {
+	return Options{
+		MetricsAddr: ":8443", MetricsSecure: true, ProbeAddr: ":8081", LeaderElect: true,
+		Namespace: "trellis-system", XDSAddr: ":15012",
+		Debounce: 100 * time.Millisecond, MaxDelay: 10 * time.Second, MaxConnectionAge: 30 * time.Minute,
+		ConnectionRate: 100, Audience: "trellis", VerifyPeerIP: true, TokenReviewTTL: 5 * time.Minute,
+	}
+}
+
+// ControlPlane is a wired, not yet started, control plane.
+type ControlPlane struct {
+	Manager    manager.Manager
+	Server     *xds.Server
+	Pusher     *xds.Pusher
+	Cache      *xds.Cache
+	Metrics    *xds.Metrics
+	Authority  *ca.Authority
+	Reconciler *controller.MeshReconciler
+	// XDSAddr is the address the xDS server listens on, once Ready is closed.
+	XDSAddr string
+	// Ready is closed when the xDS server listens.
+	Ready chan struct{}
+	opts  Options
+	pair  tls.Certificate
+}
+
+// Scheme has every kind the control plane reads.
+func Scheme() (*runtime.Scheme, error) {
+	scheme := runtime.NewScheme()
+	for _, add := range []func(*runtime.Scheme) error{clientgoscheme.AddToScheme, meshv1alpha1.AddToScheme, gwv1.Install} {
+		if err := add(scheme); err != nil {
+			return nil, err
+		}
+	}
+	return scheme, nil
+}
+
+// New wires a control plane against the apiserver of cfg.
+func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
+	if o.Clock == nil {
+		o.Clock = clock.RealClock{}
+	}
+	if o.Registry == nil {
+		o.Registry = metrics.Registry
+	}
+	scheme, err := Scheme()
+	if err != nil {
+		return nil, err
+	}
+	cp := &ControlPlane{opts: o, Ready: make(chan struct{}), Metrics: xds.NewMetrics()}
+	for _, c := range cp.Metrics.Collectors() {
+		if err := o.Registry.Register(c); err != nil {
+			return nil, fmt.Errorf("register metrics: %w", err)
+		}
+	}
+	cp.Cache = xds.NewCache()
+	cp.Pusher = xds.NewPusher(cp.Cache, cp.Metrics, o.Log.WithName("pusher"), o.Clock)
+	cp.Pusher.Debounce, cp.Pusher.MaxDelay = o.Debounce, o.MaxDelay
+
+	metricsOpts := metricsserver.Options{BindAddress: o.MetricsAddr, SecureServing: o.MetricsSecure,
+		ExtraHandlers: map[string]http.Handler{"/debug/proxies": http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { cp.Server.DebugHandler().ServeHTTP(w, r) })}}
+	if o.MetricsSecure {
+		metricsOpts.FilterProvider = filters.WithAuthenticationAndAuthorization
+	}
+	leNamespace := o.LeaderElectionNamespace
+	if leNamespace == "" {
+		leNamespace = o.Namespace
+	}
+	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
+		Scheme:                  scheme,
+		Metrics:                 metricsOpts,
+		HealthProbeBindAddress:  o.ProbeAddr,
+		LeaderElection:          o.LeaderElect,
+		LeaderElectionID:        "trellis-controller.mesh.trellis.dev",
+		LeaderElectionNamespace: leNamespace,
+		Logger:                  o.Log,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("manager: %w", err)
+	}
+	cp.Manager = mgr
+	cs, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return nil, err
+	}
+	auth := &xds.Authenticator{
+		TokenReviews: cs.AuthenticationV1().TokenReviews(),
+		Pods:         mgr.GetCache(),
+		Audience:     o.Audience,
+		VerifyPeerIP: o.VerifyPeerIP,
+		Clock:        o.Clock,
+		CacheTTL:     o.TokenReviewTTL,
+		OnCache:      func(r string) { cp.Metrics.TokenReviewCache.WithLabelValues(r).Inc() },
+	}
+	cp.Server = xds.NewServer(cp.Cache, auth, cp.Pusher, cp.Metrics, o.Log.WithName("xds"), o.Clock)
+
+	cp.Authority = o.Authority
+	if cp.Authority == nil {
+		if cp.Authority, err = ca.NewSelfSigned("cluster.local", 365*24*time.Hour, o.Clock); err != nil {
+			return nil, err
+		}
+	}
+	cp.Pusher.NodeSecrets = xds.WorkloadSecrets(cp.Authority, cp.trustDomain, cp.certLifetime)
+
+	cp.Reconciler = &controller.MeshReconciler{
+		Client: mgr.GetClient(),
+		Pusher: cp.Pusher,
+		IsLeader: func() bool {
+			if !o.LeaderElect {
+				return true
+			}
+			select {
+			case <-mgr.Elected():
+				return true
+			default:
+				return false
+			}
+		},
+	}
+	cp.Pusher.OnProblems = cp.Reconciler.SetTranslatorProblems
+	if err := cp.Reconciler.SetupWithManager(mgr); err != nil {
+		return nil, err
+	}
+
+	dns := o.XDSDNSNames
+	if len(dns) == 0 {
+		dns = []string{"trellis-xds." + o.Namespace + ".svc", "trellis-xds." + o.Namespace + ".svc.cluster.local", "localhost"}
+	}
+	serving, err := cp.Authority.IssueServing(dns, 90*24*time.Hour)
+	if err != nil {
+		return nil, err
+	}
+	if cp.pair, err = serving.TLSCertificate(); err != nil {
+		return nil, err
+	}
+	if err := mgr.Add(everyReplica(cp.Pusher.Run)); err != nil {
+		return nil, err
+	}
+	if err := mgr.Add(everyReplica(cp.serveXDS)); err != nil {
+		return nil, err
+	}
+	if err := mgr.AddHealthzCheck("ping", healthz.Ping); err != nil {
+		return nil, err
+	}
+	if err := mgr.AddReadyzCheck("xds", func(*http.Request) error {
+		select {
+		case <-cp.Ready:
+			return nil
+		default:
+			return errors.New("xDS server not listening yet")
+		}
+	}); err != nil {
+		return nil, err
+	}
+	return cp, nil
+}
+
+func (cp *ControlPlane) mesh() model.Mesh {
+	if m := cp.Pusher.Mesh(); m != nil {
+		return *m
+	}
+	return model.Mesh{Config: model.Defaults(meshv1alpha1.MeshConfigSpec{})}
+}
+
+func (cp *ControlPlane) trustDomain() string { return cp.mesh().Config.TrustDomain }
+
+func (cp *ControlPlane) certLifetime() time.Duration {
+	d, err := time.ParseDuration(string(cp.mesh().Config.Certificates.Lifetime))
+	if err != nil || d <= 0 {
+		return 24 * time.Hour
+	}
+	return d
+}
+
+func (cp *ControlPlane) serveXDS(ctx context.Context) error {
+	lis, err := net.Listen("tcp", cp.opts.XDSAddr)
+	if err != nil {
+		return fmt.Errorf("xds listen: %w", err)
+	}
+	g := xds.NewGRPCServer(xds.GRPCOptions{
+		TLS:                  &tls.Config{Certificates: []tls.Certificate{cp.pair}, MinVersion: tls.VersionTLS12},
+		MaxConnectionAge:     cp.opts.MaxConnectionAge,
+		MaxConcurrentStreams: 16,
+	})
+	cp.Server.Register(ctx, g)
+	cp.XDSAddr = lis.Addr().String()
+	cp.opts.Log.Info("serving xDS", "address", cp.XDSAddr)
+	close(cp.Ready)
+	errc := make(chan error, 1)
+	go func() {
+		errc <- g.Serve(xds.RateLimitedListener(lis, rate.Limit(cp.opts.ConnectionRate), max(int(cp.opts.ConnectionRate), 1)))
+	}()
+	select {
+	case <-ctx.Done():
+		stopped := make(chan struct{})
+		go func() { g.GracefulStop(); close(stopped) }()
+		select {
+		case <-stopped:
+		case <-time.After(5 * time.Second):
+			g.Stop()
+		}
+		return nil
+	case err := <-errc:
+		return err
+	}
+}
+
+// Start runs the control plane until ctx ends.
+func (cp *ControlPlane) Start(ctx context.Context) error { return cp.Manager.Start(ctx) }
+
+// everyReplica runs f on every replica, leader or not.
+type everyReplica func(context.Context) error
+
+func (f everyReplica) Start(ctx context.Context) error { return f(ctx) }
+func (f everyReplica) NeedLeaderElection() bool        { return false }
+
+var _ manager.LeaderElectionRunnable = everyReplica(nil)
