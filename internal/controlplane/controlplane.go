@@ -20,6 +20,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/utils/clock"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/manager"
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
@@ -58,6 +59,9 @@ type Options struct {
 	Registry metrics.RegistererGatherer
 	Clock    clock.WithTicker
 	Log      logr.Logger
+	// SkipControllerNameValidation lets tests run several control planes in
+	// one process.
+	SkipControllerNameValidation bool
 }
 
 // Defaults returns the production defaults.
@@ -137,6 +141,7 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 		LeaderElectionID:        "trellis-controller.mesh.trellis.dev",
 		LeaderElectionNamespace: leNamespace,
 		Logger:                  o.Log,
+		Controller:              config.Controller{SkipNameValidation: &o.SkipControllerNameValidation},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("manager: %w", err)

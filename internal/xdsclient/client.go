@@ -81,6 +81,16 @@ type Client struct {
 // Start opens the ADS stream and subscribes like Envoy. It returns once the
 // stream is open; Wait* helpers observe progress.
 func Start(ctx context.Context, conn *grpc.ClientConn, nodeID string, delta bool) (*Client, error) {
+	return start(ctx, conn, nodeID, delta, nil)
+}
+
+// Resume opens a new stream for the proxy prev was, holding prev's
+// resources and announcing their versions, as Envoy does when it reconnects.
+func Resume(ctx context.Context, conn *grpc.ClientConn, prev *Client) (*Client, error) {
+	return start(ctx, conn, prev.NodeID, prev.Delta, prev)
+}
+
+func start(ctx context.Context, conn *grpc.ClientConn, nodeID string, delta bool, prev *Client) (*Client, error) {
 	c := &Client{
 		NodeID: nodeID, Delta: delta,
 		resources: map[string]map[string]proto.Message{}, versions: map[string]map[string]string{},
@@ -118,6 +128,38 @@ func Start(ctx context.Context, conn *grpc.ClientConn, nodeID string, delta bool
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	if prev != nil {
+		prev.mu.Lock()
+		for t, rs := range prev.resources {
+			c.resources[t] = maps.Clone(rs)
+		}
+		for t, vs := range prev.versions {
+			c.versions[t] = maps.Clone(vs)
+		}
+		for t, ss := range prev.subs {
+			c.subs[t] = maps.Clone(ss)
+		}
+		prev.mu.Unlock()
+		for _, t := range []string{resource.ClusterType, resource.ListenerType, resource.EndpointType, resource.RouteType, resource.SecretType} {
+			if _, ok := c.subs[t]; !ok {
+				continue
+			}
+			var err error
+			if delta {
+				r := &discovery.DeltaDiscoveryRequest{TypeUrl: t, InitialResourceVersions: maps.Clone(c.versions[t])}
+				if s := c.subs[t]; s != nil {
+					r.ResourceNamesSubscribe = slices.Sorted(maps.Keys(s))
+				}
+				err = c.sendDelta(r)
+			} else {
+				err = c.request(t, "", nil)
+			}
+			if err != nil {
+				return nil, err
+			}
+		}
+		return c, nil
+	}
 	for _, t := range []string{resource.ClusterType, resource.ListenerType} {
 		c.subs[t] = nil
 		if err := c.request(t, "", nil); err != nil {
@@ -125,6 +167,18 @@ func Start(ctx context.Context, conn *grpc.ClientConn, nodeID string, delta bool
 		}
 	}
 	return c, nil
+}
+
+// Versions returns the versions held: per type, "" maps to the SotW type
+// version, other keys are delta per-resource versions.
+func (c *Client) Versions() map[string]map[string]string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := map[string]map[string]string{}
+	for t, v := range c.versions {
+		out[t] = maps.Clone(v)
+	}
+	return out
 }
 
 // request sends the subscription state of a type (the caller holds mu):

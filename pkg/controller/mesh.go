@@ -2,6 +2,7 @@ package controller
 
 import (
 	"context"
+	"slices"
 	"sync"
 
 	corev1 "k8s.io/api/core/v1"
@@ -9,6 +10,8 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/event"
@@ -28,6 +31,10 @@ const ControllerName = "trellis.dev/mesh-controller"
 // meshKey is the single work item: any change rebuilds the whole model
 // (Build takes ~25 ms for 5,000 Services) and the queue coalesces bursts.
 var meshKey = reconcile.Request{NamespacedName: types.NamespacedName{Name: "mesh"}}
+
+// statusKey only rewrites status (the translator's problems changed); it
+// does not push, or a push would wake it again.
+var statusKey = reconcile.Request{NamespacedName: types.NamespacedName{Name: "status"}}
 
 // Pusher receives every new model.
 type Pusher interface {
@@ -50,8 +57,12 @@ type MeshReconciler struct {
 // schedules a status update.
 func (r *MeshReconciler) SetTranslatorProblems(ps []model.Problem) {
 	r.mu.Lock()
+	same := slices.Equal(r.translatorProblems, ps)
 	r.translatorProblems = ps
 	r.mu.Unlock()
+	if same {
+		return
+	}
 	select {
 	case r.wake <- event.GenericEvent{Object: &corev1.Namespace{}}:
 	default:
@@ -63,20 +74,24 @@ func (r *MeshReconciler) SetTranslatorProblems(ps []model.Problem) {
 func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	r.wake = make(chan event.GenericEvent, 1)
 	all := handler.EnqueueRequestsFromMapFunc(func(context.Context, client.Object) []reconcile.Request { return []reconcile.Request{meshKey} })
+	status := handler.EnqueueRequestsFromMapFunc(func(context.Context, client.Object) []reconcile.Request { return []reconcile.Request{statusKey} })
+	// Our own status writes must not trigger a rebuild: only spec changes
+	// (generation) of the kinds whose status we write count.
+	spec := builder.WithPredicates(predicate.GenerationChangedPredicate{})
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("mesh").
 		WithOptions(controller.Options{NeedLeaderElection: ptr.To(false), MaxConcurrentReconciles: 1}).
 		Watches(&corev1.Service{}, all).
 		Watches(&discoveryv1.EndpointSlice{}, all).
 		Watches(&corev1.Pod{}, all).
-		Watches(&meshv1alpha1.MeshConfig{}, all).
-		Watches(&meshv1alpha1.AccessPolicy{}, all).
-		Watches(&meshv1alpha1.BackendPolicy{}, all).
-		Watches(&meshv1alpha1.ExternalService{}, all).
-		Watches(&gwv1.HTTPRoute{}, all).
-		Watches(&gwv1.GRPCRoute{}, all).
+		Watches(&meshv1alpha1.MeshConfig{}, all, spec).
+		Watches(&meshv1alpha1.AccessPolicy{}, all, spec).
+		Watches(&meshv1alpha1.BackendPolicy{}, all, spec).
+		Watches(&meshv1alpha1.ExternalService{}, all, spec).
+		Watches(&gwv1.HTTPRoute{}, all, spec).
+		Watches(&gwv1.GRPCRoute{}, all, spec).
 		Watches(&gwv1.ReferenceGrant{}, all).
-		WatchesRawSource(source.Channel(r.wake, all)).
+		WatchesRawSource(source.Channel(r.wake, status)).
 		Complete(r)
 }
 
@@ -95,14 +110,16 @@ func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
 
 // Reconcile rebuilds the model, hands it to the pusher and, on the leader,
 // writes status.
-func (r *MeshReconciler) Reconcile(ctx context.Context, _ reconcile.Request) (reconcile.Result, error) {
+func (r *MeshReconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
 	logger := log.FromContext(ctx)
 	in, err := r.input(ctx)
 	if err != nil {
 		return reconcile.Result{}, err
 	}
 	mesh, problems := model.Build(in)
-	r.Pusher.Update(mesh)
+	if req != statusKey {
+		r.Pusher.Update(mesh)
+	}
 	logger.V(4).Info("model rebuilt", "services", len(mesh.Services), "workloads", len(mesh.Workloads), "problems", len(problems))
 	if r.IsLeader != nil && !r.IsLeader() {
 		return reconcile.Result{}, nil

@@ -60,7 +60,9 @@ type Server struct {
 	Log     logr.Logger
 	Clock   clock.PassiveClock
 
-	mu      sync.Mutex
+	mu sync.Mutex
+	// streams by id; go-control-plane numbers state-of-the-world and delta
+	// streams separately, so delta ids are stored negated.
 	streams map[int64]*streamState
 	nodes   map[string]int // node id -> open streams
 }
@@ -292,16 +294,17 @@ func (s *Server) OnStreamResponse(_ context.Context, id int64, _ *discovery.Disc
 
 // OnDeltaStreamOpen implements go-control-plane's callbacks.
 func (s *Server) OnDeltaStreamOpen(ctx context.Context, id int64, _ string) error {
-	return s.open(ctx, id, true)
+	return s.open(ctx, -id, true)
 }
 
 // OnDeltaStreamClosed implements go-control-plane's callbacks.
-func (s *Server) OnDeltaStreamClosed(id int64, _ *corev3.Node) { s.closed(id) }
+func (s *Server) OnDeltaStreamClosed(id int64, _ *corev3.Node) { s.closed(-id) }
 
 // OnStreamDeltaRequest implements go-control-plane's callbacks. Delta
 // requests carry no version: an ACK is a request with the response's nonce
 // and no error.
 func (s *Server) OnStreamDeltaRequest(id int64, r *discovery.DeltaDiscoveryRequest) error {
+	id = -id
 	var detail *status.Status
 	if r.GetErrorDetail() != nil {
 		detail = status.FromProto(r.GetErrorDetail())
@@ -319,7 +322,7 @@ func (s *Server) OnStreamDeltaRequest(id int64, r *discovery.DeltaDiscoveryReque
 
 // OnStreamDeltaResponse implements go-control-plane's callbacks.
 func (s *Server) OnStreamDeltaResponse(id int64, _ *discovery.DeltaDiscoveryRequest, r *discovery.DeltaDiscoveryResponse) {
-	s.response(id, r.GetTypeUrl(), r.GetSystemVersionInfo(), len(r.GetResources()))
+	s.response(-id, r.GetTypeUrl(), r.GetSystemVersionInfo(), len(r.GetResources()))
 }
 
 // OnFetchRequest rejects REST fetches: only authenticated ADS streams are served.
