@@ -204,7 +204,7 @@ func newWorld(t *testing.T, ipBase int) *world {
 	}
 	create(t, w.frontend, w.reviews1, w.reviews2, w.other)
 	create(t,
-		testgen.Service(ns, "reviews", fmt.Sprintf("10.0.0.%d", ipBase), testgen.Port("http", 9080, 8080)),
+		testgen.Service(ns, "reviews", "", testgen.Port("http", 9080, 8080)),
 		testgen.EndpointSlice(ns, "reviews", "reviews-a", "http", 8080, testgen.Endpoint{IP: epIP(21), Pod: "reviews-1"}, testgen.Endpoint{IP: epIP(22), Pod: "reviews-2"}),
 	)
 	return w
