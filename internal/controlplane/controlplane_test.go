@@ -382,6 +382,13 @@ func TestEndpointChangeReachesOnlyAffectedProxies(t *testing.T) {
 	fe := p.connect(t, w.frontend, token(t, w.frontend, "frontend"), nodeID(w.frontend), false)
 	other := p.connect(t, w.other, token(t, w.other, "other"), nodeID(w.other), true)
 	if err := fe.WaitFor(ctxWait(t), hasEndpoints(cluster, 2)); err != nil {
+		res, resp := fe.Snapshot()
+		for typ, rs := range res {
+			for n := range rs {
+				t.Logf("has %s %s", typ, n)
+			}
+		}
+		t.Logf("responses %v proxies %+v", resp, p.Server.Proxies())
 		t.Fatal(err)
 	}
 	if err := other.WaitFor(ctxWait(t), func(res map[string]map[string]proto.Message, _ map[string]int) bool {
