@@ -98,9 +98,12 @@ func (p *Pusher) Connect(id *Identity) string {
 	p.nodes[nodeID] = &nodeInfo{ident: id, class: key}
 	_, known := p.classes[key]
 	p.mu.Unlock()
-	if known {
+	if key != "" {
+		// Bound even before the class exists: its watches are answered
+		// when the round below sets it.
 		p.Cache.BindNode(nodeID, key)
-	} else {
+	}
+	if !known {
 		select {
 		case p.kick <- struct{}{}:
 		default:
