@@ -61,7 +61,7 @@ type plane struct {
 	responses map[string]map[string]int
 }
 
-func startPlane(t *testing.T, authority *ca.Authority) *plane {
+func startPlane(t testing.TB, authority *ca.Authority) *plane {
 	t.Helper()
 	o := controlplane.Defaults()
 	o.MetricsAddr, o.ProbeAddr, o.LeaderElect = "0", "0", false
@@ -115,7 +115,7 @@ func (p *plane) count(node, typeURL string) int {
 func (p *plane) rounds() float64 { return testutil.ToFloat64(p.Metrics.Rounds) }
 
 // waitRound waits until a push round completes after the call.
-func (p *plane) waitRound(t *testing.T, after float64) {
+func (p *plane) waitRound(t testing.TB, after float64) {
 	t.Helper()
 	deadline := time.Now().Add(wait)
 	for p.rounds() <= after {
@@ -128,7 +128,7 @@ func (p *plane) waitRound(t *testing.T, after float64) {
 
 // settle waits until no push round has run for a while (longer than the
 // debounce) and every response sent to node has been ACKed.
-func (p *plane) settle(t *testing.T, nodes ...string) {
+func (p *plane) settle(t testing.TB, nodes ...string) {
 	t.Helper()
 	deadline := time.Now().Add(wait)
 	last, quietSince := p.rounds(), time.Now()
@@ -169,7 +169,7 @@ type world struct {
 	frontend, reviews1, reviews2, other *corev1.Pod
 }
 
-func create(t *testing.T, objs ...client.Object) {
+func create(t testing.TB, objs ...client.Object) {
 	t.Helper()
 	for _, o := range objs {
 		status := o.DeepCopyObject().(client.Object)
@@ -186,7 +186,7 @@ func create(t *testing.T, objs ...client.Object) {
 	}
 }
 
-func newWorld(t *testing.T, ipBase int) *world {
+func newWorld(t testing.TB, ipBase int) *world {
 	t.Helper()
 	ns := env.Namespace(t, nil)
 	// Proxies connect from loopback addresses that are their pod IPs; Services'
@@ -214,7 +214,7 @@ func nodeID(p *corev1.Pod) string {
 	return xds.NodeID{Type: "sidecar", IP: p.Status.PodIP, Pod: p.Name, Namespace: p.Namespace}.String()
 }
 
-func token(t *testing.T, pod *corev1.Pod, sa string) string {
+func token(t testing.TB, pod *corev1.Pod, sa string) string {
 	t.Helper()
 	cs := kubernetes.NewForConfigOrDie(env.Config)
 	var fresh corev1.Pod
@@ -231,7 +231,7 @@ func token(t *testing.T, pod *corev1.Pod, sa string) string {
 	return tr.Status.Token
 }
 
-func (p *plane) connect(t *testing.T, pod *corev1.Pod, tok, node string, delta bool) *xdsclient.Client {
+func (p *plane) connect(t testing.TB, pod *corev1.Pod, tok, node string, delta bool) *xdsclient.Client {
 	t.Helper()
 	pool := x509.NewCertPool()
 	pool.AddCert(p.Authority.Root())
@@ -249,7 +249,7 @@ func (p *plane) connect(t *testing.T, pod *corev1.Pod, tok, node string, delta b
 	return c
 }
 
-func ctxWait(t *testing.T) context.Context {
+func ctxWait(t testing.TB) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), wait)
 	t.Cleanup(cancel)
 	return ctx

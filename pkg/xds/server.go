@@ -108,6 +108,11 @@ func NewGRPCServer(o GRPCOptions) *grpc.Server {
 			MaxConnectionAge: o.MaxConnectionAge, MaxConnectionAgeGrace: time.Minute,
 		}),
 		grpc.MaxRecvMsgSize(4 << 20),
+		// xDS connections are many and mostly idle: release the write buffer
+		// after each flush and keep a small read buffer, so an idle proxy
+		// costs the controller a few KB instead of 64 KB of buffers.
+		grpc.SharedWriteBuffer(true),
+		grpc.ReadBufferSize(4 << 10),
 	}
 	if o.TLS != nil {
 		opts = append(opts, grpc.Creds(credentials.NewTLS(o.TLS)))
