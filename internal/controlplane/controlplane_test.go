@@ -61,7 +61,7 @@ type plane struct {
 	responses map[string]map[string]int
 }
 
-func startPlane(t testing.TB, authority *ca.Authority) *plane {
+func startPlane(t testing.TB, authority *ca.Authority, mods ...func(*controlplane.Options)) *plane {
 	t.Helper()
 	o := controlplane.Defaults()
 	o.MetricsAddr, o.ProbeAddr, o.LeaderElect = "0", "0", false
@@ -70,6 +70,9 @@ func startPlane(t testing.TB, authority *ca.Authority) *plane {
 	o.Authority = authority
 	o.Log = logger
 	o.SkipControllerNameValidation = true // one manager per test in this process
+	for _, m := range mods {
+		m(&o)
+	}
 	cp, err := controlplane.New(env.Config, o)
 	if err != nil {
 		t.Fatal(err)

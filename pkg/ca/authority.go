@@ -10,6 +10,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"math/big"
+	"net"
 	"net/url"
 	"time"
 
@@ -93,11 +94,22 @@ func (a *Authority) IssueWorkload(spiffeID string, ttl time.Duration) (*Issued, 
 	}, ttl)
 }
 
-// IssueServing issues a server certificate for the DNS names and IPs.
-func (a *Authority) IssueServing(dnsNames []string, ttl time.Duration) (*Issued, error) {
+// IssueServing issues a server certificate for the names, each a DNS name
+// or an IP address.
+func (a *Authority) IssueServing(names []string, ttl time.Duration) (*Issued, error) {
+	var dnsNames []string
+	var ips []net.IP
+	for _, n := range names {
+		if ip := net.ParseIP(n); ip != nil {
+			ips = append(ips, ip)
+		} else {
+			dnsNames = append(dnsNames, n)
+		}
+	}
 	return a.issue(&x509.Certificate{
-		Subject:     pkix.Name{CommonName: first(dnsNames)},
+		Subject:     pkix.Name{CommonName: first(names)},
 		DNSNames:    dnsNames,
+		IPAddresses: ips,
 		KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}, ttl)

@@ -168,6 +168,20 @@ func CheckReferences(r *Resources) error {
 		checkRouteConfig(rc)
 	}
 	for _, l := range r.Listeners {
+		if api := l.GetApiListener().GetApiListener(); api != nil {
+			var h hcmv3.HttpConnectionManager
+			if err := api.UnmarshalTo(&h); err != nil {
+				bad("listener %q: api_listener is not an http_connection_manager: %v", l.Name, err)
+				continue
+			}
+			if rds := h.GetRds(); rds != nil && !routes[rds.RouteConfigName] {
+				bad("listener %q: RDS name %q has no route configuration", l.Name, rds.RouteConfigName)
+			}
+			if hf := h.HttpFilters; len(hf) == 0 || hf[len(hf)-1].Name != "envoy.filters.http.router" {
+				bad("listener %q: the router is not the last HTTP filter", l.Name)
+			}
+			continue
+		}
 		if len(l.FilterChains) == 0 && l.DefaultFilterChain == nil {
 			bad("listener %q has no filter chain", l.Name)
 		}

@@ -46,6 +46,11 @@ func (t *translator) serviceCluster(svc *model.Service, port *model.ServicePort)
 		if allMeshed(svc.Endpoints[port.Port]) {
 			c.TransportSocket = t.upstreamTLS(svc, port)
 		}
+	} else if t.proxyless {
+		c.ClusterDiscoveryType = &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS}
+		c.EdsClusterConfig = &clusterv3.Cluster_EdsClusterConfig{EdsConfig: adsConfigSource(), ServiceName: name}
+		t.proxylessClusterTLS(c, svc, port)
+		t.endpoints[name] = t.loadAssignment(name, svc, port)
 	} else {
 		c.ClusterDiscoveryType = &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS}
 		c.EdsClusterConfig = &clusterv3.Cluster_EdsClusterConfig{EdsConfig: adsConfigSource(), ServiceName: name}
@@ -212,9 +217,9 @@ func (t *translator) loadAssignment(name string, svc *model.Service, port *model
 		l := &endpointv3.LocalityLbEndpoints{
 			LbEndpoints:         byZone[z],
 			LoadBalancingWeight: wrapperspb.UInt32(uint32(len(byZone[z]))),
-		}
-		if z != "" {
-			l.Locality = &corev3.Locality{Zone: z}
+			// Always set, even without a zone: gRPC's xDS client rejects a
+			// locality without an ID (found by the gRPC-Go consumer test).
+			Locality: &corev3.Locality{Zone: z},
 		}
 		if failover && z != t.proxy.Zone {
 			l.Priority = 1

@@ -37,7 +37,7 @@ func translateCase(t testing.TB, path string) (*translate.Resources, []model.Pro
 	if w == nil {
 		t.Fatalf("%s: proxy pod %s is not in the input", path, h.Proxy)
 	}
-	res, tp := translate.Sidecar(mesh, w)
+	res, tp := translate.For(mesh, w)
 	return res, append(problems, tp...), mesh
 }
 

@@ -37,6 +37,8 @@ type translator struct {
 	endpoints map[string]*endpointv3.ClusterLoadAssignment
 	routes    map[string]*routev3.RouteConfiguration
 	visible   []*model.Service // memo of visibleServices
+	// proxyless shapes clusters for gRPC's xDS client (see ProxylessGRPC).
+	proxyless bool
 }
 
 // Sidecar returns the Envoy configuration of the sidecar of workload w, and
