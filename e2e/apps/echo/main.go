@@ -29,10 +29,9 @@ import (
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
+	"google.golang.org/grpc/xds"
 	"google.golang.org/protobuf/types/known/structpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
-	"google.golang.org/grpc/xds"
-
 )
 
 const method = "/echo.Echo/Echo"
@@ -97,7 +96,9 @@ func main() {
 	}
 }
 
-func useXDS() bool { return os.Getenv("GRPC_XDS_BOOTSTRAP") != "" || os.Getenv("GRPC_XDS_BOOTSTRAP_CONFIG") != "" }
+func useXDS() bool {
+	return os.Getenv("GRPC_XDS_BOOTSTRAP") != "" || os.Getenv("GRPC_XDS_BOOTSTRAP_CONFIG") != ""
+}
 
 func serve(args []string) error {
 	fs := flag.NewFlagSet("server", flag.ExitOnError)
