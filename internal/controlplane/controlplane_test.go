@@ -7,6 +7,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -612,3 +613,46 @@ type clockReal struct{}
 
 func (clockReal) Now() time.Time                  { return time.Now() }
 func (clockReal) Since(t time.Time) time.Duration { return time.Since(t) }
+
+func TestPolicyStatusConditions(t *testing.T) {
+	startPlane(t, nil)
+	w := newWorld(t, 70)
+	good := &meshv1alpha1.BackendPolicy{
+		ObjectMeta: metav1.ObjectMeta{Namespace: w.ns, Name: "good"},
+		Spec:       meshv1alpha1.BackendPolicySpec{TargetRefs: []meshv1alpha1.PolicyTargetReference{{Name: "reviews"}}, Timeout: new(meshv1alpha1.Duration("3s"))},
+	}
+	ghost := &meshv1alpha1.AccessPolicy{
+		ObjectMeta: metav1.ObjectMeta{Namespace: w.ns, Name: "ghost"},
+		Spec: meshv1alpha1.AccessPolicySpec{
+			TargetRefs: []meshv1alpha1.PolicyTargetReference{{Name: "ghost"}},
+			Rules:      []meshv1alpha1.AccessRule{{From: []meshv1alpha1.AccessSource{{Namespace: new("shop")}}}},
+		},
+	}
+	create(t, good, ghost)
+	conds := func(obj client.Object, st func() *meshv1alpha1.Status) []metav1.Condition {
+		deadline := time.Now().Add(wait)
+		for {
+			if err := env.Client.Get(context.Background(), client.ObjectKeyFromObject(obj), obj); err != nil {
+				t.Fatal(err)
+			}
+			if s := st(); s.ObservedGeneration == obj.GetGeneration() && len(s.Conditions) == 3 {
+				return s.Conditions
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("no status on %s", obj.GetName())
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	c := conds(good, func() *meshv1alpha1.Status { return &good.Status.Status })
+	for _, typ := range []string{"Accepted", "ResolvedRefs", "Programmed"} {
+		if cc := meta.FindStatusCondition(c, typ); cc == nil || cc.Status != metav1.ConditionTrue {
+			t.Errorf("good policy %s = %+v", typ, cc)
+		}
+	}
+	c = conds(ghost, func() *meshv1alpha1.Status { return &ghost.Status.Status })
+	rr := meta.FindStatusCondition(c, "ResolvedRefs")
+	if rr == nil || rr.Status != metav1.ConditionFalse || rr.Reason != "TargetNotFound" || !strings.Contains(rr.Message, "ghost") {
+		t.Errorf("ResolvedRefs of a policy targeting nothing = %+v", rr)
+	}
+}

@@ -167,40 +167,70 @@ func (p *Pusher) RoundStart(class string) (time.Time, bool) {
 	return c.roundStart, true
 }
 
-// Run debounces and pushes until ctx ends.
+// debouncer decides when a push round is due, as istiod's debounce() does:
+// after Quiet without a new event, and at the latest Max after the first
+// event of the round. It is plain state, so tests drive it with any times.
+type debouncer struct {
+	quiet, max  time.Duration
+	first, last time.Time
+	pending     bool
+}
+
+// add records an event.
+func (d *debouncer) add(now time.Time) {
+	if !d.pending {
+		d.first, d.pending = now, true
+	}
+	d.last = now
+}
+
+// deadline is when the pending round is due.
+func (d *debouncer) deadline() time.Time {
+	q, m := d.last.Add(d.quiet), d.first.Add(d.max)
+	if m.Before(q) {
+		return m
+	}
+	return q
+}
+
+// due reports, and consumes, a round that is due at now.
+func (d *debouncer) due(now time.Time) bool {
+	if d.pending && !now.Before(d.deadline()) {
+		d.pending = false
+		return true
+	}
+	return false
+}
+
+// Run debounces and pushes until ctx ends, one round at a time.
 func (p *Pusher) Run(ctx context.Context) error {
-	var quiet, deadline <-chan time.Time
-	var quietTimer, maxTimer clock.Timer
-	stop := func() {
-		if quietTimer != nil {
-			quietTimer.Stop()
+	d := &debouncer{quiet: p.Debounce, max: p.MaxDelay}
+	var timer clock.Timer
+	var fire <-chan time.Time
+	arm := func() {
+		if timer != nil {
+			timer.Stop()
 		}
-		if maxTimer != nil {
-			maxTimer.Stop()
-		}
-		quiet, deadline = nil, nil
+		timer = p.Clock.NewTimer(d.deadline().Sub(p.Clock.Now()))
+		fire = timer.C()
 	}
 	for {
 		select {
 		case <-ctx.Done():
-			stop()
+			if timer != nil {
+				timer.Stop()
+			}
 			return nil
 		case <-p.trigger:
-			if quietTimer != nil {
-				quietTimer.Stop()
+			d.add(p.Clock.Now())
+			arm()
+		case <-fire:
+			if d.due(p.Clock.Now()) {
+				fire = nil
+				p.round(ctx)
+			} else if d.pending {
+				arm()
 			}
-			quietTimer = p.Clock.NewTimer(p.Debounce)
-			quiet = quietTimer.C()
-			if deadline == nil {
-				maxTimer = p.Clock.NewTimer(p.MaxDelay)
-				deadline = maxTimer.C()
-			}
-		case <-quiet:
-			stop()
-			p.round(ctx)
-		case <-deadline:
-			stop()
-			p.round(ctx)
 		case <-p.kick:
 			p.round(ctx)
 		}
