@@ -83,7 +83,7 @@ test: kube-binaries
 .PHONY: demo
 demo: kube-binaries
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/demo ./hack/demo
+	$(GO) build -o $(BIN)/ ./hack/demo ./cmd/trellis-controller
 	KUBEBUILDER_ASSETS="$${KUBEBUILDER_ASSETS:-$(BIN)/k8s}" $(BIN)/demo
 
 .PHONY: clean

@@ -7,7 +7,9 @@ package main
 import (
 	"context"
 	"fmt"
+	"net/http"
 	"os"
+	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"syscall"
@@ -58,6 +60,11 @@ func run() error {
 	if err != nil {
 		return err
 	}
+	stopController, err := startController(ctx, root, dir, cluster.Kubeconfig)
+	if err != nil {
+		return err
+	}
+	defer stopController()
 	fmt.Printf("demo: control plane up in %s; installed the Trellis CRDs and %d samples: %v\n",
 		time.Since(start).Round(100*time.Millisecond), len(created), created)
 	fmt.Printf(`
@@ -65,9 +72,62 @@ func run() error {
   try:         %[2]s --kubeconfig %[1]s get meshconfigs,accesspolicies,backendpolicies,externalservices -A
                %[2]s --kubeconfig %[1]s explain backendpolicy.spec.retries
 
-  The Trellis controller, sidecars and live traffic join the demo as they land (see README "Status").
+  trellis-controller runs as its own process (log: %[3]s); xDS on 127.0.0.1:15012 (TLS, root CA in %[4]s).
+  The samples' status conditions are written by it: kubectl ... get backendpolicies shows Accepted/Programmed.
+  Sidecars and live traffic join the demo as they land (see README "Status").
   Press Ctrl-C to stop and clean up.
-`, cluster.Kubeconfig, cluster.Kubectl)
+`, cluster.Kubeconfig, cluster.Kubectl, filepath.Join(dir, "trellis-controller.log"), filepath.Join(dir, "root-ca.pem"))
 	<-ctx.Done()
 	return nil
+}
+
+// startController runs bin/trellis-controller (built by make demo) against
+// the local cluster and waits until it is ready.
+func startController(ctx context.Context, root, dir, kubeconfig string) (func(), error) {
+	bin := filepath.Join(root, "bin", "trellis-controller")
+	log, err := os.Create(filepath.Join(dir, "trellis-controller.log"))
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(bin,
+		"--kubeconfig="+kubeconfig,
+		"--leader-elect=false",
+		"--metrics-bind-address=0",
+		"--health-probe-bind-address=127.0.0.1:18081",
+		"--xds-address=127.0.0.1:15012",
+		"--namespace=trellis-system",
+		"--xds-root-ca-out="+filepath.Join(dir, "root-ca.pem"),
+	)
+	cmd.Stdout, cmd.Stderr = log, log
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s (run make demo, which builds it): %w", bin, err)
+	}
+	stop := func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { _ = cmd.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			_ = cmd.Process.Kill()
+			<-done
+		}
+		log.Close()
+	}
+	deadline := time.Now().Add(time.Minute)
+	for {
+		resp, err := http.Get("http://127.0.0.1:18081/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return stop, nil
+			}
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			stop()
+			return nil, fmt.Errorf("trellis-controller did not become ready; see %s", log.Name())
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
 }
