@@ -5,7 +5,9 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
+	"encoding/json"
 	"fmt"
+	"net/http/httptest"
 	"os"
 	"strings"
 	"sync"
@@ -531,6 +533,24 @@ func TestNACKIsRecordedWithoutAPushLoop(t *testing.T) {
 	}
 	if n := testutil.ToFloat64(p.Metrics.NACKs.WithLabelValues("RouteConfiguration")); n < 1 {
 		t.Errorf("NACK metric %v", n)
+	}
+	// The debug endpoint (served on the metrics port) shows the same.
+	rec := httptest.NewRecorder()
+	p.Server.DebugHandler().ServeHTTP(rec, httptest.NewRequest("GET", "/debug/proxies", nil))
+	var dbg struct {
+		Proxies []xds.ProxyStatus `json:"proxies"`
+	}
+	if err := json.Unmarshal(rec.Body.Bytes(), &dbg); err != nil {
+		t.Fatalf("debug endpoint: %v: %s", err, rec.Body.String())
+	}
+	found := false
+	for _, ps := range dbg.Proxies {
+		if ps.NodeID == node {
+			found = ps.LastNACK != nil && ps.Acked[resource.ClusterType] != "" && ps.Class != ""
+		}
+	}
+	if !found {
+		t.Errorf("debug endpoint does not show the proxy with its ACKs and NACK: %s", rec.Body.String())
 	}
 	routeResponses := p.count(node, resource.RouteType)
 	// An unrelated change triggers a push round; the NACKed routes are not re-sent.
