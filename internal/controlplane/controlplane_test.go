@@ -21,6 +21,7 @@ import (
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
 	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -429,10 +430,20 @@ func TestEndpointChangeReachesOnlyAffectedProxies(t *testing.T) {
 			t.Errorf("a proxy without reviews got %d %s responses", got, typ)
 		}
 	}
-	res, _ := fe.Snapshot()
-	cla := res[resource.EndpointType][cluster].(*endpointv3.ClusterLoadAssignment)
-	if len(cla.Endpoints) == 0 {
-		t.Fatal("no endpoints")
+	// The frontend's ACK of the pushed endpoints is observed as convergence.
+	deadline := time.Now().Add(wait)
+	for {
+		var m dto.Metric
+		if err := p.Metrics.Convergence.(prometheus.Metric).Write(&m); err != nil {
+			t.Fatal(err)
+		}
+		if m.GetHistogram().GetSampleCount() > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no convergence observed for the pushed change")
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
 

@@ -255,13 +255,22 @@ func (s *Server) request(id int64, node *corev3.Node, typeURL, version, nonce st
 
 func (s *Server) response(id int64, typeURL, version string, resources int) {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	st := s.streams[id]
 	if st == nil {
+		s.mu.Unlock()
 		return
 	}
+	node := st.status.NodeID
+	s.mu.Unlock()
+	// The class can change after connecting (e.g. the pod starts serving a
+	// Service); ask the cache, outside our lock.
+	class, _ := s.Cache.NodeClass(node)
+	at, fromRound := s.Pusher.RoundStart(class)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st.status.Class = class
 	st.status.Sent[typeURL] = version
-	if at, ok := s.Pusher.RoundStart(st.status.Class); ok && at.After(st.status.ConnectedAt) {
+	if fromRound && at.After(st.status.ConnectedAt) {
 		st.sentAt[typeURL] = at
 	}
 	s.Metrics.Pushes.WithLabelValues(shortType(typeURL)).Inc()
