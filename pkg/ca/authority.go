@@ -70,9 +70,10 @@ func (a *Authority) RootPEM() []byte {
 
 // Issued is a certificate with its private key, both PEM encoded.
 type Issued struct {
-	CertPEM  []byte
-	KeyPEM   []byte
-	NotAfter time.Time
+	CertPEM   []byte
+	KeyPEM    []byte
+	NotBefore time.Time
+	NotAfter  time.Time
 }
 
 // TLSCertificate returns the pair for crypto/tls.
@@ -122,29 +123,40 @@ func first(s []string) string {
 	return s[0]
 }
 
+// sign signs a certificate for pub from tmpl, valid from a minute ago
+// (clock skew between hosts) for ttl, never past the root.
+func (a *Authority) sign(tmpl *x509.Certificate, pub any, ttl time.Duration) ([]byte, time.Time, error) {
+	now := a.clock.Now()
+	tmpl.SerialNumber = serial()
+	tmpl.NotBefore = now.Add(-time.Minute)
+	tmpl.NotAfter = now.Add(ttl)
+	if tmpl.NotAfter.After(a.cert.NotAfter) {
+		tmpl.NotAfter = a.cert.NotAfter
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.cert, pub, a.key)
+	if err != nil {
+		return nil, time.Time{}, fmt.Errorf("sign certificate: %w", err)
+	}
+	return der, tmpl.NotAfter, nil
+}
+
 func (a *Authority) issue(tmpl *x509.Certificate, ttl time.Duration) (*Issued, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, err
 	}
-	now := a.clock.Now()
-	tmpl.SerialNumber = serial()
-	tmpl.NotBefore = now.Add(-time.Minute) // tolerate clock skew between hosts
-	tmpl.NotAfter = now.Add(ttl)
-	if tmpl.NotAfter.After(a.cert.NotAfter) {
-		tmpl.NotAfter = a.cert.NotAfter
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.cert, &key.PublicKey, a.key)
+	der, _, err := a.sign(tmpl, &key.PublicKey, ttl)
 	if err != nil {
-		return nil, fmt.Errorf("sign certificate: %w", err)
+		return nil, err
 	}
 	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
 		return nil, err
 	}
 	return &Issued{
-		CertPEM:  pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		KeyPEM:   pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
-		NotAfter: tmpl.NotAfter,
+		CertPEM:   pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		KeyPEM:    pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
+		NotBefore: tmpl.NotBefore,
+		NotAfter:  tmpl.NotAfter,
 	}, nil
 }
