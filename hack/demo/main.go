@@ -52,9 +52,13 @@ func run() error {
 		}
 		fmt.Println("demo: stopped; no process left behind")
 	}()
-	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: demoNamespace, Labels: map[string]string{"trellis.dev/inject": "enabled"}}}
-	if err := cluster.Client().Create(ctx, ns); err != nil {
-		return fmt.Errorf("create namespace %s: %w", demoNamespace, err)
+	for _, ns := range []*corev1.Namespace{
+		{ObjectMeta: metav1.ObjectMeta{Name: "trellis-system"}},
+		{ObjectMeta: metav1.ObjectMeta{Name: demoNamespace, Labels: map[string]string{"trellis.dev/inject": "enabled"}}},
+	} {
+		if err := cluster.Client().Create(ctx, ns); err != nil {
+			return fmt.Errorf("create namespace %s: %w", ns.Name, err)
+		}
 	}
 	created, err := cluster.Apply(ctx, filepath.Join(root, "config", "samples"), demoNamespace)
 	if err != nil {

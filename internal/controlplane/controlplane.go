@@ -20,6 +20,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/utils/clock"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/manager"
@@ -57,7 +58,7 @@ type Options struct {
 	Authority *ca.Authority
 	// Registry receives the Prometheus metrics; nil uses controller-runtime's.
 	Registry metrics.RegistererGatherer
-	Clock    clock.WithTicker
+	Clock    clock.WithTickerAndDelayedExecution
 	Log      logr.Logger
 	// SkipControllerNameValidation lets tests run several control planes in
 	// one process.
@@ -76,13 +77,15 @@ func Defaults() Options {
 
 // ControlPlane is a wired, not yet started, control plane.
 type ControlPlane struct {
-	Manager    manager.Manager
-	Server     *xds.Server
-	Pusher     *xds.Pusher
-	Cache      *xds.Cache
-	Metrics    *xds.Metrics
-	Authority  *ca.Authority
-	Reconciler *controller.MeshReconciler
+	Manager       manager.Manager
+	Server        *xds.Server
+	Pusher        *xds.Pusher
+	Cache         *xds.Cache
+	Metrics       *xds.Metrics
+	Authority     *ca.Authority
+	Issuer        *ca.Issuer
+	IssuerMetrics *ca.IssuerMetrics
+	Reconciler    *controller.MeshReconciler
 	// XDSAddr is the address the xDS server listens on, once Ready is closed.
 	XDSAddr string
 	// Ready is closed when the xDS server listens.
@@ -164,11 +167,34 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 
 	cp.Authority = o.Authority
 	if cp.Authority == nil {
-		if cp.Authority, err = ca.NewSelfSigned("cluster.local", 365*24*time.Hour, o.Clock); err != nil {
+		// The built-in CA's root lives in a Secret in the control plane's
+		// namespace, created by the first replica to start.
+		direct, err := client.New(cfg, client.Options{Scheme: scheme})
+		if err != nil {
+			return nil, err
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if cp.Authority, err = ca.LoadOrCreate(ctx, direct, o.Namespace, ca.RootSecretName, "cluster.local", o.Clock); err != nil {
 			return nil, err
 		}
 	}
-	cp.Pusher.NodeSecrets = xds.WorkloadSecrets(cp.Authority, cp.trustDomain, cp.certLifetime)
+	cp.IssuerMetrics = ca.NewIssuerMetrics()
+	for _, c := range cp.IssuerMetrics.Collectors() {
+		if err := o.Registry.Register(c); err != nil {
+			return nil, fmt.Errorf("register metrics: %w", err)
+		}
+	}
+	cp.Issuer = &ca.Issuer{Backend: cp.Authority, Clock: o.Clock, Metrics: cp.IssuerMetrics}
+	cp.Pusher.NodeSecrets = xds.WorkloadSecrets(cp.Issuer, cp.mesh)
+	cp.Pusher.OnExpiry = func(identity string, soonest time.Time) {
+		if soonest.IsZero() {
+			cp.IssuerMetrics.Expiry.DeleteLabelValues(identity)
+		} else {
+			cp.IssuerMetrics.Expiry.WithLabelValues(identity).Set(float64(soonest.Unix()))
+		}
+	}
+	cp.Pusher.OnRotationFailure = func() { cp.IssuerMetrics.Failures.WithLabelValues("rotate").Inc() }
 
 	cp.Reconciler = &controller.MeshReconciler{
 		Client: mgr.GetClient(),
@@ -228,16 +254,6 @@ func (cp *ControlPlane) mesh() model.Mesh {
 		return *m
 	}
 	return model.Mesh{Config: model.Defaults(meshv1alpha1.MeshConfigSpec{})}
-}
-
-func (cp *ControlPlane) trustDomain() string { return cp.mesh().Config.TrustDomain }
-
-func (cp *ControlPlane) certLifetime() time.Duration {
-	d, err := time.ParseDuration(string(cp.mesh().Config.Certificates.Lifetime))
-	if err != nil || d <= 0 {
-		return 24 * time.Hour
-	}
-	return d
 }
 
 func (cp *ControlPlane) serveXDS(ctx context.Context) error {

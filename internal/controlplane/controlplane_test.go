@@ -28,6 +28,7 @@ import (
 	"google.golang.org/protobuf/proto"
 	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
@@ -76,6 +77,9 @@ func startPlane(t testing.TB, authority *ca.Authority, mods ...func(*controlplan
 	o.SkipControllerNameValidation = true // one manager per test in this process
 	for _, m := range mods {
 		m(&o)
+	}
+	if err := env.Client.Create(context.Background(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: o.Namespace}}); err != nil && !apierrors.IsAlreadyExists(err) {
+		t.Fatal(err)
 	}
 	cp, err := controlplane.New(env.Config, o)
 	if err != nil {

@@ -107,6 +107,7 @@ func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
 // +kubebuilder:rbac:groups=authorization.k8s.io,resources=subjectaccessreviews,verbs=create
 // +kubebuilder:rbac:groups=coordination.k8s.io,resources=leases,verbs=get;list;watch;create;update;patch
 // +kubebuilder:rbac:groups="",resources=events,verbs=create;patch
+// +kubebuilder:rbac:groups="",namespace=trellis-system,resources=secrets,verbs=get;create
 
 // Reconcile rebuilds the model, hands it to the pusher and, on the leader,
 // writes status.

@@ -256,15 +256,18 @@ func wanted(class Class, typeURL string, sub cachev3.Subscription) map[string]*R
 // respondSotw answers a state-of-the-world watch. Listeners and clusters
 // are full-state: any change re-sends all of them. Other types send only the
 // changed resources (the xDS protocol lets the server omit unchanged ones).
-// The first request of a stream is always answered, so a proxy finishes
-// initialising even when a type is empty; a NACKed response is not repeated
-// until the content changes (no push loop).
+// The first request for listeners or clusters is always answered, so a
+// proxy finishes initialising even when there are none; a NACKed response is
+// not repeated until the content changes (no push loop).
 func (c *Cache) respondSotw(w *watch, class Class) bool {
 	typeURL := w.sotw.GetTypeUrl()
 	want := wanted(class, typeURL, w.sub)
 	known := w.sub.ReturnedResources()
 	version := class.typeVersion(typeURL)
-	initial := w.sotw.GetResponseNonce() == ""
+	// Only listeners and clusters need an answer to finish initialising when
+	// there is nothing (an empty list is meaningful for them); named types
+	// wait for their resources.
+	initial := w.sotw.GetResponseNonce() == "" && cachev3.ResourceRequiresFullStateInSotw(typeURL)
 	if initial && len(known) == 0 && w.sotw.GetVersionInfo() == version {
 		// A reconnecting proxy already holds this exact version.
 		known = map[string]string{}
@@ -333,7 +336,7 @@ func (c *Cache) respondDelta(w *watch, class Class) bool {
 			removed = append(removed, n)
 		}
 	}
-	initial := w.delta.GetResponseNonce() == ""
+	initial := w.delta.GetResponseNonce() == "" && cachev3.ResourceRequiresFullStateInSotw(typeURL) && w.sub.IsWildcard()
 	if len(changed) == 0 && len(removed) == 0 && !initial {
 		return false
 	}

@@ -26,7 +26,7 @@ type Pusher struct {
 	Cache    *Cache
 	Metrics  *Metrics
 	Log      logr.Logger
-	Clock    clock.WithTicker
+	Clock    clock.WithTickerAndDelayedExecution
 	Debounce time.Duration
 	MaxDelay time.Duration
 	// Concurrency bounds parallel translations (default: number of CPUs).
@@ -34,8 +34,14 @@ type Pusher struct {
 	// OnProblems receives the translator's problems after each round.
 	OnProblems func([]model.Problem)
 	// NodeSecrets, when set, is asked for the SDS resources of a newly
-	// connected node (its certificate and the trust bundle).
-	NodeSecrets func(ctx context.Context, id *Identity) (map[string]*Resource, error)
+	// connected node (its certificate and the trust bundle), and again when
+	// they are due for renewal.
+	NodeSecrets func(ctx context.Context, id *Identity) (*NodeSecrets, error)
+	// OnExpiry reports the soonest certificate expiry per identity
+	// (zero time: no proxy of the identity is connected).
+	OnExpiry func(identity string, soonest time.Time)
+	// OnRotationFailure counts failed renewals.
+	OnRotationFailure func()
 
 	mu         sync.Mutex
 	mesh       *model.Mesh
@@ -48,8 +54,11 @@ type Pusher struct {
 }
 
 type nodeInfo struct {
-	ident *Identity
-	class string
+	ident    *Identity
+	class    string
+	renew    clock.Timer
+	identity string
+	notAfter time.Time
 }
 
 type classInfo struct {
@@ -57,7 +66,7 @@ type classInfo struct {
 }
 
 // NewPusher returns a pusher with istiod's default timings.
-func NewPusher(c *Cache, m *Metrics, log logr.Logger, clk clock.WithTicker) *Pusher {
+func NewPusher(c *Cache, m *Metrics, log logr.Logger, clk clock.WithTickerAndDelayedExecution) *Pusher {
 	return &Pusher{
 		Cache: c, Metrics: m, Log: log, Clock: clk,
 		Debounce: 100 * time.Millisecond, MaxDelay: 10 * time.Second,
@@ -115,31 +124,61 @@ func (p *Pusher) Connect(id *Identity) string {
 	return key
 }
 
+// loadSecrets issues (or renews) a node's certificate, serves it, and
+// schedules the next renewal well before expiry.
 func (p *Pusher) loadSecrets(id *Identity) {
-	rs, err := p.NodeSecrets(context.Background(), id)
+	nodeID := id.NodeID.String()
+	ns, err := p.NodeSecrets(context.Background(), id)
 	if err != nil {
-		p.Log.Error(err, "issue workload certificate", "node", id.NodeID.String())
+		p.Log.Error(err, "issue workload certificate; retrying", "node", nodeID)
+		if p.OnRotationFailure != nil {
+			p.OnRotationFailure()
+		}
+		p.schedule(id, p.Clock.Now().Add(10*time.Second))
 		return
 	}
 	p.mu.Lock()
-	_, still := p.nodes[id.NodeID.String()]
-	p.mu.Unlock()
+	n, still := p.nodes[nodeID]
 	if still {
-		p.Cache.SetNodeResources(id.NodeID.String(), resource.SecretType, rs)
+		n.identity, n.notAfter = ns.Identity, ns.NotAfter
 	}
+	p.mu.Unlock()
+	if !still {
+		return
+	}
+	p.Cache.SetNodeResources(nodeID, resource.SecretType, ns.Resources)
+	p.reportExpiry(ns.Identity)
+	p.schedule(id, ns.RotateAt)
 }
 
-// RefreshSecrets re-issues the secrets of every connected node (rotation).
-func (p *Pusher) RefreshSecrets() {
+func (p *Pusher) schedule(id *Identity, at time.Time) {
+	nodeID := id.NodeID.String()
 	p.mu.Lock()
-	var ids []*Identity
+	defer p.mu.Unlock()
+	n, ok := p.nodes[nodeID]
+	if !ok {
+		return
+	}
+	if n.renew != nil {
+		n.renew.Stop()
+	}
+	// In a goroutine: some clocks (the fake one) run callbacks under their lock.
+	n.renew = p.Clock.AfterFunc(at.Sub(p.Clock.Now()), func() { go p.loadSecrets(id) })
+}
+
+func (p *Pusher) reportExpiry(identity string) {
+	if p.OnExpiry == nil || identity == "" {
+		return
+	}
+	p.mu.Lock()
+	var soonest time.Time
 	for _, n := range p.nodes {
-		ids = append(ids, n.ident)
+		if n.identity == identity && (soonest.IsZero() || n.notAfter.Before(soonest)) {
+			soonest = n.notAfter
+		}
 	}
 	p.mu.Unlock()
-	for _, id := range ids {
-		p.loadSecrets(id)
-	}
+	p.OnExpiry(identity, soonest)
 }
 
 // Mesh returns the latest model (nil before the first update).
@@ -152,8 +191,15 @@ func (p *Pusher) Mesh() *model.Mesh {
 // Disconnect forgets a proxy whose last stream closed.
 func (p *Pusher) Disconnect(nodeID string) {
 	p.mu.Lock()
-	defer p.mu.Unlock()
+	n := p.nodes[nodeID]
 	delete(p.nodes, nodeID)
+	p.mu.Unlock()
+	if n != nil {
+		if n.renew != nil {
+			n.renew.Stop()
+		}
+		p.reportExpiry(n.identity)
+	}
 }
 
 // RoundStart is when the first change behind a class's current result happened.

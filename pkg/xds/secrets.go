@@ -2,6 +2,7 @@ package xds
 
 import (
 	"context"
+	"math/rand/v2"
 	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -12,14 +13,32 @@ import (
 	"github.com/trellis-mesh/trellis/pkg/translate"
 )
 
+// NodeSecrets are the SDS resources of one proxy and when to renew them.
+type NodeSecrets struct {
+	Resources map[string]*Resource
+	Identity  string
+	NotAfter  time.Time
+	RotateAt  time.Time
+}
+
 // WorkloadSecrets returns a Pusher.NodeSecrets function that issues each
-// connected proxy its own SVID (a fresh key per proxy, generated here and
-// sent only on its authenticated stream) and the trust bundle, under the SDS
-// names the translator references.
-func WorkloadSecrets(authority *ca.Authority, trustDomain func() string, lifetime func() time.Duration) func(context.Context, *Identity) (map[string]*Resource, error) {
-	return func(_ context.Context, id *Identity) (map[string]*Resource, error) {
-		spiffeID := model.SPIFFEID(trustDomain(), id.NodeID.Namespace, id.ServiceAccount)
-		issued, err := authority.IssueWorkload(spiffeID, lifetime())
+// connected proxy its own SVID (a fresh key per proxy, generated in memory
+// and sent only on its authenticated stream) and the trust bundle, under the
+// SDS names the translator references, and says when to renew it: after
+// MeshConfig's rotationPercent of the lifetime plus up to 10 points of jitter.
+func WorkloadSecrets(issuer *ca.Issuer, cfg func() model.Mesh) func(context.Context, *Identity) (*NodeSecrets, error) {
+	return func(ctx context.Context, id *Identity) (*NodeSecrets, error) {
+		mc := cfg().Config
+		lifetime, err := time.ParseDuration(string(mc.Certificates.Lifetime))
+		if err != nil || lifetime <= 0 {
+			lifetime = 24 * time.Hour
+		}
+		spiffeID := model.SPIFFEID(mc.TrustDomain, id.NodeID.Namespace, id.ServiceAccount)
+		issued, err := issuer.Issue(ctx, spiffeID, lifetime)
+		if err != nil {
+			return nil, err
+		}
+		bundlePEM, err := issuer.Backend.BundlePEM(ctx)
 		if err != nil {
 			return nil, err
 		}
@@ -28,7 +47,7 @@ func WorkloadSecrets(authority *ca.Authority, trustDomain func() string, lifetim
 			PrivateKey:       &corev3.DataSource{Specifier: &corev3.DataSource_InlineBytes{InlineBytes: issued.KeyPEM}},
 		}}}
 		bundle := &tlsv3.Secret{Name: translate.SecretTrustBundle, Type: &tlsv3.Secret_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{
-			TrustedCa: &corev3.DataSource{Specifier: &corev3.DataSource_InlineBytes{InlineBytes: authority.RootPEM()}},
+			TrustedCa: &corev3.DataSource{Specifier: &corev3.DataSource_InlineBytes{InlineBytes: bundlePEM}},
 		}}}
 		out := map[string]*Resource{}
 		for _, s := range []*tlsv3.Secret{cert, bundle} {
@@ -38,6 +57,10 @@ func WorkloadSecrets(authority *ca.Authority, trustDomain func() string, lifetim
 			}
 			out[s.Name] = r
 		}
-		return out, nil
+		return &NodeSecrets{
+			Resources: out, Identity: spiffeID, NotAfter: issued.NotAfter,
+			// From the issue time, not the backdated NotBefore (clock-skew allowance).
+			RotateAt: ca.RotateAt(issued.NotAfter.Add(-lifetime), issued.NotAfter, mc.Certificates.RotationPercent, rand.Float64()),
+		}, nil
 	}
 }
