@@ -1,12 +1,23 @@
 package controlplane_test
 
 import (
+	"bytes"
 	"context"
+	"crypto"
+	"crypto/x509"
+	"encoding/pem"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
+	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
+	"google.golang.org/protobuf/proto"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	clocktesting "k8s.io/utils/clock/testing"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/trellis-mesh/trellis/pkg/ca"
 )
@@ -39,5 +50,109 @@ func TestRootSecretIsCreatedOnceByConcurrentReplicas(t *testing.T) {
 	again, err := ca.LoadOrCreate(context.Background(), env.Client, ns, ca.RootSecretName, "cluster.local", clk)
 	if err != nil || !again.Root().Equal(roots[0].Root()) {
 		t.Fatalf("restart: %v", err)
+	}
+}
+
+func TestTrustBundlePublishedInMeshedNamespaces(t *testing.T) {
+	p := startPlane(t, nil)
+	meshed := env.Namespace(t, map[string]string{"trellis.dev/inject": "enabled"})
+	plain := env.Namespace(t, nil)
+	deadline := time.Now().Add(wait)
+	var cm corev1.ConfigMap
+	for {
+		err := env.Client.Get(context.Background(), client.ObjectKey{Namespace: meshed, Name: "trellis-root-ca"}, &cm)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no trellis-root-ca in the meshed namespace: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if cm.Data["root-cert.pem"] != string(p.Authority.RootPEM()) {
+		t.Error("the ConfigMap does not hold the mesh root")
+	}
+	if err := env.Client.Get(context.Background(), client.ObjectKey{Namespace: plain, Name: "trellis-root-ca"}, &cm); !apierrors.IsNotFound(err) {
+		t.Errorf("an unlabelled namespace got the ConfigMap (err %v)", err)
+	}
+}
+
+// TestNoWorkloadKeyIsStored issues certificates to connected proxies, then
+// reads every Secret and ConfigMap in the apiserver: no private key found
+// there matches a workload certificate, and no ConfigMap holds any key.
+func TestNoWorkloadKeyIsStored(t *testing.T) {
+	p := startPlane(t, nil)
+	w := newWorld(t, 80)
+	var workloadKeys [][]byte
+	for i, pod := range []*corev1.Pod{w.frontend, w.other} {
+		sa := map[int]string{0: "frontend", 1: "other"}[i]
+		c := p.connect(t, pod, token(t, pod, sa), nodeID(pod), i == 1)
+		if err := c.WaitFor(ctxWait(t), func(res map[string]map[string]proto.Message, _ map[string]int) bool {
+			return res[resource.SecretType]["default"] != nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+		res, _ := c.Snapshot()
+		sec := res[resource.SecretType]["default"].(*tlsv3.Secret)
+		b, _ := pem.Decode(sec.GetTlsCertificate().GetCertificateChain().GetInlineBytes())
+		cert, err := x509.ParseCertificate(b.Bytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		pub, _ := x509.MarshalPKIXPublicKey(cert.PublicKey)
+		workloadKeys = append(workloadKeys, pub)
+	}
+	var secrets corev1.SecretList
+	if err := env.Client.List(context.Background(), &secrets); err != nil {
+		t.Fatal(err)
+	}
+	var cms corev1.ConfigMapList
+	if err := env.Client.List(context.Background(), &cms); err != nil {
+		t.Fatal(err)
+	}
+	keysIn := func(data []byte) [][]byte {
+		var out [][]byte
+		for {
+			var b *pem.Block
+			b, data = pem.Decode(data)
+			if b == nil {
+				return out
+			}
+			if strings.Contains(b.Type, "PRIVATE KEY") {
+				k, err := x509.ParsePKCS8PrivateKey(b.Bytes)
+				if err != nil {
+					k, err = x509.ParseECPrivateKey(b.Bytes)
+				}
+				if err != nil {
+					out = append(out, []byte("unparsable"))
+					continue
+				}
+				pub, _ := x509.MarshalPKIXPublicKey(k.(interface{ Public() crypto.PublicKey }).Public())
+				out = append(out, pub)
+			}
+		}
+	}
+	found := 0
+	for _, s := range secrets.Items {
+		for _, v := range s.Data {
+			for _, k := range keysIn(v) {
+				found++
+				for _, wk := range workloadKeys {
+					if bytes.Equal(k, wk) {
+						t.Errorf("Secret %s/%s holds a workload private key", s.Namespace, s.Name)
+					}
+				}
+			}
+		}
+	}
+	for _, cm := range cms.Items {
+		for k, v := range cm.Data {
+			if len(keysIn([]byte(v))) > 0 {
+				t.Errorf("ConfigMap %s/%s key %s holds a private key", cm.Namespace, cm.Name, k)
+			}
+		}
+	}
+	if found == 0 {
+		t.Error("not even the CA root key was found: the scan does not work")
 	}
 }

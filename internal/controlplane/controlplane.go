@@ -216,6 +216,14 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 		return nil, err
 	}
 
+	if err := (&controller.RootCAReconciler{
+		Client: mgr.GetClient(),
+		Reader: mgr.GetAPIReader(),
+		Bundle: cp.Authority.BundlePEM,
+	}).SetupWithManager(mgr); err != nil {
+		return nil, err
+	}
+
 	dns := o.XDSDNSNames
 	if len(dns) == 0 {
 		dns = []string{"trellis-xds." + o.Namespace + ".svc", "trellis-xds." + o.Namespace + ".svc.cluster.local", "localhost"}

@@ -1,0 +1,85 @@
+package controller
+
+import (
+	"bytes"
+	"context"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+)
+
+const (
+	// RootCAConfigMap is published in every meshed namespace: the trust
+	// bundle the sidecar uses to verify the xDS server (and workloads their peers).
+	RootCAConfigMap = "trellis-root-ca"
+	// RootCAKey is its data key.
+	RootCAKey = "root-cert.pem"
+	// InjectLabel marks meshed namespaces.
+	InjectLabel = "trellis.dev/inject"
+)
+
+// RootCAReconciler keeps the trellis-root-ca ConfigMap in every namespace
+// labelled trellis.dev/inject=enabled. It runs on the leader only. ConfigMaps
+// are read without a cache so the controller needs no permission to list
+// every ConfigMap in the cluster.
+type RootCAReconciler struct {
+	Client client.Client
+	// Reader reads ConfigMaps directly from the apiserver.
+	Reader client.Reader
+	// Bundle returns the current trust bundle (PEM).
+	Bundle func(ctx context.Context) ([]byte, error)
+}
+
+// +kubebuilder:rbac:groups="",resources=namespaces,verbs=get;list;watch
+// +kubebuilder:rbac:groups="",resources=configmaps,verbs=create
+// +kubebuilder:rbac:groups="",resources=configmaps,resourceNames=trellis-root-ca,verbs=get;update
+
+// Reconcile ensures the ConfigMap of one namespace.
+func (r *RootCAReconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
+	var ns corev1.Namespace
+	if err := r.Client.Get(ctx, client.ObjectKey{Name: req.Name}, &ns); err != nil {
+		return reconcile.Result{}, client.IgnoreNotFound(err)
+	}
+	if ns.Labels[InjectLabel] != "enabled" || ns.DeletionTimestamp != nil {
+		return reconcile.Result{}, nil
+	}
+	bundle, err := r.Bundle(ctx)
+	if err != nil {
+		return reconcile.Result{}, err
+	}
+	var cm corev1.ConfigMap
+	err = r.Reader.Get(ctx, client.ObjectKey{Namespace: ns.Name, Name: RootCAConfigMap}, &cm)
+	if apierrors.IsNotFound(err) {
+		cm = corev1.ConfigMap{
+			ObjectMeta: metav1.ObjectMeta{Namespace: ns.Name, Name: RootCAConfigMap, Labels: map[string]string{"app.kubernetes.io/managed-by": "trellis"}},
+			Data:       map[string]string{RootCAKey: string(bundle)},
+		}
+		return reconcile.Result{}, client.IgnoreAlreadyExists(r.Client.Create(ctx, &cm))
+	}
+	if err != nil {
+		return reconcile.Result{}, err
+	}
+	if bytes.Equal([]byte(cm.Data[RootCAKey]), bundle) {
+		return reconcile.Result{}, nil
+	}
+	if cm.Data == nil {
+		cm.Data = map[string]string{}
+	}
+	cm.Data[RootCAKey] = string(bundle)
+	return reconcile.Result{}, r.Client.Update(ctx, &cm)
+}
+
+// SetupWithManager watches Namespaces with the inject label.
+func (r *RootCAReconciler) SetupWithManager(mgr ctrl.Manager) error {
+	labelled := predicate.NewPredicateFuncs(func(o client.Object) bool { return o.GetLabels()[InjectLabel] == "enabled" })
+	return ctrl.NewControllerManagedBy(mgr).
+		Named("rootca").
+		For(&corev1.Namespace{}, builder.WithPredicates(labelled)).
+		Complete(r)
+}
