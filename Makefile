@@ -41,14 +41,17 @@ manifests: $(CONTROLLER_GEN)
 	$(CONTROLLER_GEN) crd paths=./pkg/apis/... output:crd:artifacts:config=config/crd/bases
 	$(CONTROLLER_GEN) rbac:roleName=trellis-controller paths=./pkg/... output:rbac:artifacts:config=config/rbac
 	$(CONTROLLER_GEN) webhook paths=./pkg/... output:webhook:artifacts:config=config/webhook
-	@mkdir -p charts/trellis/crds config/crd/gateway-api
-	@rm -f charts/trellis/crds/*.yaml config/crd/gateway-api/*.yaml
+	@mkdir -p charts/trellis/crds config/crd/gateway-api config/crd/cert-manager
+	@rm -f charts/trellis/crds/*.yaml config/crd/gateway-api/*.yaml config/crd/cert-manager/*.yaml
 	cp config/crd/bases/*.yaml charts/trellis/crds/
 	@# Gateway API CRDs Trellis reads (standard channel, the pinned module's own manifests),
 	@# for tests and the demo; clusters install Gateway API themselves.
 	gwdir="$$($(GO) list -m -f '{{.Dir}}' sigs.k8s.io/gateway-api)"; \
 	for k in httproutes grpcroutes referencegrants; do \
 		install -m 0644 "$$gwdir/config/crd/standard/gateway.networking.k8s.io_$$k.yaml" config/crd/gateway-api/; done
+	@# cert-manager's CertificateRequest CRD, for the cert-manager backend's tests.
+	cmdir="$$($(GO) list -m -f '{{.Dir}}' github.com/cert-manager/cert-manager)"; \
+	install -m 0644 "$$cmdir/deploy/crds/cert-manager.io_certificaterequests.yaml" config/crd/cert-manager/
 
 ## Checks.
 .PHONY: fmt-check

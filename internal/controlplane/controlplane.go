@@ -4,6 +4,7 @@
 package controlplane
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -12,6 +13,7 @@ import (
 	"net/http"
 	"time"
 
+	cmapi "github.com/cert-manager/cert-manager/pkg/apis/certmanager/v1"
 	"github.com/go-logr/logr"
 	"golang.org/x/time/rate"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -97,7 +99,7 @@ type ControlPlane struct {
 // Scheme has every kind the control plane reads.
 func Scheme() (*runtime.Scheme, error) {
 	scheme := runtime.NewScheme()
-	for _, add := range []func(*runtime.Scheme) error{clientgoscheme.AddToScheme, meshv1alpha1.AddToScheme, gwv1.Install} {
+	for _, add := range []func(*runtime.Scheme) error{clientgoscheme.AddToScheme, meshv1alpha1.AddToScheme, gwv1.Install, cmapi.AddToScheme} {
 		if err := add(scheme); err != nil {
 			return nil, err
 		}
@@ -185,7 +187,12 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 			return nil, fmt.Errorf("register metrics: %w", err)
 		}
 	}
-	cp.Issuer = &ca.Issuer{Backend: cp.Authority, Clock: o.Clock, Metrics: cp.IssuerMetrics}
+	direct, err := client.New(cfg, client.Options{Scheme: scheme})
+	if err != nil {
+		return nil, err
+	}
+	backend := &meshBackend{builtIn: cp.Authority, client: direct, namespace: o.Namespace, clock: o.Clock, mesh: cp.mesh}
+	cp.Issuer = &ca.Issuer{Backend: backend, Clock: o.Clock, Metrics: cp.IssuerMetrics}
 	cp.Pusher.NodeSecrets = xds.WorkloadSecrets(cp.Issuer, cp.mesh)
 	cp.Pusher.OnExpiry = func(identity string, soonest time.Time) {
 		if soonest.IsZero() {
@@ -219,7 +226,15 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 	if err := (&controller.RootCAReconciler{
 		Client: mgr.GetClient(),
 		Reader: mgr.GetAPIReader(),
-		Bundle: cp.Authority.BundlePEM,
+		// The xDS serving certificate is signed by the built-in root; with
+		// cert-manager the issuer's CA is added for workloads.
+		Bundle: func(ctx context.Context) ([]byte, error) {
+			out := cp.Authority.RootPEM()
+			if b, err := backend.BundlePEM(ctx); err == nil && !bytes.Contains(out, b) {
+				out = append(append(out, '\n'), b...)
+			}
+			return out, nil
+		},
 	}).SetupWithManager(mgr); err != nil {
 		return nil, err
 	}

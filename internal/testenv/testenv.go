@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	cmapi "github.com/cert-manager/cert-manager/pkg/apis/certmanager/v1"
 	corev1 "k8s.io/api/core/v1"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -67,6 +68,9 @@ func Scheme() (*runtime.Scheme, error) {
 		return nil, err
 	}
 	if err := gwv1.Install(s); err != nil {
+		return nil, err
+	}
+	if err := cmapi.AddToScheme(s); err != nil {
 		return nil, err
 	}
 	return s, nil
@@ -126,7 +130,7 @@ func Start(opts Options) (*Env, error) {
 	}
 	env := &envtest.Environment{
 		BinaryAssetsDirectory:    assets,
-		CRDDirectoryPaths:        append([]string{filepath.Join(root, "config", "crd", "bases"), filepath.Join(root, "config", "crd", "gateway-api")}, opts.CRDDirectories...),
+		CRDDirectoryPaths:        append([]string{filepath.Join(root, "config", "crd", "bases"), filepath.Join(root, "config", "crd", "gateway-api"), filepath.Join(root, "config", "crd", "cert-manager")}, opts.CRDDirectories...),
 		CRDs:                     opts.CRDs,
 		ErrorIfCRDPathMissing:    true,
 		Scheme:                   scheme,

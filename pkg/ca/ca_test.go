@@ -8,8 +8,8 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
-	"slices"
 	"net/url"
+	"slices"
 	"testing"
 	"time"
 

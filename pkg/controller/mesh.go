@@ -108,6 +108,7 @@ func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
 // +kubebuilder:rbac:groups=coordination.k8s.io,resources=leases,verbs=get;list;watch;create;update;patch
 // +kubebuilder:rbac:groups="",resources=events,verbs=create;patch
 // +kubebuilder:rbac:groups="",namespace=trellis-system,resources=secrets,verbs=get;create
+// +kubebuilder:rbac:groups=cert-manager.io,namespace=trellis-system,resources=certificaterequests,verbs=get;create;delete
 
 // Reconcile rebuilds the model, hands it to the pusher and, on the leader,
 // writes status.
