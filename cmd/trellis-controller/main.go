@@ -43,6 +43,8 @@ func run() error {
 	fs.StringVar(&o.Audience, "xds-token-audience", o.Audience, "Audience proxies' projected ServiceAccount tokens must carry.")
 	fs.BoolVar(&o.VerifyPeerIP, "xds-verify-peer-ip", o.VerifyPeerIP, "Require the connection to come from the IP of the pod named in the node id.")
 	fs.DurationVar(&o.TokenReviewTTL, "xds-tokenreview-cache-ttl", o.TokenReviewTTL, "Longest a successful TokenReview is reused (never past the token's expiry).")
+	fs.DurationVar(&o.RootRotationOverlap, "root-rotation-overlap", o.RootRotationOverlap, "Least time each phase of a root rotation (Overlap, Reissue) lasts; start one by creating the Secret trellis-ca-next.")
+	fs.DurationVar(&o.RootRotationTick, "root-rotation-check-interval", o.RootRotationTick, "How often the root Secrets are checked.")
 	zapOpts := zap.Options{}
 	zapOpts.BindFlags(fs)
 	fs.Usage = func() {

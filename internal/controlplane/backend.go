@@ -19,7 +19,7 @@ import (
 // time of each request: the built-in CA, or cert-manager with the
 // configured issuerRef.
 type meshBackend struct {
-	builtIn   *ca.Authority
+	builtIn   ca.Backend
 	client    client.Client
 	namespace string
 	clock     clock.PassiveClock

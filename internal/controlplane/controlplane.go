@@ -11,11 +11,13 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"sync/atomic"
 	"time"
 
 	cmapi "github.com/cert-manager/cert-manager/pkg/apis/certmanager/v1"
 	"github.com/go-logr/logr"
 	"golang.org/x/time/rate"
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
@@ -24,6 +26,7 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/config"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/manager"
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
@@ -65,6 +68,10 @@ type Options struct {
 	// SkipControllerNameValidation lets tests run several control planes in
 	// one process.
 	SkipControllerNameValidation bool
+	// RootRotationOverlap is the least time each root-rotation phase lasts.
+	RootRotationOverlap time.Duration
+	// RootRotationTick is how often the root Secrets are checked.
+	RootRotationTick time.Duration
 }
 
 // Defaults returns the production defaults.
@@ -74,6 +81,7 @@ func Defaults() Options {
 		Namespace: "trellis-system", XDSAddr: ":15012",
 		Debounce: 100 * time.Millisecond, MaxDelay: 10 * time.Second, MaxConnectionAge: 30 * time.Minute,
 		ConnectionRate: 100, Audience: "trellis", VerifyPeerIP: true, TokenReviewTTL: 5 * time.Minute,
+		RootRotationOverlap: time.Hour, RootRotationTick: 10 * time.Second,
 	}
 }
 
@@ -91,9 +99,26 @@ type ControlPlane struct {
 	// XDSAddr is the address the xDS server listens on, once Ready is closed.
 	XDSAddr string
 	// Ready is closed when the xDS server listens.
-	Ready chan struct{}
-	opts  Options
-	pair  tls.Certificate
+	Ready    chan struct{}
+	opts     Options
+	serving  atomic.Pointer[tls.Certificate]
+	dnsNames []string
+	rotating *ca.Rotating
+}
+
+// reissueServing signs the xDS serving certificate with the current signer;
+// new TLS handshakes use it at once.
+func (cp *ControlPlane) reissueServing() error {
+	issued, err := cp.rotating.Signer().IssueServing(cp.dnsNames, 90*24*time.Hour)
+	if err != nil {
+		return err
+	}
+	pair, err := issued.TLSCertificate()
+	if err != nil {
+		return err
+	}
+	cp.serving.Store(&pair)
+	return nil
 }
 
 // Scheme has every kind the control plane reads.
@@ -191,7 +216,8 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 	if err != nil {
 		return nil, err
 	}
-	backend := &meshBackend{builtIn: cp.Authority, client: direct, namespace: o.Namespace, clock: o.Clock, mesh: cp.mesh}
+	rotating := ca.NewRotating(cp.Authority)
+	backend := &meshBackend{builtIn: rotating, client: direct, namespace: o.Namespace, clock: o.Clock, mesh: cp.mesh}
 	cp.Issuer = &ca.Issuer{Backend: backend, Clock: o.Clock, Metrics: cp.IssuerMetrics}
 	cp.Pusher.NodeSecrets = xds.WorkloadSecrets(cp.Issuer, cp.mesh)
 	cp.Pusher.OnExpiry = func(identity string, soonest time.Time) {
@@ -223,13 +249,18 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 		return nil, err
 	}
 
+	wakeRootCA := make(chan event.GenericEvent, 1)
 	if err := (&controller.RootCAReconciler{
 		Client: mgr.GetClient(),
 		Reader: mgr.GetAPIReader(),
+		Wake:   wakeRootCA,
 		// The xDS serving certificate is signed by the built-in root; with
 		// cert-manager the issuer's CA is added for workloads.
 		Bundle: func(ctx context.Context) ([]byte, error) {
-			out := cp.Authority.RootPEM()
+			out, err := rotating.BundlePEM(ctx)
+			if err != nil {
+				return nil, err
+			}
 			if b, err := backend.BundlePEM(ctx); err == nil && !bytes.Contains(out, b) {
 				out = append(append(out, '\n'), b...)
 			}
@@ -243,12 +274,47 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 	if len(dns) == 0 {
 		dns = []string{"trellis-xds." + o.Namespace + ".svc", "trellis-xds." + o.Namespace + ".svc.cluster.local", "localhost"}
 	}
-	serving, err := cp.Authority.IssueServing(dns, 90*24*time.Hour)
-	if err != nil {
+	cp.dnsNames = dns
+	cp.rotating = rotating
+	if err := cp.reissueServing(); err != nil {
 		return nil, err
 	}
-	if cp.pair, err = serving.TLSCertificate(); err != nil {
-		return nil, err
+	if o.Authority == nil {
+		rr := &controller.RootRotation{
+			Client: direct, Namespace: o.Namespace, Backend: rotating, Clock: o.Clock, Overlap: o.RootRotationOverlap,
+			OnChange: func() {
+				if err := cp.reissueServing(); err != nil {
+					o.Log.Error(err, "re-issue the xDS serving certificate")
+				}
+				cp.Pusher.RefreshSecrets()
+				select {
+				case wakeRootCA <- event.GenericEvent{Object: &corev1.Namespace{}}:
+				default:
+				}
+			},
+		}
+		every := func(step func(context.Context) error, name string) func(context.Context) error {
+			return func(ctx context.Context) error {
+				t := o.Clock.NewTicker(o.RootRotationTick)
+				defer t.Stop()
+				for {
+					if err := step(ctx); err != nil {
+						o.Log.Error(err, name)
+					}
+					select {
+					case <-ctx.Done():
+						return nil
+					case <-t.C():
+					}
+				}
+			}
+		}
+		if err := mgr.Add(everyReplica(every(rr.Sync, "apply root rotation"))); err != nil {
+			return nil, err
+		}
+		if err := mgr.Add(manager.RunnableFunc(every(rr.Step, "advance root rotation"))); err != nil {
+			return nil, err
+		}
 	}
 	if err := mgr.Add(everyReplica(cp.Pusher.Run)); err != nil {
 		return nil, err
@@ -285,7 +351,9 @@ func (cp *ControlPlane) serveXDS(ctx context.Context) error {
 		return fmt.Errorf("xds listen: %w", err)
 	}
 	g := xds.NewGRPCServer(xds.GRPCOptions{
-		TLS:                  &tls.Config{Certificates: []tls.Certificate{cp.pair}, MinVersion: tls.VersionTLS12},
+		TLS: &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+			return cp.serving.Load(), nil
+		}},
 		MaxConnectionAge:     cp.opts.MaxConnectionAge,
 		MaxConcurrentStreams: 16,
 	})

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"sync"
 	"testing"
 	"time"
 
@@ -87,17 +86,32 @@ func TestRotationWithoutDroppedHandshakes(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	serverID := "spiffe://cluster.local/ns/" + w.ns + "/sa/frontend"
-	clientID := "spiffe://cluster.local/ns/" + w.ns + "/sa/other"
+	hs := startHandshakes(t, server, client, "spiffe://cluster.local/ns/"+w.ns+"/sa/frontend", "spiffe://cluster.local/ns/"+w.ns+"/sa/other")
+	time.Sleep(150 * time.Second)
+	handshakes, failures, firstFailure := hs.stop()
+	serials := hs.serials()
+	t.Logf("%d handshakes, %d failed; server certificates %d, client certificates %d", handshakes, failures, len(serials["server"]), len(serials["client"]))
+	if failures != 0 {
+		t.Errorf("%d of %d handshakes failed across rotation; first: %v", failures, handshakes, firstFailure)
+	}
+	for side, s := range serials {
+		if len(s) < 2 {
+			t.Errorf("the %s side never rotated its certificate (%d seen)", side, len(s))
+		}
+	}
+}
 
-	var mu sync.Mutex
-	serials := map[string]map[string]bool{"server": {}, "client": {}}
+// startHandshakes runs mutual-TLS handshakes every 100 ms from client to
+// server, each side using the certificate and bundle its proxy holds at
+// that moment over SDS, until stop.
+func startHandshakes(t testing.TB, server, client *xdsclient.Client, serverID, clientID string) *handshakeLoop {
+	h := &handshakeLoop{done: make(chan struct{}), seen: map[string]map[string]bool{"server": {}, "client": {}}}
 	seen := func(side string, c *tls.Certificate) {
 		leaf, err := x509.ParseCertificate(c.Certificate[0])
 		if err == nil {
-			mu.Lock()
-			serials[side][leaf.SerialNumber.String()] = true
-			mu.Unlock()
+			h.mu.Lock()
+			h.seen[side][leaf.SerialNumber.String()] = true
+			h.mu.Unlock()
 		}
 	}
 	lis, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{
@@ -121,7 +135,7 @@ func TestRotationWithoutDroppedHandshakes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer lis.Close()
+	t.Cleanup(func() { h.stop(); lis.Close() })
 	go func() {
 		for {
 			conn, err := lis.Accept()
@@ -137,51 +151,53 @@ func TestRotationWithoutDroppedHandshakes(t *testing.T) {
 			}()
 		}
 	}()
+	go func() {
+		for {
+			select {
+			case <-h.done:
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			h.total.Add(1)
+			err := func() error {
+				cert, roots, err := sdsIdentity(client)
+				if err != nil {
+					return err
+				}
+				seen("client", cert)
+				conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", lis.Addr().String(), &tls.Config{
+					MinVersion:         tls.VersionTLS13,
+					Certificates:       []tls.Certificate{*cert},
+					InsecureSkipVerify: true, // SVIDs carry no host name: verified below by chain and SPIFFE ID
+					VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+						return verifySPIFFE(roots, serverID, raw, x509.ExtKeyUsageServerAuth)
+					},
+				})
+				if err != nil {
+					return err
+				}
+				defer conn.Close()
+				if _, err := conn.Write([]byte{1}); err != nil {
+					return err
+				}
+				_, err = conn.Read(make([]byte, 1))
+				return err
+			}()
+			if err != nil {
+				h.fails.Add(1)
+				h.mu.Lock()
+				if h.first == nil {
+					h.first = err
+				}
+				h.mu.Unlock()
+			}
+		}
+	}()
+	return h
+}
 
-	handshakes, failures := 0, 0
-	var firstFailure error
-	end := time.Now().Add(150 * time.Second)
-	for time.Now().Before(end) {
-		handshakes++
-		err := func() error {
-			cert, roots, err := sdsIdentity(client)
-			if err != nil {
-				return err
-			}
-			seen("client", cert)
-			conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 5 * time.Second}, "tcp", lis.Addr().String(), &tls.Config{
-				MinVersion:         tls.VersionTLS13,
-				Certificates:       []tls.Certificate{*cert},
-				InsecureSkipVerify: true, // SVIDs carry no host name: verified below by chain and SPIFFE ID
-				VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
-					return verifySPIFFE(roots, serverID, raw, x509.ExtKeyUsageServerAuth)
-				},
-			})
-			if err != nil {
-				return err
-			}
-			defer conn.Close()
-			if _, err := conn.Write([]byte{1}); err != nil {
-				return err
-			}
-			_, err = conn.Read(make([]byte, 1))
-			return err
-		}()
-		if err != nil {
-			failures++
-			if firstFailure == nil {
-				firstFailure = err
-			}
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	t.Logf("%d handshakes, %d failed; server certificates %d, client certificates %d", handshakes, failures, len(serials["server"]), len(serials["client"]))
-	if failures != 0 {
-		t.Errorf("%d of %d handshakes failed across rotation; first: %v", failures, handshakes, firstFailure)
-	}
-	for side, s := range serials {
-		if len(s) < 2 {
-			t.Errorf("the %s side never rotated its certificate (%d seen)", side, len(s))
-		}
-	}
+func (h *handshakeLoop) serials() map[string]map[string]bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.seen
 }

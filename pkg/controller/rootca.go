@@ -10,8 +10,11 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/event"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+	"sigs.k8s.io/controller-runtime/pkg/source"
 )
 
 const (
@@ -34,6 +37,9 @@ type RootCAReconciler struct {
 	Reader client.Reader
 	// Bundle returns the current trust bundle (PEM).
 	Bundle func(ctx context.Context) ([]byte, error)
+	// Wake, when set, re-publishes the bundle in every meshed namespace
+	// (send after the bundle changed).
+	Wake chan event.GenericEvent
 }
 
 // +kubebuilder:rbac:groups="",resources=namespaces,verbs=get;list;watch
@@ -78,8 +84,21 @@ func (r *RootCAReconciler) Reconcile(ctx context.Context, req reconcile.Request)
 // SetupWithManager watches Namespaces with the inject label.
 func (r *RootCAReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	labelled := predicate.NewPredicateFuncs(func(o client.Object) bool { return o.GetLabels()[InjectLabel] == "enabled" })
-	return ctrl.NewControllerManagedBy(mgr).
+	b := ctrl.NewControllerManagedBy(mgr).
 		Named("rootca").
-		For(&corev1.Namespace{}, builder.WithPredicates(labelled)).
-		Complete(r)
+		For(&corev1.Namespace{}, builder.WithPredicates(labelled))
+	if r.Wake != nil {
+		b = b.WatchesRawSource(source.Channel(r.Wake, handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, _ client.Object) []reconcile.Request {
+			var nss corev1.NamespaceList
+			if err := r.Client.List(ctx, &nss, client.MatchingLabels{InjectLabel: "enabled"}); err != nil {
+				return nil
+			}
+			out := make([]reconcile.Request, len(nss.Items))
+			for i, ns := range nss.Items {
+				out[i] = reconcile.Request{NamespacedName: client.ObjectKey{Name: ns.Name}}
+			}
+			return out
+		})))
+	}
+	return b.Complete(r)
 }

@@ -151,6 +151,20 @@ func (p *Pusher) loadSecrets(id *Identity) {
 	p.schedule(id, ns.RotateAt)
 }
 
+// RefreshSecrets re-issues the certificates of every connected proxy now
+// (after the signer or the trust bundle changed).
+func (p *Pusher) RefreshSecrets() {
+	p.mu.Lock()
+	ids := make([]*Identity, 0, len(p.nodes))
+	for _, n := range p.nodes {
+		ids = append(ids, n.ident)
+	}
+	p.mu.Unlock()
+	for _, id := range ids {
+		go p.loadSecrets(id)
+	}
+}
+
 func (p *Pusher) schedule(id *Identity, at time.Time) {
 	nodeID := id.NodeID.String()
 	p.mu.Lock()

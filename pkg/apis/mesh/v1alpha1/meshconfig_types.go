@@ -62,6 +62,7 @@ const (
 // +kubebuilder:resource:scope=Cluster,shortName=mc
 // +kubebuilder:subresource:status
 // +kubebuilder:printcolumn:name="mTLS",type=string,JSONPath=`.spec.mtls.mode`
+// +kubebuilder:printcolumn:name="Root rotation",type=string,JSONPath=`.status.rootRotation.phase`,priority=1
 // +kubebuilder:printcolumn:name="Accepted",type=string,JSONPath=`.status.conditions[?(@.type=="Accepted")].status`
 // +kubebuilder:printcolumn:name="Programmed",type=string,JSONPath=`.status.conditions[?(@.type=="Programmed")].status`
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
@@ -239,6 +240,34 @@ type Tracing struct {
 // MeshConfigStatus is the observed state of the mesh configuration.
 type MeshConfigStatus struct {
 	Status `json:",inline"`
+	// RootRotation reports the built-in CA's root rotation, started by
+	// creating the Secret trellis-ca-next in the control plane's namespace.
+	// +optional
+	RootRotation *RootRotationStatus `json:"rootRotation,omitempty"`
+}
+
+// RootRotationPhase is a step of a root rotation.
+// +kubebuilder:validation:Enum=Overlap;Reissue;Complete
+type RootRotationPhase string
+
+const (
+	// RootOverlap: workloads trust the old and the new root; the old one signs.
+	RootOverlap RootRotationPhase = "Overlap"
+	// RootReissue: the new root signs and every connected workload is
+	// re-issued; both roots are still trusted.
+	RootReissue RootRotationPhase = "Reissue"
+	// RootComplete: the new root is the only root.
+	RootComplete RootRotationPhase = "Complete"
+)
+
+// RootRotationStatus is the state of a root rotation.
+type RootRotationStatus struct {
+	Phase RootRotationPhase `json:"phase"`
+	// Since is when the phase began.
+	Since metav1.Time `json:"since"`
+	// From and To are SHA-256 fingerprints of the old and new root.
+	From string `json:"from"`
+	To   string `json:"to"`
 }
 
 // MeshConfigList is a list of MeshConfig.

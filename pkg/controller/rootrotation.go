@@ -1,0 +1,136 @@
+package controller
+
+import (
+	"context"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/clock"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/log"
+
+	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
+	"github.com/trellis-mesh/trellis/pkg/ca"
+)
+
+// NextRootSecretName starts a root rotation when it appears in the control
+// plane's namespace: a kubernetes.io/tls Secret holding the new root.
+const NextRootSecretName = "trellis-ca-next"
+
+// RootRotation rotates the built-in CA's root with an overlap: Overlap
+// (both roots trusted, the old one signs), Reissue (the new one signs and
+// every connected workload is re-issued, both trusted), Complete (the new
+// root replaces the old in trellis-ca; trellis-ca-next is deleted). Each
+// phase lasts at least Overlap. The leader advances the phases (Step) and
+// records them in MeshConfig's status; every replica applies them to its
+// signer and trust bundle (Sync).
+type RootRotation struct {
+	// Client reads and writes directly (Secrets are not cached).
+	Client    client.Client
+	Namespace string
+	Backend   *ca.Rotating
+	Clock     clock.PassiveClock
+	Overlap   time.Duration
+	// OnChange runs after the signer or the trust bundle changed: re-issue
+	// workload and serving certificates, republish the bundle.
+	OnChange func()
+}
+
+// +kubebuilder:rbac:groups="",namespace=trellis-system,resources=secrets,verbs=get;create;update;delete
+// +kubebuilder:rbac:groups=mesh.trellis.dev,resources=meshconfigs,verbs=create
+
+func (r *RootRotation) secretRoot(ctx context.Context, name string) (*ca.Authority, *corev1.Secret, error) {
+	var s corev1.Secret
+	if err := r.Client.Get(ctx, client.ObjectKey{Namespace: r.Namespace, Name: name}, &s); err != nil {
+		return nil, nil, err
+	}
+	a, err := ca.Load(s.Data[corev1.TLSCertKey], s.Data[corev1.TLSPrivateKeyKey], r.Clock)
+	return a, &s, err
+}
+
+func (r *RootRotation) meshConfig(ctx context.Context) (*meshv1alpha1.MeshConfig, error) {
+	var mc meshv1alpha1.MeshConfig
+	err := r.Client.Get(ctx, client.ObjectKey{Name: meshv1alpha1.MeshConfigName}, &mc)
+	return &mc, err
+}
+
+// Sync applies the recorded phase to this replica's signer and bundle.
+func (r *RootRotation) Sync(ctx context.Context) error {
+	cur, _, err := r.secretRoot(ctx, ca.RootSecretName)
+	if err != nil {
+		return err
+	}
+	signer, trusted := cur, []*ca.Authority{cur}
+	next, _, err := r.secretRoot(ctx, NextRootSecretName)
+	if err != nil && !apierrors.IsNotFound(err) {
+		return err
+	}
+	if next != nil {
+		if mc, err := r.meshConfig(ctx); err == nil && mc.Status.RootRotation != nil && mc.Status.RootRotation.To == ca.Fingerprint(next) {
+			switch mc.Status.RootRotation.Phase {
+			case meshv1alpha1.RootOverlap:
+				trusted = []*ca.Authority{cur, next}
+			case meshv1alpha1.RootReissue:
+				signer, trusted = next, []*ca.Authority{cur, next}
+			}
+		}
+	}
+	if r.Backend.Set(signer, trusted...) && r.OnChange != nil {
+		r.OnChange()
+	}
+	return nil
+}
+
+// Step advances a rotation in progress (leader only).
+func (r *RootRotation) Step(ctx context.Context) error {
+	logger := log.FromContext(ctx)
+	next, nextSecret, err := r.secretRoot(ctx, NextRootSecretName)
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	cur, curSecret, err := r.secretRoot(ctx, ca.RootSecretName)
+	if err != nil {
+		return err
+	}
+	mc, err := r.meshConfig(ctx)
+	if apierrors.IsNotFound(err) {
+		mc = &meshv1alpha1.MeshConfig{ObjectMeta: metav1.ObjectMeta{Name: meshv1alpha1.MeshConfigName}}
+		if err := r.Client.Create(ctx, mc); err != nil {
+			return err
+		}
+	} else if err != nil {
+		return err
+	}
+	now := r.Clock.Now()
+	rr := mc.Status.RootRotation
+	to := ca.Fingerprint(next)
+	set := func(p meshv1alpha1.RootRotationPhase) error {
+		mc.Status.RootRotation = &meshv1alpha1.RootRotationStatus{Phase: p, Since: metav1.NewTime(now), From: ca.Fingerprint(cur), To: to}
+		if rr != nil && rr.To == to {
+			mc.Status.RootRotation.From = rr.From // the same rotation, advancing
+		}
+		logger.Info("root rotation", "phase", p, "to", to)
+		return r.Client.Status().Update(ctx, mc)
+	}
+	switch {
+	case rr == nil || rr.To != to:
+		return set(meshv1alpha1.RootOverlap)
+	case rr.Phase == meshv1alpha1.RootOverlap && now.Sub(rr.Since.Time) >= r.Overlap:
+		return set(meshv1alpha1.RootReissue)
+	case rr.Phase == meshv1alpha1.RootReissue && now.Sub(rr.Since.Time) >= r.Overlap:
+		curSecret.Data = nextSecret.Data
+		if err := r.Client.Update(ctx, curSecret); err != nil {
+			return err
+		}
+		if err := r.Client.Delete(ctx, nextSecret); err != nil && !apierrors.IsNotFound(err) {
+			return err
+		}
+		return set(meshv1alpha1.RootComplete)
+	}
+	return nil
+}
