@@ -102,14 +102,19 @@ type ControlPlane struct {
 	Ready    chan struct{}
 	opts     Options
 	serving  atomic.Pointer[tls.Certificate]
-	dnsNames []string
+	// servingRenew is when the serving certificate is due for renewal.
+	servingRenew atomic.Int64
+	dnsNames     []string
 	rotating *ca.Rotating
 }
+
+// servingLifetime of the xDS serving certificate; it is renewed at half.
+const servingLifetime = 90 * 24 * time.Hour
 
 // reissueServing signs the xDS serving certificate with the current signer;
 // new TLS handshakes use it at once.
 func (cp *ControlPlane) reissueServing() error {
-	issued, err := cp.rotating.Signer().IssueServing(cp.dnsNames, 90*24*time.Hour)
+	issued, err := cp.rotating.Signer().IssueServing(cp.dnsNames, servingLifetime)
 	if err != nil {
 		return err
 	}
@@ -118,7 +123,16 @@ func (cp *ControlPlane) reissueServing() error {
 		return err
 	}
 	cp.serving.Store(&pair)
+	cp.servingRenew.Store(ca.RotateAt(issued.NotAfter.Add(-servingLifetime), issued.NotAfter, 50, 0).UnixNano())
 	return nil
+}
+
+// renewServing re-issues the serving certificate when it is due.
+func (cp *ControlPlane) renewServing(context.Context) error {
+	if cp.opts.Clock.Now().UnixNano() < cp.servingRenew.Load() {
+		return nil
+	}
+	return cp.reissueServing()
 }
 
 // Scheme has every kind the control plane reads.
@@ -310,6 +324,9 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 			}
 		}
 		if err := mgr.Add(everyReplica(every(rr.Sync, "apply root rotation"))); err != nil {
+			return nil, err
+		}
+		if err := mgr.Add(everyReplica(every(cp.renewServing, "renew the xDS serving certificate"))); err != nil {
 			return nil, err
 		}
 		if err := mgr.Add(manager.RunnableFunc(every(rr.Step, "advance root rotation"))); err != nil {
