@@ -99,13 +99,13 @@ type ControlPlane struct {
 	// XDSAddr is the address the xDS server listens on, once Ready is closed.
 	XDSAddr string
 	// Ready is closed when the xDS server listens.
-	Ready    chan struct{}
-	opts     Options
-	serving  atomic.Pointer[tls.Certificate]
+	Ready   chan struct{}
+	opts    Options
+	serving atomic.Pointer[tls.Certificate]
 	// servingRenew is when the serving certificate is due for renewal.
 	servingRenew atomic.Int64
 	dnsNames     []string
-	rotating *ca.Rotating
+	rotating     *ca.Rotating
 }
 
 // servingLifetime of the xDS serving certificate; it is renewed at half.

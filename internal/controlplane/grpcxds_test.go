@@ -23,31 +23,37 @@ import (
 	"github.com/trellis-mesh/trellis/pkg/xds"
 )
 
-var (
-	buildEcho  sync.Once
-	echoBinary string
-	echoErr    error
-)
+// buildOnce builds a command of the module once per test process.
+type buildOnce struct {
+	pkg  string
+	once sync.Once
+	path string
+	err  error
+}
 
-func echoApp(t testing.TB) string {
-	buildEcho.Do(func() {
-		dir, err := os.MkdirTemp("", "echo")
+func (b *buildOnce) get(t testing.TB) string {
+	b.once.Do(func() {
+		dir, err := os.MkdirTemp("", "trellis-test-bin")
 		if err != nil {
-			echoErr = err
+			b.err = err
 			return
 		}
-		echoBinary = filepath.Join(dir, "echo")
-		cmd := exec.Command("go", "build", "-o", echoBinary, "./e2e/apps/echo")
+		b.path = filepath.Join(dir, filepath.Base(b.pkg))
+		cmd := exec.Command("go", "build", "-o", b.path, b.pkg)
 		cmd.Dir = env.Root
 		if out, err := cmd.CombinedOutput(); err != nil {
-			echoErr = fmt.Errorf("build echo: %v\n%s", err, out)
+			b.err = fmt.Errorf("build %s: %v\n%s", b.pkg, err, out)
 		}
 	})
-	if echoErr != nil {
-		t.Fatal(echoErr)
+	if b.err != nil {
+		t.Fatal(b.err)
 	}
-	return echoBinary
+	return b.path
 }
+
+var echoBuild = &buildOnce{pkg: "./e2e/apps/echo"}
+
+func echoApp(t testing.TB) string { return echoBuild.get(t) }
 
 // hostIPv4 is a non-loopback address of this machine: EndpointSlices may not
 // hold loopback addresses, and a connection to it comes from it, so a

@@ -8,7 +8,6 @@ import (
 	"io"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"runtime"
 	"runtime/debug"
 	"runtime/pprof"
@@ -31,31 +30,9 @@ import (
 // internal/xdsclient) in a separate process, so this process's memory is the
 // controller's: informers, model, cache, streams and connections.
 
-var (
-	buildLoad    sync.Once
-	loadBinary   string
-	loadBuildErr error
-)
+var loadBuild = &buildOnce{pkg: "./hack/xdsload"}
 
-func xdsloadBinary(t testing.TB) string {
-	buildLoad.Do(func() {
-		dir, err := os.MkdirTemp("", "xdsload")
-		if err != nil {
-			loadBuildErr = err
-			return
-		}
-		loadBinary = filepath.Join(dir, "xdsload")
-		cmd := exec.Command("go", "build", "-o", loadBinary, "./hack/xdsload")
-		cmd.Dir = env.Root
-		if out, err := cmd.CombinedOutput(); err != nil {
-			loadBuildErr = fmt.Errorf("build xdsload: %v\n%s", err, out)
-		}
-	})
-	if loadBuildErr != nil {
-		t.Fatal(loadBuildErr)
-	}
-	return loadBinary
-}
+func xdsloadBinary(t testing.TB) string { return loadBuild.get(t) }
 
 type pushLoad struct {
 	p       *plane

@@ -11,8 +11,6 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
-	faultcommonv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/common/fault/v3"
-	faultv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/fault/v3"
 	localratelimitv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/local_ratelimit/v3"
 	rbachttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	origdstv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/original_dst/v3"
@@ -167,24 +165,8 @@ func (t *translator) inboundFilters(ip *inboundPort, cluster string) []*listener
 				})}})
 			}
 		}
-		if fi := p.Spec.FaultInjection; fi != nil {
-			f := &faultv3.HTTPFault{}
-			if d := fi.Delay; d != nil {
-				if dd, ok := parseDuration(string(d.Duration)); ok {
-					f.Delay = &faultcommonv3.FaultDelay{FaultDelaySecifier: &faultcommonv3.FaultDelay_FixedDelay{FixedDelay: dur(dd)}, Percentage: percent(d.Percent)}
-				}
-			}
-			if a := fi.Abort; a != nil {
-				f.Abort = &faultv3.FaultAbort{Percentage: percent(a.Percent)}
-				if a.GRPCStatus != nil {
-					f.Abort.ErrorType = &faultv3.FaultAbort_GrpcStatus{GrpcStatus: uint32(*a.GRPCStatus)}
-				} else {
-					f.Abort.ErrorType = &faultv3.FaultAbort_HttpStatus{HttpStatus: uint32(ptrOr(a.HTTPStatus, 503))}
-				}
-			}
-			if f.Delay != nil || f.Abort != nil {
-				h.HttpFilters = append(h.HttpFilters, &hcmv3.HttpFilter{Name: "envoy.filters.http.fault", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(f)}})
-			}
+		if f := faultFilter(p.Spec.FaultInjection); f != nil {
+			h.HttpFilters = append(h.HttpFilters, &hcmv3.HttpFilter{Name: "envoy.filters.http.fault", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(f)}})
 		}
 	}
 	h.HttpFilters = append(h.HttpFilters, routerFilter())

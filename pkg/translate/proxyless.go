@@ -1,9 +1,7 @@
 package translate
 
 import (
-	"cmp"
 	"fmt"
-	"slices"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
@@ -18,6 +16,7 @@ import (
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
+	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
 	"github.com/trellis-mesh/trellis/pkg/model"
 )
 
@@ -95,19 +94,7 @@ func ProxylessGRPC(mesh *model.Mesh, w *model.Workload) (*Resources, []model.Pro
 		}
 		res.Listeners = append(res.Listeners, t.grpcServerListener(ip))
 	}
-	for _, c := range t.clusters {
-		res.Clusters = append(res.Clusters, c)
-	}
-	for _, e := range t.endpoints {
-		res.Endpoints = append(res.Endpoints, e)
-	}
-	for _, r := range t.routes {
-		res.Routes = append(res.Routes, r)
-	}
-	slices.SortFunc(res.Listeners, func(a, b *listenerv3.Listener) int { return cmp.Compare(a.Name, b.Name) })
-	slices.SortFunc(res.Clusters, func(a, b *clusterv3.Cluster) int { return cmp.Compare(a.Name, b.Name) })
-	slices.SortFunc(res.Endpoints, func(a, b *endpointv3.ClusterLoadAssignment) int { return cmp.Compare(a.ClusterName, b.ClusterName) })
-	slices.SortFunc(res.Routes, func(a, b *routev3.RouteConfiguration) int { return cmp.Compare(a.Name, b.Name) })
+	t.collect(res)
 	return res, dedupeProblems(t.problems)
 }
 
@@ -132,10 +119,18 @@ func grpcRoutes(routes []*routev3.Route) []*routev3.Route {
 }
 
 func clientFault(svc *model.Service) *faultv3.HTTPFault {
-	if svc.Policy == nil || svc.Policy.Spec.FaultInjection == nil {
+	if svc.Policy == nil {
 		return nil
 	}
-	fi := svc.Policy.Spec.FaultInjection
+	return faultFilter(svc.Policy.Spec.FaultInjection)
+}
+
+// faultFilter is Envoy's (and gRPC's) fault filter for a BackendPolicy's
+// faultInjection, or nil when it asks for nothing.
+func faultFilter(fi *meshv1alpha1.FaultInjection) *faultv3.HTTPFault {
+	if fi == nil {
+		return nil
+	}
 	f := &faultv3.HTTPFault{}
 	if d := fi.Delay; d != nil {
 		if dd, ok := parseDuration(string(d.Duration)); ok {

@@ -341,15 +341,9 @@ func (t *translator) httpFilters(route *routev3.Route, r *model.Route, filters [
 	for _, f := range filters {
 		switch f.Type {
 		case gwv1.HTTPRouteFilterRequestHeaderModifier:
-			if f.RequestHeaderModifier != nil {
-				route.RequestHeadersToAdd = append(route.RequestHeadersToAdd, headerOptions(f.RequestHeaderModifier)...)
-				route.RequestHeadersToRemove = append(route.RequestHeadersToRemove, lower(f.RequestHeaderModifier.Remove)...)
-			}
+			modifyHeaders(route, f.RequestHeaderModifier, nil)
 		case gwv1.HTTPRouteFilterResponseHeaderModifier:
-			if f.ResponseHeaderModifier != nil {
-				route.ResponseHeadersToAdd = append(route.ResponseHeadersToAdd, headerOptions(f.ResponseHeaderModifier)...)
-				route.ResponseHeadersToRemove = append(route.ResponseHeadersToRemove, lower(f.ResponseHeaderModifier.Remove)...)
-			}
+			modifyHeaders(route, nil, f.ResponseHeaderModifier)
 		case gwv1.HTTPRouteFilterRequestRedirect:
 			if rr := f.RequestRedirect; rr != nil {
 				route.Action = &routev3.Route_Redirect{Redirect: redirect(rr, m)}
@@ -359,6 +353,18 @@ func (t *translator) httpFilters(route *routev3.Route, r *model.Route, filters [
 		default:
 			*unsupported = true
 		}
+	}
+}
+
+// modifyHeaders applies Gateway API request and response header filters.
+func modifyHeaders(route *routev3.Route, req, resp *gwv1.HTTPHeaderFilter) {
+	if req != nil {
+		route.RequestHeadersToAdd = append(route.RequestHeadersToAdd, headerOptions(req)...)
+		route.RequestHeadersToRemove = append(route.RequestHeadersToRemove, lower(req.Remove)...)
+	}
+	if resp != nil {
+		route.ResponseHeadersToAdd = append(route.ResponseHeadersToAdd, headerOptions(resp)...)
+		route.ResponseHeadersToRemove = append(route.ResponseHeadersToRemove, lower(resp.Remove)...)
 	}
 }
 
@@ -508,15 +514,9 @@ func (t *translator) grpcRoute(svc *model.Service, sp *model.ServicePort, r *mod
 			for _, f := range rule.Filters {
 				switch f.Type {
 				case gwv1.GRPCRouteFilterRequestHeaderModifier:
-					if f.RequestHeaderModifier != nil {
-						route.RequestHeadersToAdd = append(route.RequestHeadersToAdd, headerOptions(f.RequestHeaderModifier)...)
-						route.RequestHeadersToRemove = append(route.RequestHeadersToRemove, lower(f.RequestHeaderModifier.Remove)...)
-					}
+					modifyHeaders(route, f.RequestHeaderModifier, nil)
 				case gwv1.GRPCRouteFilterResponseHeaderModifier:
-					if f.ResponseHeaderModifier != nil {
-						route.ResponseHeadersToAdd = append(route.ResponseHeadersToAdd, headerOptions(f.ResponseHeaderModifier)...)
-						route.ResponseHeadersToRemove = append(route.ResponseHeadersToRemove, lower(f.ResponseHeaderModifier.Remove)...)
-					}
+					modifyHeaders(route, nil, f.ResponseHeaderModifier)
 				case gwv1.GRPCRouteFilterRequestMirror:
 					if ok && f.RequestMirror != nil {
 						t.addMirror(action, r, f.RequestMirror)

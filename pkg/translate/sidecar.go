@@ -55,6 +55,14 @@ func Sidecar(mesh *model.Mesh, w *model.Workload) (*Resources, []model.Problem) 
 	res := &Resources{}
 	res.Listeners = append(res.Listeners, t.outboundListener(), t.inboundListener(), t.statsListener(), t.readinessListener())
 	t.addStaticClusters()
+	t.collect(res)
+	res.Secrets = []string{SecretWorkloadCert, SecretTrustBundle}
+	return res, dedupeProblems(t.problems)
+}
+
+// collect moves the clusters, endpoints and routes the translation built
+// into res and sorts every list by name, so the output is deterministic.
+func (t *translator) collect(res *Resources) {
 	for _, c := range t.clusters {
 		res.Clusters = append(res.Clusters, c)
 	}
@@ -68,8 +76,6 @@ func Sidecar(mesh *model.Mesh, w *model.Workload) (*Resources, []model.Problem) 
 	slices.SortFunc(res.Clusters, func(a, b *clusterv3.Cluster) int { return cmp.Compare(a.Name, b.Name) })
 	slices.SortFunc(res.Endpoints, func(a, b *endpointv3.ClusterLoadAssignment) int { return cmp.Compare(a.ClusterName, b.ClusterName) })
 	slices.SortFunc(res.Routes, func(a, b *routev3.RouteConfiguration) int { return cmp.Compare(a.Name, b.Name) })
-	res.Secrets = []string{SecretWorkloadCert, SecretTrustBundle}
-	return res, dedupeProblems(t.problems)
 }
 
 func dedupeProblems(ps []model.Problem) []model.Problem {
