@@ -1,13 +1,13 @@
 package ca
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"sync"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
@@ -46,15 +46,16 @@ func (r *Rotating) Sign(ctx context.Context, csrDER []byte, id spiffeid.ID, ttl 
 	return r.Signer().Sign(ctx, csrDER, id, ttl)
 }
 
-// BundlePEM implements Backend: every trusted root.
+// BundlePEM implements Backend: every trusted root, as a SPIFFE X.509
+// bundle (go-spiffe) marshalled to PEM.
 func (r *Rotating) BundlePEM(context.Context) ([]byte, error) {
 	r.mu.RLock()
 	defer r.mu.RUnlock()
-	var b bytes.Buffer
+	b := x509bundle.New(spiffeid.RequireTrustDomainFromString("trellis.bundle"))
 	for _, a := range r.trusted {
-		b.Write(a.RootPEM())
+		b.AddX509Authority(a.Root())
 	}
-	return b.Bytes(), nil
+	return b.Marshal()
 }
 
 // Fingerprint is the SHA-256 of a root certificate, hex.
