@@ -75,9 +75,20 @@ build:
 	@mkdir -p $(BIN)
 	$(GO) build -o $(BIN)/ ./cmd/...
 
+## iptables and iproute2 for trellis-init's network-namespace tests: installed
+## when missing and running as root (CI), otherwise those tests say SKIP.
+.PHONY: test-deps
+test-deps:
+	@if command -v iptables-restore >/dev/null && command -v ip >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo ">> installing iptables and iproute2 for the network-namespace tests"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q iptables iproute2 >/dev/null || \
+		{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q iptables iproute2 >/dev/null; }; \
+	else echo ">> iptables-restore or ip missing and not root: the network-namespace tests will SKIP"; fi
+
 ## Tests: unit and integration (real kube-apiserver + etcd through envtest).
 .PHONY: test
-test: kube-binaries
+test: kube-binaries test-deps
 	@start=$$SECONDS; \
 	KUBEBUILDER_ASSETS="$${KUBEBUILDER_ASSETS:-$(BIN)/k8s}" $(GO) test $(GOTEST_FLAGS) ./...; \
 	echo "go test took $$((SECONDS - start))s"
