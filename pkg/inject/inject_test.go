@@ -1,0 +1,103 @@
+package inject_test
+
+import (
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+	"github.com/google/go-cmp/cmp"
+	"google.golang.org/protobuf/encoding/protojson"
+	"k8s.io/apimachinery/pkg/api/equality"
+	corev1 "k8s.io/api/core/v1"
+	"sigs.k8s.io/yaml"
+
+	"github.com/trellis-mesh/trellis/pkg/inject"
+)
+
+var update = flag.Bool("update", false, "rewrite testdata/*.injected.yaml")
+
+var cfg = inject.Config{InitImage: "ghcr.io/trellis-mesh/trellis-init:v0.1.0", XDSHost: "trellis-xds.trellis-system.svc", XDSPort: 15012}
+
+type golden struct {
+	Warnings []string    `json:"warnings,omitempty"`
+	Pod      *corev1.Pod `json:"pod"`
+}
+
+// TestInjectionGolden injects every testdata/<case>.yaml pod and compares
+// with <case>.injected.yaml; injecting the result again changes nothing.
+func TestInjectionGolden(t *testing.T) {
+	inputs, _ := filepath.Glob("testdata/*.yaml")
+	n := 0
+	for _, in := range inputs {
+		if strings.HasSuffix(in, ".injected.yaml") {
+			continue
+		}
+		n++
+		name := strings.TrimSuffix(filepath.Base(in), ".yaml")
+		t.Run(name, func(t *testing.T) {
+			b, err := os.ReadFile(in)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var pod corev1.Pod
+			if err := yaml.UnmarshalStrict(b, &pod); err != nil {
+				t.Fatal(err)
+			}
+			got, warnings := inject.Pod(&pod, cfg)
+			again, _ := inject.Pod(got, cfg)
+			if !equality.Semantic.DeepEqual(got, again) {
+				t.Error("injecting an injected pod changed it")
+			}
+			out, err := yaml.Marshal(golden{Warnings: warnings, Pod: got})
+			if err != nil {
+				t.Fatal(err)
+			}
+			path := filepath.Join("testdata", name+".injected.yaml")
+			if *update {
+				if err := os.WriteFile(path, out, 0o644); err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			want, err := os.ReadFile(path)
+			if err != nil {
+				t.Fatalf("%v (run go test ./pkg/inject -update)", err)
+			}
+			if diff := cmp.Diff(string(want), string(out)); diff != "" {
+				t.Errorf("%s differs (-want +got):\n%s", path, diff)
+			}
+		})
+	}
+	if n < 6 {
+		t.Errorf("only %d injection cases", n)
+	}
+}
+
+// TestBootstrapIsValidEnvoyConfig parses the injected --config-yaml back into
+// Envoy's Bootstrap (unknown fields rejected) and validates it.
+func TestBootstrapIsValidEnvoyConfig(t *testing.T) {
+	y, err := inject.EnvoyBootstrap(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	j, err := yaml.YAMLToJSON([]byte(y))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b bootstrapv3.Bootstrap
+	if err := protojson.Unmarshal(j, &b); err != nil {
+		t.Fatalf("not an Envoy bootstrap: %v", err)
+	}
+	if err := b.ValidateAll(); err != nil {
+		t.Fatal(err)
+	}
+	if a := b.GetAdmin().GetAddress().GetSocketAddress(); a.GetAddress() != "127.0.0.1" || a.GetPortValue() != 15000 {
+		t.Errorf("admin listens on %v", a)
+	}
+	if !strings.HasPrefix(b.GetNode().GetId(), "sidecar~$(POD_IP)~$(POD_NAME).$(POD_NAMESPACE)~") {
+		t.Errorf("node id %q", b.GetNode().GetId())
+	}
+}
