@@ -276,4 +276,3 @@ func cidrList(v string) (string, bool) {
 	}
 	return strings.Join(out, ","), len(out) > 0
 }
-
