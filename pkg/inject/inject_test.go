@@ -101,3 +101,45 @@ func TestBootstrapIsValidEnvoyConfig(t *testing.T) {
 		t.Errorf("node id %q", b.GetNode().GetId())
 	}
 }
+
+// FuzzAnnotations feeds arbitrary values to every trellis.dev annotation:
+// injection never panics, stays idempotent, and only passes values to
+// trellis-init that its flags accept.
+func FuzzAnnotations(f *testing.F) {
+	f.Add("250m", "256Mi", "debug", "9090,9091", "5432", "10.0.0.0/8", "grpc")
+	f.Add("", "x", "loud", "http", "-1", "10.0.0.0/33", "envoy")
+	f.Fuzz(func(t *testing.T, cpu, mem, level, in, out, cidrs, proxy string) {
+		pod := &corev1.Pod{Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "app", Image: "app"}}}}
+		pod.Name, pod.Namespace = "p", "ns"
+		pod.Annotations = map[string]string{
+			"trellis.dev/proxy-cpu": cpu, "trellis.dev/proxy-memory": mem, "trellis.dev/log-level": level,
+			"trellis.dev/exclude-inbound-ports": in, "trellis.dev/exclude-outbound-ports": out,
+			"trellis.dev/exclude-outbound-cidrs": cidrs, "trellis.dev/proxy": proxy,
+		}
+		got, _ := inject.Pod(pod, cfg)
+		again, _ := inject.Pod(got, cfg)
+		if !equality.Semantic.DeepEqual(got, again) {
+			t.Fatal("not idempotent")
+		}
+		for _, c := range got.Spec.InitContainers {
+			if c.Name != inject.InitContainer {
+				continue
+			}
+			for _, a := range c.Args {
+				k, v, _ := strings.Cut(a, "=")
+				switch k {
+				case "--exclude-inbound-ports", "--exclude-outbound-ports":
+					for _, p := range strings.Split(v, ",") {
+						if p == "" || strings.ContainsAny(p, " -") {
+							t.Fatalf("bad port list passed on: %q", a)
+						}
+					}
+				case "--exclude-outbound-cidrs":
+					if strings.Contains(v, " ") {
+						t.Fatalf("bad CIDR list passed on: %q", a)
+					}
+				}
+			}
+		}
+	})
+}
