@@ -45,6 +45,11 @@ func run() error {
 	fs.DurationVar(&o.TokenReviewTTL, "xds-tokenreview-cache-ttl", o.TokenReviewTTL, "Longest a successful TokenReview is reused (never past the token's expiry).")
 	fs.DurationVar(&o.RootRotationOverlap, "root-rotation-overlap", o.RootRotationOverlap, "Least time each phase of a root rotation (Overlap, Reissue) lasts; start one by creating the Secret trellis-ca-next.")
 	fs.DurationVar(&o.RootRotationTick, "root-rotation-check-interval", o.RootRotationTick, "How often the root Secrets are checked.")
+	fs.IntVar(&o.WebhookPort, "webhook-port", o.WebhookPort, "Port of the injection webhook (HTTPS).")
+	fs.StringVar(&o.WebhookCertDir, "webhook-cert-dir", o.WebhookCertDir, "Directory with the webhook's tls.crt and tls.key; without them the webhook is not served.")
+	fs.StringVar(&o.InitImage, "init-image", o.InitImage, "trellis-init image injected into pods.")
+	fs.StringVar(&o.XDSServiceHost, "xds-service-host", "", "Host injected proxies dial for xDS (default trellis-xds.<namespace>.svc).")
+	fs.IntVar(&o.XDSServicePort, "xds-service-port", o.XDSServicePort, "Port injected proxies dial for xDS.")
 	zapOpts := zap.Options{}
 	zapOpts.BindFlags(fs)
 	fs.Usage = func() {

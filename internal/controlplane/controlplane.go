@@ -5,12 +5,15 @@ package controlplane
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"sync/atomic"
 	"time"
 
@@ -32,11 +35,14 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
 	"sigs.k8s.io/controller-runtime/pkg/metrics/filters"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+	"sigs.k8s.io/controller-runtime/pkg/webhook"
+	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
 	"github.com/trellis-mesh/trellis/pkg/ca"
 	"github.com/trellis-mesh/trellis/pkg/controller"
+	"github.com/trellis-mesh/trellis/pkg/inject"
 	"github.com/trellis-mesh/trellis/pkg/model"
 	"github.com/trellis-mesh/trellis/pkg/xds"
 )
@@ -72,6 +78,16 @@ type Options struct {
 	RootRotationOverlap time.Duration
 	// RootRotationTick is how often the root Secrets are checked.
 	RootRotationTick time.Duration
+	// Webhook serving: the injection webhook is served when CertDir holds
+	// tls.crt and tls.key.
+	WebhookHost, WebhookCertDir string
+	WebhookPort                 int
+	// InitImage is the trellis-init image injected into pods.
+	InitImage string
+	// XDSServiceHost and XDSServicePort are how injected proxies reach the
+	// control plane (default trellis-xds.<namespace>.svc:15012).
+	XDSServiceHost string
+	XDSServicePort int
 }
 
 // Defaults returns the production defaults.
@@ -82,6 +98,8 @@ func Defaults() Options {
 		Debounce: 100 * time.Millisecond, MaxDelay: 10 * time.Second, MaxConnectionAge: 30 * time.Minute,
 		ConnectionRate: 100, Audience: "trellis", VerifyPeerIP: true, TokenReviewTTL: 5 * time.Minute,
 		RootRotationOverlap: time.Hour, RootRotationTick: 10 * time.Second,
+		WebhookPort: 9443, WebhookCertDir: filepath.Join(os.TempDir(), "k8s-webhook-server", "serving-certs"),
+		InitImage: "ghcr.io/trellis-mesh/trellis-init:dev", XDSServicePort: 15012,
 	}
 }
 
@@ -186,6 +204,7 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 		LeaderElectionNamespace: leNamespace,
 		Logger:                  o.Log,
 		Controller:              config.Controller{SkipNameValidation: &o.SkipControllerNameValidation},
+		WebhookServer:           webhook.NewServer(webhook.Options{Host: o.WebhookHost, Port: o.WebhookPort, CertDir: o.WebhookCertDir}),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("manager: %w", err)
@@ -282,6 +301,18 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 		},
 	}).SetupWithManager(mgr); err != nil {
 		return nil, err
+	}
+
+	if _, err := os.Stat(filepath.Join(o.WebhookCertDir, "tls.crt")); err == nil {
+		xdsHost := cmp.Or(o.XDSServiceHost, "trellis-xds."+o.Namespace+".svc")
+		mgr.GetWebhookServer().Register(inject.WebhookPath, &webhook.Admission{Handler: &inject.Webhook{
+			Decoder: admission.NewDecoder(scheme),
+			Config: func() inject.Config {
+				return inject.Config{Mesh: cp.mesh().Config, InitImage: o.InitImage, XDSHost: xdsHost, XDSPort: o.XDSServicePort}
+			},
+		}})
+	} else {
+		o.Log.Info("injection webhook not served: no serving certificate", "certDir", o.WebhookCertDir)
 	}
 
 	dns := o.XDSDNSNames

@@ -26,6 +26,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
+	admissionv1 "k8s.io/api/admissionregistration/v1"
 	authnv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -34,8 +35,10 @@ import (
 	"k8s.io/client-go/kubernetes"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/envtest"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
+	"sigs.k8s.io/yaml"
 
 	"github.com/trellis-mesh/trellis/internal/controlplane"
 	"github.com/trellis-mesh/trellis/internal/testenv"
@@ -52,7 +55,24 @@ var logger = zap.New(zap.WriteTo(os.Stderr), zap.UseDevMode(true), zap.Level(zap
 
 func TestMain(m *testing.M) {
 	ctrl.SetLogger(logger)
-	testenv.Main(m, &env)
+	testenv.Main(m, &env, testenv.Options{Webhooks: &envtest.WebhookInstallOptions{MutatingWebhooks: injectionWebhook()}})
+}
+
+// injectionWebhook is the generated configuration with the namespace
+// selector the chart adds: only namespaces labelled trellis.dev/inject=enabled.
+func injectionWebhook() []*admissionv1.MutatingWebhookConfiguration {
+	b, err := os.ReadFile("../../config/webhook/manifests.yaml")
+	if err != nil {
+		panic(err)
+	}
+	var mwc admissionv1.MutatingWebhookConfiguration
+	if err := yaml.Unmarshal(b, &mwc); err != nil {
+		panic(err)
+	}
+	for i := range mwc.Webhooks {
+		mwc.Webhooks[i].NamespaceSelector = &metav1.LabelSelector{MatchLabels: map[string]string{"trellis.dev/inject": "enabled"}}
+	}
+	return []*admissionv1.MutatingWebhookConfiguration{&mwc}
 }
 
 const wait = 60 * time.Second // generous: a stall fails, the time is never asserted
@@ -75,6 +95,8 @@ func startPlane(t testing.TB, authority *ca.Authority, mods ...func(*controlplan
 	o.Authority = authority
 	o.Log = logger
 	o.SkipControllerNameValidation = true // one manager per test in this process
+	wh := env.Environment().WebhookInstallOptions
+	o.WebhookHost, o.WebhookPort, o.WebhookCertDir = wh.LocalServingHost, wh.LocalServingPort, wh.LocalServingCertDir
 	for _, m := range mods {
 		m(&o)
 	}

@@ -53,6 +53,9 @@ type Options struct {
 	CRDs []*apiextensionsv1.CustomResourceDefinition
 	// AddToScheme registers further kinds with the client's scheme.
 	AddToScheme []func(*runtime.Scheme) error
+	// Webhooks are admission webhooks the apiserver calls on the test's
+	// local webhook server (envtest fills in host, port and certificates).
+	Webhooks *envtest.WebhookInstallOptions
 }
 
 // Scheme returns a scheme with the core Kubernetes kinds and the Trellis API.
@@ -136,6 +139,9 @@ func Start(opts Options) (*Env, error) {
 		Scheme:                   scheme,
 		ControlPlaneStartTimeout: 2 * time.Minute,
 		ControlPlaneStopTimeout:  time.Minute,
+	}
+	if opts.Webhooks != nil {
+		env.WebhookInstallOptions = *opts.Webhooks
 	}
 	start := time.Now()
 	cfg, err := env.Start()
