@@ -46,7 +46,10 @@ func run() error {
 	fs.DurationVar(&o.RootRotationOverlap, "root-rotation-overlap", o.RootRotationOverlap, "Least time each phase of a root rotation (Overlap, Reissue) lasts; start one by creating the Secret trellis-ca-next.")
 	fs.DurationVar(&o.RootRotationTick, "root-rotation-check-interval", o.RootRotationTick, "How often the root Secrets are checked.")
 	fs.IntVar(&o.WebhookPort, "webhook-port", o.WebhookPort, "Port of the injection webhook (HTTPS).")
-	fs.StringVar(&o.WebhookCertDir, "webhook-cert-dir", o.WebhookCertDir, "Directory with the webhook's tls.crt and tls.key; without them the webhook is not served.")
+	var webhookNames string
+	fs.StringVar(&o.WebhookCertDir, "webhook-cert-dir", "", "Directory with the webhook's tls.crt and tls.key (e.g. from cert-manager, whose CA injector then owns the caBundle). Empty: the controller issues the certificate from the mesh root and keeps the caBundle of --webhook-configuration current.")
+	fs.StringVar(&webhookNames, "webhook-dns-names", "", "Comma-separated names of the self-issued webhook certificate (default trellis-webhook.<namespace>.svc and its .cluster.local form).")
+	fs.StringVar(&o.WebhookConfiguration, "webhook-configuration", o.WebhookConfiguration, "MutatingWebhookConfiguration whose caBundle the controller keeps current.")
 	fs.StringVar(&o.InitImage, "init-image", o.InitImage, "trellis-init image injected into pods.")
 	fs.StringVar(&o.XDSServiceHost, "xds-service-host", "", "Host injected proxies dial for xDS (default trellis-xds.<namespace>.svc).")
 	fs.IntVar(&o.XDSServicePort, "xds-service-port", o.XDSServicePort, "Port injected proxies dial for xDS.")
@@ -57,6 +60,11 @@ func run() error {
 		fs.PrintDefaults()
 	}
 	flag.Parse()
+	for _, n := range strings.Split(webhookNames, ",") {
+		if n = strings.TrimSpace(n); n != "" {
+			o.WebhookDNSNames = append(o.WebhookDNSNames, n)
+		}
+	}
 	for _, n := range strings.Split(dnsNames, ",") {
 		if n = strings.TrimSpace(n); n != "" {
 			o.XDSDNSNames = append(o.XDSDNSNames, n)

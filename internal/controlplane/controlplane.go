@@ -12,8 +12,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"os"
-	"path/filepath"
 	"sync/atomic"
 	"time"
 
@@ -78,10 +76,16 @@ type Options struct {
 	RootRotationOverlap time.Duration
 	// RootRotationTick is how often the root Secrets are checked.
 	RootRotationTick time.Duration
-	// Webhook serving: the injection webhook is served when CertDir holds
-	// tls.crt and tls.key.
+	// Webhook serving: the injection webhook is served with a certificate
+	// the control plane issues itself from the mesh root for
+	// WebhookDNSNames, and the caBundle of the MutatingWebhookConfiguration
+	// WebhookConfiguration is kept equal to the trust bundle. With
+	// WebhookCertDir set instead (e.g. cert-manager's CA injector manages
+	// the bundle), tls.crt and tls.key there are used.
 	WebhookHost, WebhookCertDir string
 	WebhookPort                 int
+	WebhookDNSNames             []string
+	WebhookConfiguration        string
 	// InitImage is the trellis-init image injected into pods.
 	InitImage string
 	// XDSServiceHost and XDSServicePort are how injected proxies reach the
@@ -98,7 +102,7 @@ func Defaults() Options {
 		Debounce: 100 * time.Millisecond, MaxDelay: 10 * time.Second, MaxConnectionAge: 30 * time.Minute,
 		ConnectionRate: 100, Audience: "trellis", VerifyPeerIP: true, TokenReviewTTL: 5 * time.Minute,
 		RootRotationOverlap: time.Hour, RootRotationTick: 10 * time.Second,
-		WebhookPort: 9443, WebhookCertDir: filepath.Join(os.TempDir(), "k8s-webhook-server", "serving-certs"),
+		WebhookPort: 9443, WebhookConfiguration: "trellis-injection",
 		InitImage: "ghcr.io/trellis-mesh/trellis-init:dev", XDSServicePort: 15012,
 	}
 }
@@ -120,6 +124,9 @@ type ControlPlane struct {
 	Ready   chan struct{}
 	opts    Options
 	serving atomic.Pointer[tls.Certificate]
+	// webhookCert is the injection webhook\'s serving certificate.
+	webhookCert   atomic.Pointer[tls.Certificate]
+	webhookBundle *controller.WebhookBundle
 	// servingRenew is when the serving certificate is due for renewal.
 	servingRenew atomic.Int64
 	dnsNames     []string
@@ -142,7 +149,34 @@ func (cp *ControlPlane) reissueServing() error {
 	}
 	cp.serving.Store(&pair)
 	cp.servingRenew.Store(ca.RotateAt(issued.NotAfter.Add(-servingLifetime), issued.NotAfter, 50, 0).UnixNano())
+	if cp.opts.WebhookCertDir == "" {
+		names := cp.opts.WebhookDNSNames
+		if len(names) == 0 {
+			names = []string{"trellis-webhook." + cp.opts.Namespace + ".svc", "trellis-webhook." + cp.opts.Namespace + ".svc.cluster.local"}
+		}
+		wh, err := cp.rotating.Signer().IssueServing(names, servingLifetime)
+		if err != nil {
+			return err
+		}
+		whPair, err := wh.TLSCertificate()
+		if err != nil {
+			return err
+		}
+		cp.webhookCert.Store(&whPair)
+	}
 	return nil
+}
+
+// webhookOptions serves the self-issued webhook certificate unless a
+// certificate directory is configured.
+func (cp *ControlPlane) webhookOptions(o Options) webhook.Options {
+	wo := webhook.Options{Host: o.WebhookHost, Port: o.WebhookPort, CertDir: o.WebhookCertDir}
+	if o.WebhookCertDir == "" {
+		wo.TLSOpts = []func(*tls.Config){func(c *tls.Config) {
+			c.GetCertificate = func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return cp.webhookCert.Load(), nil }
+		}}
+	}
+	return wo
 }
 
 // renewServing re-issues the serving certificate when it is due.
@@ -204,7 +238,7 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 		LeaderElectionNamespace: leNamespace,
 		Logger:                  o.Log,
 		Controller:              config.Controller{SkipNameValidation: &o.SkipControllerNameValidation},
-		WebhookServer:           webhook.NewServer(webhook.Options{Host: o.WebhookHost, Port: o.WebhookPort, CertDir: o.WebhookCertDir}),
+		WebhookServer:           webhook.NewServer(cp.webhookOptions(o)),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("manager: %w", err)
@@ -303,7 +337,7 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 		return nil, err
 	}
 
-	if _, err := os.Stat(filepath.Join(o.WebhookCertDir, "tls.crt")); err == nil {
+	{
 		xdsHost := cmp.Or(o.XDSServiceHost, "trellis-xds."+o.Namespace+".svc")
 		mgr.GetWebhookServer().Register(inject.WebhookPath, &webhook.Admission{Handler: &inject.Webhook{
 			Decoder: admission.NewDecoder(scheme),
@@ -311,8 +345,6 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 				return inject.Config{Mesh: cp.mesh().Config, InitImage: o.InitImage, XDSHost: xdsHost, XDSPort: o.XDSServicePort}
 			},
 		}})
-	} else {
-		o.Log.Info("injection webhook not served: no serving certificate", "certDir", o.WebhookCertDir)
 	}
 
 	dns := o.XDSDNSNames
@@ -324,12 +356,38 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 	if err := cp.reissueServing(); err != nil {
 		return nil, err
 	}
+	if o.WebhookCertDir == "" {
+		bundler := &controller.WebhookBundle{Client: direct, Name: o.WebhookConfiguration, Bundle: rotating.BundlePEM}
+		cp.webhookBundle = bundler
+		if err := mgr.Add(manager.RunnableFunc(func(ctx context.Context) error {
+			// Leader keeps the caBundle current; it also runs after each change.
+			t := o.Clock.NewTicker(o.RootRotationTick)
+			defer t.Stop()
+			for {
+				if err := bundler.Sync(ctx); err != nil {
+					o.Log.Error(err, "sync the webhook caBundle")
+				}
+				select {
+				case <-ctx.Done():
+					return nil
+				case <-t.C():
+				}
+			}
+		})); err != nil {
+			return nil, err
+		}
+	}
 	if o.Authority == nil {
 		rr := &controller.RootRotation{
 			Client: direct, Namespace: o.Namespace, Backend: rotating, Clock: o.Clock, Overlap: o.RootRotationOverlap,
 			OnChange: func() {
 				if err := cp.reissueServing(); err != nil {
 					o.Log.Error(err, "re-issue the xDS serving certificate")
+				}
+				if cp.webhookBundle != nil {
+					if err := cp.webhookBundle.Sync(context.Background()); err != nil {
+						o.Log.Error(err, "sync the webhook caBundle")
+					}
 				}
 				cp.Pusher.RefreshSecrets()
 				select {

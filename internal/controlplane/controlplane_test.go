@@ -96,6 +96,8 @@ func startPlane(t testing.TB, authority *ca.Authority, mods ...func(*controlplan
 	o.Log = logger
 	o.SkipControllerNameValidation = true // one manager per test in this process
 	wh := env.Environment().WebhookInstallOptions
+	// envtest's webhook certificate (directory mode) unless a test asks for
+	// the self-issued one.
 	o.WebhookHost, o.WebhookPort, o.WebhookCertDir = wh.LocalServingHost, wh.LocalServingPort, wh.LocalServingCertDir
 	for _, m := range mods {
 		m(&o)
