@@ -49,7 +49,8 @@ func run() error {
 	var webhookNames string
 	fs.StringVar(&o.WebhookCertDir, "webhook-cert-dir", "", "Directory with the webhook's tls.crt and tls.key (e.g. from cert-manager, whose CA injector then owns the caBundle). Empty: the controller issues the certificate from the mesh root and keeps the caBundle of --webhook-configuration current.")
 	fs.StringVar(&webhookNames, "webhook-dns-names", "", "Comma-separated names of the self-issued webhook certificate (default trellis-webhook.<namespace>.svc and its .cluster.local form).")
-	fs.StringVar(&o.WebhookConfiguration, "webhook-configuration", o.WebhookConfiguration, "MutatingWebhookConfiguration whose caBundle the controller keeps current.")
+	fs.StringVar(&o.WebhookConfiguration, "webhook-configuration", o.WebhookConfiguration, "MutatingWebhookConfiguration (injection) whose caBundle the controller keeps current.")
+	fs.StringVar(&o.ValidatingConfiguration, "validating-webhook-configuration", o.ValidatingConfiguration, "ValidatingWebhookConfiguration (Trellis objects) whose caBundle the controller keeps current.")
 	fs.StringVar(&o.InitImage, "init-image", o.InitImage, "trellis-init image injected into pods.")
 	fs.StringVar(&o.XDSServiceHost, "xds-service-host", "", "Host injected proxies dial for xDS (default trellis-xds.<namespace>.svc).")
 	fs.IntVar(&o.XDSServicePort, "xds-service-port", o.XDSServicePort, "Port injected proxies dial for xDS.")

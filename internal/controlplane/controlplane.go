@@ -86,6 +86,7 @@ type Options struct {
 	WebhookPort                 int
 	WebhookDNSNames             []string
 	WebhookConfiguration        string
+	ValidatingConfiguration     string
 	// InitImage is the trellis-init image injected into pods.
 	InitImage string
 	// XDSServiceHost and XDSServicePort are how injected proxies reach the
@@ -102,7 +103,7 @@ func Defaults() Options {
 		Debounce: 100 * time.Millisecond, MaxDelay: 10 * time.Second, MaxConnectionAge: 30 * time.Minute,
 		ConnectionRate: 100, Audience: "trellis", VerifyPeerIP: true, TokenReviewTTL: 5 * time.Minute,
 		RootRotationOverlap: time.Hour, RootRotationTick: 10 * time.Second,
-		WebhookPort: 9443, WebhookConfiguration: "trellis-injection",
+		WebhookPort: 9443, WebhookConfiguration: "trellis-injection", ValidatingConfiguration: "trellis-validation",
 		InitImage: "ghcr.io/trellis-mesh/trellis-init:dev", XDSServicePort: 15012,
 	}
 }
@@ -339,6 +340,9 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 
 	{
 		xdsHost := cmp.Or(o.XDSServiceHost, "trellis-xds."+o.Namespace+".svc")
+		mgr.GetWebhookServer().Register(controller.ValidatePath, &webhook.Admission{Handler: &controller.Validator{
+			Client: mgr.GetClient(), Decoder: admission.NewDecoder(scheme),
+		}})
 		mgr.GetWebhookServer().Register(inject.WebhookPath, &webhook.Admission{Handler: &inject.Webhook{
 			Decoder: admission.NewDecoder(scheme),
 			Config: func() inject.Config {
@@ -357,7 +361,7 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 		return nil, err
 	}
 	if o.WebhookCertDir == "" {
-		bundler := &controller.WebhookBundle{Client: direct, Name: o.WebhookConfiguration, Bundle: rotating.BundlePEM}
+		bundler := &controller.WebhookBundle{Client: direct, Name: o.WebhookConfiguration, ValidatingName: o.ValidatingConfiguration, Bundle: rotating.BundlePEM}
 		cp.webhookBundle = bundler
 		if err := mgr.Add(manager.RunnableFunc(func(ctx context.Context) error {
 			// Leader keeps the caBundle current; it also runs after each change.

@@ -32,15 +32,16 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
-	"sigs.k8s.io/yaml"
 
 	"github.com/trellis-mesh/trellis/internal/controlplane"
+	"github.com/trellis-mesh/trellis/internal/localcluster"
 	"github.com/trellis-mesh/trellis/internal/testenv"
 	"github.com/trellis-mesh/trellis/internal/testgen"
 	"github.com/trellis-mesh/trellis/internal/xdsclient"
@@ -55,24 +56,39 @@ var logger = zap.New(zap.WriteTo(os.Stderr), zap.UseDevMode(true), zap.Level(zap
 
 func TestMain(m *testing.M) {
 	ctrl.SetLogger(logger)
-	testenv.Main(m, &env, testenv.Options{Webhooks: &envtest.WebhookInstallOptions{MutatingWebhooks: injectionWebhook()}})
+	mutating, validating := webhooks()
+	testenv.Main(m, &env, testenv.Options{Webhooks: &envtest.WebhookInstallOptions{MutatingWebhooks: mutating, ValidatingWebhooks: validating}})
 }
 
-// injectionWebhook is the generated configuration with the namespace
-// selector the chart adds: only namespaces labelled trellis.dev/inject=enabled.
-func injectionWebhook() []*admissionv1.MutatingWebhookConfiguration {
-	b, err := os.ReadFile("../../config/webhook/manifests.yaml")
+// webhooks are the generated configurations with the namespace selector
+// the chart adds to injection: only namespaces labelled trellis.dev/inject=enabled.
+func webhooks() ([]*admissionv1.MutatingWebhookConfiguration, []*admissionv1.ValidatingWebhookConfiguration) {
+	objs, err := localcluster.ReadManifests("../../config/webhook/manifests.yaml")
 	if err != nil {
 		panic(err)
 	}
-	var mwc admissionv1.MutatingWebhookConfiguration
-	if err := yaml.Unmarshal(b, &mwc); err != nil {
-		panic(err)
+	var mut []*admissionv1.MutatingWebhookConfiguration
+	var val []*admissionv1.ValidatingWebhookConfiguration
+	for _, u := range objs {
+		switch u.GetKind() {
+		case "MutatingWebhookConfiguration":
+			var mwc admissionv1.MutatingWebhookConfiguration
+			if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, &mwc); err != nil {
+				panic(err)
+			}
+			for i := range mwc.Webhooks {
+				mwc.Webhooks[i].NamespaceSelector = &metav1.LabelSelector{MatchLabels: map[string]string{"trellis.dev/inject": "enabled"}}
+			}
+			mut = append(mut, &mwc)
+		case "ValidatingWebhookConfiguration":
+			var vwc admissionv1.ValidatingWebhookConfiguration
+			if err := runtime.DefaultUnstructuredConverter.FromUnstructured(u.Object, &vwc); err != nil {
+				panic(err)
+			}
+			val = append(val, &vwc)
+		}
 	}
-	for i := range mwc.Webhooks {
-		mwc.Webhooks[i].NamespaceSelector = &metav1.LabelSelector{MatchLabels: map[string]string{"trellis.dev/inject": "enabled"}}
-	}
-	return []*admissionv1.MutatingWebhookConfiguration{&mwc}
+	return mut, val
 }
 
 const wait = 60 * time.Second // generous: a stall fails, the time is never asserted

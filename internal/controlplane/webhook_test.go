@@ -4,12 +4,14 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
 	admissionv1 "k8s.io/api/admissionregistration/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/trellis-mesh/trellis/internal/controlplane"
@@ -146,4 +148,87 @@ func TestWebhookCABundleFollowsRootRotation(t *testing.T) {
 	}
 	admit()
 	t.Logf("%d pods admitted and injected across the rotation", admitted)
+}
+
+type warnings struct{ got []string }
+
+func (w *warnings) HandleWarningHeader(_ int, _ string, text string) { w.got = append(w.got, text) }
+
+// TestValidatingWebhook has the apiserver ask the control plane about
+// Trellis objects: cross-object conflicts are rejected with a message
+// naming the field, a missing target Service is only a warning.
+func TestValidatingWebhook(t *testing.T) {
+	startPlane(t, nil)
+	ns := env.Namespace(t, nil)
+	create(t, testgen.Service(ns, "reviews", "", testgen.Port("http", 9080, 8080)))
+	cfg := rest.CopyConfig(env.Config)
+	w := &warnings{}
+	cfg.WarningHandler = w
+	c, err := client.New(cfg, client.Options{Scheme: env.Scheme})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	bp := func(name, target string) *meshv1alpha1.BackendPolicy {
+		return &meshv1alpha1.BackendPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}, Spec: meshv1alpha1.BackendPolicySpec{
+			TargetRefs: []meshv1alpha1.PolicyTargetReference{{Name: target}}, Timeout: new(meshv1alpha1.Duration("3s")),
+		}}
+	}
+	// The webhook is served once the manager runs; retry until it answers.
+	deadline := time.Now().Add(wait)
+	for {
+		err := c.Create(ctx, bp("first", "reviews"))
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal(err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	for {
+		err := c.Create(ctx, bp("second", "reviews"))
+		if err != nil && strings.Contains(err.Error(), "already has BackendPolicy first") {
+			if !strings.Contains(err.Error(), "spec.targetRefs[0]") {
+				t.Errorf("the rejection does not name the field: %v", err)
+			}
+			break
+		}
+		if err == nil {
+			// The webhook fails open: it was not serving yet. Try again.
+			_ = c.Delete(ctx, bp("second", "reviews"))
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("second BackendPolicy on one Service not rejected: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	w.got = nil
+	if err := c.Create(ctx, bp("ghost", "ghost")); err != nil {
+		t.Fatalf("a policy for a missing Service must be accepted: %v", err)
+	}
+	if len(w.got) != 1 || !strings.Contains(w.got[0], "ghost does not exist") {
+		t.Errorf("warnings %q", w.got)
+	}
+	rule := []meshv1alpha1.AccessRule{{From: []meshv1alpha1.AccessSource{{Namespace: new("shop")}}}}
+	allow := &meshv1alpha1.AccessPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "allow"}, Spec: meshv1alpha1.AccessPolicySpec{
+		TargetRefs: []meshv1alpha1.PolicyTargetReference{{Name: "reviews"}}, Action: meshv1alpha1.AccessAllow, Rules: rule}}
+	deny := allow.DeepCopy()
+	deny.Name, deny.Spec.Action = "deny", meshv1alpha1.AccessDeny
+	if err := c.Create(ctx, allow); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Create(ctx, deny); err == nil || !strings.Contains(err.Error(), "contradicts AccessPolicy allow") {
+		t.Errorf("a contradicting AccessPolicy was not rejected: %v", err)
+	}
+	es := func(name string) *meshv1alpha1.ExternalService {
+		return &meshv1alpha1.ExternalService{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}, Spec: meshv1alpha1.ExternalServiceSpec{
+			Hosts: []string{"api.example.com"}, Ports: []meshv1alpha1.ExternalPort{{Number: 443, Protocol: meshv1alpha1.ExternalTLS}}}}
+	}
+	if err := c.Create(ctx, es("a")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Create(ctx, es("b")); err == nil || !strings.Contains(err.Error(), "already declared by ExternalService") {
+		t.Errorf("a duplicate ExternalService was not rejected: %v", err)
+	}
 }

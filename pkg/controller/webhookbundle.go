@@ -16,11 +16,14 @@ import (
 // the bundle instead, it is not used.)
 type WebhookBundle struct {
 	Client client.Client
-	Name   string
-	Bundle func(context.Context) ([]byte, error)
+	// Name is the MutatingWebhookConfiguration (injection), ValidatingName
+	// the ValidatingWebhookConfiguration (Trellis objects).
+	Name, ValidatingName string
+	Bundle               func(context.Context) ([]byte, error)
 }
 
 // +kubebuilder:rbac:groups=admissionregistration.k8s.io,resources=mutatingwebhookconfigurations,resourceNames=trellis-injection,verbs=get;update
+// +kubebuilder:rbac:groups=admissionregistration.k8s.io,resources=validatingwebhookconfigurations,resourceNames=trellis-validation,verbs=get;update
 
 // Sync writes the bundle into every webhook of the configuration.
 func (w *WebhookBundle) Sync(ctx context.Context) error {
@@ -30,10 +33,10 @@ func (w *WebhookBundle) Sync(ctx context.Context) error {
 	}
 	var mwc admissionv1.MutatingWebhookConfiguration
 	if err := w.Client.Get(ctx, client.ObjectKey{Name: w.Name}, &mwc); err != nil {
-		if apierrors.IsNotFound(err) {
-			return nil // not installed (yet)
+		if !apierrors.IsNotFound(err) {
+			return err
 		}
-		return err
+		// not installed (yet)
 	}
 	changed := false
 	for i := range mwc.Webhooks {
@@ -42,8 +45,27 @@ func (w *WebhookBundle) Sync(ctx context.Context) error {
 			changed = true
 		}
 	}
+	if changed {
+		if err := w.Client.Update(ctx, &mwc); err != nil {
+			return err
+		}
+	}
+	if w.ValidatingName == "" {
+		return nil
+	}
+	var vwc admissionv1.ValidatingWebhookConfiguration
+	if err := w.Client.Get(ctx, client.ObjectKey{Name: w.ValidatingName}, &vwc); err != nil {
+		return client.IgnoreNotFound(err)
+	}
+	changed = false
+	for i := range vwc.Webhooks {
+		if !bytes.Equal(vwc.Webhooks[i].ClientConfig.CABundle, bundle) {
+			vwc.Webhooks[i].ClientConfig.CABundle = bundle
+			changed = true
+		}
+	}
 	if !changed {
 		return nil
 	}
-	return w.Client.Update(ctx, &mwc)
+	return w.Client.Update(ctx, &vwc)
 }

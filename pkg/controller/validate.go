@@ -1,0 +1,153 @@
+package controller
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"slices"
+
+	corev1 "k8s.io/api/core/v1"
+	apiequality "k8s.io/apimachinery/pkg/api/equality"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
+
+	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
+)
+
+// ValidatePath is where the validating webhook for Trellis objects is served.
+const ValidatePath = "/validate"
+
+// +kubebuilder:webhook:path=/validate,mutating=false,failurePolicy=ignore,sideEffects=None,groups=mesh.trellis.dev,resources=accesspolicies;backendpolicies;externalservices,verbs=create;update,versions=v1alpha1,name=validate.mesh.trellis.dev,admissionReviewVersions=v1
+
+// Validator rejects what CEL cannot see because it spans objects: a second
+// BackendPolicy for a Service, an AccessPolicy whose rule contradicts
+// another's (the same sources and operations allowed by one, denied by the
+// other, on the same Service), an ExternalService claiming a host and port
+// another one has. A target Service that does not exist (yet) is only a
+// warning. It fails open: when the controller is down, the schema's own
+// validation still applies and status reports conflicts.
+type Validator struct {
+	Client  client.Reader
+	Decoder admission.Decoder
+}
+
+// Handle implements admission.Handler.
+func (v *Validator) Handle(ctx context.Context, req admission.Request) admission.Response {
+	switch req.Kind.Kind {
+	case "BackendPolicy":
+		var bp meshv1alpha1.BackendPolicy
+		if err := v.Decoder.Decode(req, &bp); err != nil {
+			return admission.Errored(http.StatusBadRequest, err)
+		}
+		return v.backendPolicy(ctx, &bp)
+	case "AccessPolicy":
+		var ap meshv1alpha1.AccessPolicy
+		if err := v.Decoder.Decode(req, &ap); err != nil {
+			return admission.Errored(http.StatusBadRequest, err)
+		}
+		return v.accessPolicy(ctx, &ap)
+	case "ExternalService":
+		var es meshv1alpha1.ExternalService
+		if err := v.Decoder.Decode(req, &es); err != nil {
+			return admission.Errored(http.StatusBadRequest, err)
+		}
+		return v.externalService(ctx, &es)
+	}
+	return admission.Allowed("")
+}
+
+func (v *Validator) missingTargets(ctx context.Context, ns string, refs []meshv1alpha1.PolicyTargetReference) ([]string, error) {
+	var warnings []string
+	for i, t := range refs {
+		var svc corev1.Service
+		err := v.Client.Get(ctx, client.ObjectKey{Namespace: ns, Name: t.Name}, &svc)
+		if apierrors.IsNotFound(err) {
+			warnings = append(warnings, fmt.Sprintf("spec.targetRefs[%d]: Service %s/%s does not exist (yet); the policy applies once it does", i, ns, t.Name))
+		} else if err != nil {
+			return nil, err
+		}
+	}
+	return warnings, nil
+}
+
+func (v *Validator) backendPolicy(ctx context.Context, bp *meshv1alpha1.BackendPolicy) admission.Response {
+	var others meshv1alpha1.BackendPolicyList
+	if err := v.Client.List(ctx, &others, client.InNamespace(bp.Namespace)); err != nil {
+		return admission.Errored(http.StatusInternalServerError, err)
+	}
+	for i, t := range bp.Spec.TargetRefs {
+		for _, o := range others.Items {
+			if o.Name == bp.Name {
+				continue
+			}
+			if slices.ContainsFunc(o.Spec.TargetRefs, func(r meshv1alpha1.PolicyTargetReference) bool { return r.Name == t.Name }) {
+				return admission.Denied(fmt.Sprintf("spec.targetRefs[%d]: Service %s already has BackendPolicy %s; only one BackendPolicy applies to a Service", i, t.Name, o.Name))
+			}
+		}
+	}
+	warnings, err := v.missingTargets(ctx, bp.Namespace, bp.Spec.TargetRefs)
+	if err != nil {
+		return admission.Errored(http.StatusInternalServerError, err)
+	}
+	return admission.Allowed("").WithWarnings(warnings...)
+}
+
+func (v *Validator) accessPolicy(ctx context.Context, ap *meshv1alpha1.AccessPolicy) admission.Response {
+	var others meshv1alpha1.AccessPolicyList
+	if err := v.Client.List(ctx, &others, client.InNamespace(ap.Namespace)); err != nil {
+		return admission.Errored(http.StatusInternalServerError, err)
+	}
+	action := func(p *meshv1alpha1.AccessPolicy) meshv1alpha1.AccessAction {
+		if p.Spec.Action == "" {
+			return meshv1alpha1.AccessAllow
+		}
+		return p.Spec.Action
+	}
+	for _, o := range others.Items {
+		if o.Name == ap.Name || action(&o) == action(ap) {
+			continue
+		}
+		shared := slices.ContainsFunc(ap.Spec.TargetRefs, func(t meshv1alpha1.PolicyTargetReference) bool {
+			return slices.ContainsFunc(o.Spec.TargetRefs, func(u meshv1alpha1.PolicyTargetReference) bool { return u.Name == t.Name })
+		})
+		if !shared {
+			continue
+		}
+		for i, r := range ap.Spec.Rules {
+			for j, or := range o.Spec.Rules {
+				if apiequality.Semantic.DeepEqual(r, or) {
+					return admission.Denied(fmt.Sprintf("spec.rules[%d] contradicts AccessPolicy %s rule %d: the same callers and operations are both allowed and denied on a shared target", i, o.Name, j))
+				}
+			}
+		}
+	}
+	warnings, err := v.missingTargets(ctx, ap.Namespace, ap.Spec.TargetRefs)
+	if err != nil {
+		return admission.Errored(http.StatusInternalServerError, err)
+	}
+	return admission.Allowed("").WithWarnings(warnings...)
+}
+
+func (v *Validator) externalService(ctx context.Context, es *meshv1alpha1.ExternalService) admission.Response {
+	var others meshv1alpha1.ExternalServiceList
+	if err := v.Client.List(ctx, &others); err != nil {
+		return admission.Errored(http.StatusInternalServerError, err)
+	}
+	for _, o := range others.Items {
+		if o.Namespace == es.Namespace && o.Name == es.Name {
+			continue
+		}
+		for _, p := range es.Spec.Ports {
+			if !slices.ContainsFunc(o.Spec.Ports, func(q meshv1alpha1.ExternalPort) bool { return q.Number == p.Number }) {
+				continue
+			}
+			for _, h := range es.Spec.Hosts {
+				if slices.Contains(o.Spec.Hosts, h) {
+					return admission.Denied(fmt.Sprintf("spec.hosts: %s port %d is already declared by ExternalService %s/%s", h, p.Number, o.Namespace, o.Name))
+				}
+			}
+		}
+	}
+	return admission.Allowed("")
+}
