@@ -294,14 +294,11 @@ func httpMatch(m gwv1.HTTPRouteMatch) (*routev3.RouteMatch, rankedRoute, bool) {
 	}
 	rank.pathLen = len(strings.TrimRight(value, "/"))
 	for _, h := range m.Headers {
-		sm, ok := stringMatch(h.Type != nil && *h.Type == gwv1.HeaderMatchRegularExpression, h.Value)
+		hm, ok := headerMatch(string(h.Name), h.Type != nil && *h.Type == gwv1.HeaderMatchRegularExpression, h.Value)
 		if !ok {
 			return nil, rank, false
 		}
-		rm.Headers = append(rm.Headers, &routev3.HeaderMatcher{
-			Name:                 strings.ToLower(string(h.Name)),
-			HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{StringMatch: sm},
-		})
+		rm.Headers = append(rm.Headers, hm)
 	}
 	rank.headers = len(m.Headers)
 	for _, q := range m.QueryParams {
@@ -323,6 +320,15 @@ func httpMatch(m gwv1.HTTPRouteMatch) (*routev3.RouteMatch, rankedRoute, bool) {
 		rank.method = true
 	}
 	return rm, rank, true
+}
+
+// headerMatch matches a header (names are case-insensitive: Envoy lowercases them).
+func headerMatch(name string, regex bool, value string) (*routev3.HeaderMatcher, bool) {
+	sm, ok := stringMatch(regex, value)
+	if !ok {
+		return nil, false
+	}
+	return &routev3.HeaderMatcher{Name: strings.ToLower(name), HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{StringMatch: sm}}, true
 }
 
 func stringMatch(regex bool, value string) (*matcherv3.StringMatcher, bool) {
@@ -566,14 +572,11 @@ func grpcMatch(m gwv1.GRPCRouteMatch) (*routev3.RouteMatch, rankedRoute, bool) {
 		rank.pathLen = len(svc)*1000 + len(method)
 	}
 	for _, h := range m.Headers {
-		sm, ok := stringMatch(h.Type != nil && *h.Type == gwv1.GRPCHeaderMatchRegularExpression, h.Value)
+		hm, ok := headerMatch(string(h.Name), h.Type != nil && *h.Type == gwv1.GRPCHeaderMatchRegularExpression, h.Value)
 		if !ok {
 			return nil, rank, false
 		}
-		rm.Headers = append(rm.Headers, &routev3.HeaderMatcher{
-			Name:                 strings.ToLower(string(h.Name)),
-			HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{StringMatch: sm},
-		})
+		rm.Headers = append(rm.Headers, hm)
 	}
 	rank.headers = len(m.Headers)
 	// gRPC requests are HTTP/2 POSTs with a grpc content type.

@@ -65,7 +65,10 @@ func (c Class) typeVersion(typeURL string) string {
 type Cache struct {
 	mu      sync.Mutex
 	classes map[string]Class
-	nodes   map[string]string // node id -> class key
+	// versions caches each class's type versions (computed once in SetClass,
+	// not for every response to every proxy of the class).
+	versions map[string]map[string]string
+	nodes    map[string]string // node id -> class key
 	// perNode holds resources only one node may see (its own certificate
 	// and key over SDS), served on top of its class.
 	perNode map[string]Class
@@ -78,7 +81,7 @@ type Cache struct {
 
 // NewCache returns an empty cache.
 func NewCache() *Cache {
-	return &Cache{classes: map[string]Class{}, nodes: map[string]string{}, perNode: map[string]Class{}, watches: map[*watch]struct{}{}}
+	return &Cache{classes: map[string]Class{}, versions: map[string]map[string]string{}, nodes: map[string]string{}, perNode: map[string]Class{}, watches: map[*watch]struct{}{}}
 }
 
 type watch struct {
@@ -153,6 +156,11 @@ func (c *Cache) SetClass(key string, class Class) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.classes[key] = class
+	v := make(map[string]string, len(class))
+	for typeURL := range class {
+		v[typeURL] = class.typeVersion(typeURL)
+	}
+	c.versions[key] = v
 	for w := range c.watches {
 		if c.nodes[w.nodeID] == key {
 			c.tryRespond(w)
@@ -165,6 +173,7 @@ func (c *Cache) DeleteClass(key string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	delete(c.classes, key)
+	delete(c.versions, key)
 }
 
 // ClassKeys lists the classes held.
@@ -221,6 +230,12 @@ func (c *Cache) tryRespond(w *watch) bool {
 	if !ok {
 		return false
 	}
+	version := func(typeURL string) string {
+		if v, ok := c.versions[key][typeURL]; ok && c.perNode[w.nodeID][typeURL] == nil {
+			return v
+		}
+		return class.typeVersion(typeURL)
+	}
 	if own := c.perNode[w.nodeID]; own != nil {
 		merged := Class{}
 		maps.Copy(merged, class)
@@ -233,9 +248,9 @@ func (c *Cache) tryRespond(w *watch) bool {
 		class = merged
 	}
 	if w.sotw != nil {
-		return c.respondSotw(w, class)
+		return c.respondSotw(w, class, version)
 	}
-	return c.respondDelta(w, class)
+	return c.respondDelta(w, class, version)
 }
 
 // wanted are the class's resources of the watch's type its subscription asks for.
@@ -259,11 +274,11 @@ func wanted(class Class, typeURL string, sub cachev3.Subscription) map[string]*R
 // The first request for listeners or clusters is always answered, so a
 // proxy finishes initialising even when there are none; a NACKed response is
 // not repeated until the content changes (no push loop).
-func (c *Cache) respondSotw(w *watch, class Class) bool {
+func (c *Cache) respondSotw(w *watch, class Class, typeVersion func(string) string) bool {
 	typeURL := w.sotw.GetTypeUrl()
 	want := wanted(class, typeURL, w.sub)
 	known := w.sub.ReturnedResources()
-	version := class.typeVersion(typeURL)
+	version := typeVersion(typeURL)
 	// Only listeners and clusters need an answer to finish initialising when
 	// there is nothing (an empty list is meaningful for them); named types
 	// wait for their resources.
@@ -320,7 +335,7 @@ func (c *Cache) respondSotw(w *watch, class Class) bool {
 
 // respondDelta answers a delta watch with the resources whose version
 // differs from what the client holds and the names it holds that are gone.
-func (c *Cache) respondDelta(w *watch, class Class) bool {
+func (c *Cache) respondDelta(w *watch, class Class, typeVersion func(string) string) bool {
 	typeURL := w.delta.GetTypeUrl()
 	want := wanted(class, typeURL, w.sub)
 	known := w.sub.ReturnedResources()
@@ -346,7 +361,7 @@ func (c *Cache) respondDelta(w *watch, class Class) bool {
 	for n, r := range want {
 		next[n] = r.Version
 	}
-	resp := &discovery.DeltaDiscoveryResponse{SystemVersionInfo: class.typeVersion(typeURL), TypeUrl: typeURL, RemovedResources: removed}
+	resp := &discovery.DeltaDiscoveryResponse{SystemVersionInfo: typeVersion(typeURL), TypeUrl: typeURL, RemovedResources: removed}
 	bytes := 0
 	for _, r := range changed {
 		resp.Resources = append(resp.Resources, &discovery.Resource{Name: r.Name, Version: r.Version, Resource: r.Any})

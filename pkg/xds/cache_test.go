@@ -279,7 +279,7 @@ func TestStockSnapshotCacheDropsNarrowWatch(t *testing.T) {
 	}()
 	select {
 	case <-got:
-		t.Skip("the stock cache answered the narrow first request; the scenario does not apply to this version")
+		t.Skip("SKIP: this go-control-plane version answers the narrow first request, so the #1356 scenario does not apply; the test runs against versions that suppress it (v0.14.0 does)")
 	case <-time.After(2 * time.Second):
 		// v0.14.0 suppresses the response (names are not a superset) and drops the watch.
 	}
