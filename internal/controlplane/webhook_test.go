@@ -11,6 +11,7 @@ import (
 	admissionv1 "k8s.io/api/admissionregistration/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -63,6 +64,20 @@ func TestInjectionWebhook(t *testing.T) {
 			}
 		})
 	}
+	t.Run("an HTTP probe is moved onto the stats port and accepted by the apiserver", func(t *testing.T) {
+		pod := testgen.Pod(meshed, "app-4", testgen.WithProxy(""))
+		pod.Spec.Containers[0].LivenessProbe = &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/healthz", Port: intstr.FromInt32(8080)}}}
+		if err := env.Client.Create(context.Background(), pod); err != nil {
+			t.Fatalf("create: %v", err)
+		}
+		lp := pod.Spec.Containers[0].LivenessProbe
+		if lp.HTTPGet == nil || lp.HTTPGet.Port.IntValue() != 15020 || lp.HTTPGet.Path != "/app-health/"+pod.Spec.Containers[0].Name+"/livez" {
+			t.Errorf("liveness probe %+v", lp.ProbeHandler)
+		}
+		if want := `"httpGet":{"path":"/healthz","port":8080,`; !strings.Contains(pod.Annotations["trellis.dev/probes"], want) {
+			t.Errorf("probes annotation %q lacks %s", pod.Annotations["trellis.dev/probes"], want)
+		}
+	})
 }
 
 // TestWebhookCABundleFollowsRootRotation runs the webhook with the

@@ -50,7 +50,10 @@ type MeshReconciler struct {
 
 	mu                 sync.Mutex
 	translatorProblems []model.Problem
-	wake               chan event.GenericEvent
+	// loggedPodProblems are the pod problems already logged (pods have no
+	// status of ours to carry them).
+	loggedPodProblems map[string]bool
+	wake              chan event.GenericEvent
 }
 
 // SetTranslatorProblems records the problems the last push round found and

@@ -12,6 +12,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	logf "sigs.k8s.io/controller-runtime/pkg/log"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
@@ -86,6 +87,7 @@ func problemsFor(problems []model.Problem, kind, ns, name string) []model.Proble
 // statuses of every route, only where something changed. A conflict means a
 // newer object is on its way and the resulting event reconciles again.
 func (r *MeshReconciler) writeStatus(ctx context.Context, in model.Input, problems []model.Problem) error {
+	r.logPodProblems(ctx, problems)
 	var errs []error
 	update := func(obj client.Object) {
 		if err := r.Client.Status().Update(ctx, obj); err != nil && !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) {
@@ -125,6 +127,23 @@ func (r *MeshReconciler) writeStatus(ctx context.Context, in model.Input, proble
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// logPodProblems logs each problem found on a pod (an unusable probes
+// annotation) once, when it first appears.
+func (r *MeshReconciler) logPodProblems(ctx context.Context, problems []model.Problem) {
+	seen := map[string]bool{}
+	for _, p := range problems {
+		if p.Object.Kind != "Pod" {
+			continue
+		}
+		key := p.String()
+		seen[key] = true
+		if !r.loggedPodProblems[key] {
+			logf.FromContext(ctx).Info("pod cannot be programmed as written", "pod", p.Object.Namespace+"/"+p.Object.Name, "field", p.Field, "problem", p.Message)
+		}
+	}
+	r.loggedPodProblems = seen
 }
 
 // routeStatus sets one RouteParentStatus per Service parent (GAMMA),

@@ -45,7 +45,7 @@ const (
 	AnnotationExclCIDR = "trellis.dev/exclude-outbound-cidrs"
 )
 
-var known = []string{AnnotationStatus, AnnotationProxy, AnnotationCPU, AnnotationMemory, AnnotationLogLevel, AnnotationExclIn, AnnotationExclOut, AnnotationExclCIDR}
+var known = []string{AnnotationStatus, model.AnnotationProbes, AnnotationRewriteProbes, AnnotationProxy, AnnotationCPU, AnnotationMemory, AnnotationLogLevel, AnnotationExclIn, AnnotationExclOut, AnnotationExclCIDR}
 
 // Config is what injection needs besides the pod.
 type Config struct {
@@ -82,6 +82,16 @@ func Pod(pod *corev1.Pod, cfg Config) (*corev1.Pod, []string) {
 		injectGRPC(p, cfg)
 	} else {
 		warnings = append(warnings, injectEnvoy(p, cfg, mc)...)
+		// The probes annotation is ours to write: one from the user is dropped.
+		delete(p.Annotations, model.AnnotationProbes)
+		injected := slices.ContainsFunc(p.Spec.InitContainers, func(c corev1.Container) bool { return c.Name == ProxyContainer })
+		v := p.Annotations[AnnotationRewriteProbes]
+		if v != "" && v != "true" && v != "false" {
+			warnings = append(warnings, fmt.Sprintf("%s=%q is neither true nor false; probes are rewritten", AnnotationRewriteProbes, v))
+		}
+		if v != "false" && injected {
+			warnings = append(warnings, rewriteProbes(p)...)
+		}
 		p.Annotations[AnnotationProxy] = string(model.ProxySidecar)
 		p.Annotations["prometheus.io/scrape"] = "true"
 		p.Annotations["prometheus.io/port"] = "15020"

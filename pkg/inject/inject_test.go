@@ -8,13 +8,20 @@ import (
 	"testing"
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	healthcheckv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/health_check/v3"
+	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	"github.com/google/go-cmp/cmp"
 	"google.golang.org/protobuf/encoding/protojson"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/yaml"
 
 	"github.com/trellis-mesh/trellis/pkg/inject"
+	"github.com/trellis-mesh/trellis/pkg/model"
+	"github.com/trellis-mesh/trellis/pkg/translate"
 )
 
 var update = flag.Bool("update", false, "rewrite testdata/*.injected.yaml")
@@ -142,4 +149,138 @@ func FuzzAnnotations(f *testing.F) {
 			}
 		}
 	})
+}
+
+// TestRewrittenProbesAreAnswered is the contract between the injector and
+// the translator: every probe the injector points at the stats port is
+// answered there by the sidecar's configuration — an HTTP probe by a route
+// forwarding to the original port and path, a TCP or gRPC probe by a
+// health_check filter watching a health-checked cluster of that port.
+func TestRewrittenProbesAreAnswered(t *testing.T) {
+	for _, name := range []string{"probes-http", "probes-tcp-grpc"} {
+		t.Run(name, func(t *testing.T) {
+			b, err := os.ReadFile("testdata/" + name + ".yaml")
+			if err != nil {
+				t.Fatal(err)
+			}
+			var pod corev1.Pod
+			if err := yaml.UnmarshalStrict(b, &pod); err != nil {
+				t.Fatal(err)
+			}
+			got, _ := inject.Pod(&pod, cfg)
+			got.Status.PodIP = "10.1.0.9"
+			mesh, problems := model.Build(model.Input{Pods: []*corev1.Pod{got}})
+			if len(problems) > 0 {
+				t.Fatalf("the injector wrote probes the model rejects: %v", problems)
+			}
+			res, _ := translate.For(mesh, mesh.Workload(got.Namespace, got.Name))
+			routes, checks := statsPaths(t, res)
+			clusters := map[string]*clusterv3.Cluster{}
+			for _, c := range res.Clusters {
+				clusters[c.Name] = c
+			}
+			n := 0
+			for _, c := range got.Spec.Containers {
+				orig := containerOf(&pod, c.Name)
+				for kind, pr := range map[string][2]*corev1.Probe{
+					"livez": {c.LivenessProbe, orig.LivenessProbe}, "readyz": {c.ReadinessProbe, orig.ReadinessProbe}, "startupz": {c.StartupProbe, orig.StartupProbe},
+				} {
+					now, before := pr[0], pr[1]
+					if now == nil || now.HTTPGet == nil || now.HTTPGet.Port.IntValue() != 15020 {
+						continue
+					}
+					n++
+					path := now.HTTPGet.Path
+					if path != model.ProbePath(c.Name, kind) {
+						t.Errorf("%s %s probe rewritten to %q", c.Name, kind, path)
+					}
+					switch {
+					case before.HTTPGet != nil:
+						r, ok := routes[path]
+						if !ok {
+							t.Errorf("no route answers %s", path)
+							continue
+						}
+						addr := clusters[r.GetRoute().GetCluster()].GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()[0].GetEndpoint().GetAddress().GetSocketAddress()
+						if want := int32(resolvePort(orig, before.HTTPGet.Port)); addr.GetAddress() != "127.0.0.1" || int32(addr.GetPortValue()) != want {
+							t.Errorf("%s forwards to %v, want 127.0.0.1:%d", path, addr, want)
+						}
+						if r.GetRoute().GetPrefixRewrite() != before.HTTPGet.Path {
+							t.Errorf("%s rewrites to %q, want %q", path, r.GetRoute().GetPrefixRewrite(), before.HTTPGet.Path)
+						}
+					default:
+						cluster, ok := checks[path]
+						if !ok {
+							t.Errorf("no health_check filter answers %s", path)
+							continue
+						}
+						c := clusters[cluster]
+						if len(c.GetHealthChecks()) != 1 {
+							t.Errorf("%s: cluster %s is not health-checked", path, cluster)
+							continue
+						}
+						hc := c.GetHealthChecks()[0]
+						if before.GRPC != nil && hc.GetGrpcHealthCheck() == nil || before.TCPSocket != nil && hc.GetTcpHealthCheck() == nil {
+							t.Errorf("%s: cluster %s checks %v", path, cluster, hc.GetHealthChecker())
+						}
+					}
+				}
+			}
+			if n == 0 {
+				t.Fatal("no probe was rewritten; the test proves nothing")
+			}
+		})
+	}
+}
+
+func containerOf(p *corev1.Pod, name string) *corev1.Container {
+	for i := range p.Spec.Containers {
+		if p.Spec.Containers[i].Name == name {
+			return &p.Spec.Containers[i]
+		}
+	}
+	return nil
+}
+
+func resolvePort(c *corev1.Container, port intstr.IntOrString) int {
+	if port.Type == intstr.Int {
+		return port.IntValue()
+	}
+	for _, p := range c.Ports {
+		if p.Name == port.StrVal {
+			return int(p.ContainerPort)
+		}
+	}
+	return -1
+}
+
+// statsPaths returns the routes of the stats listener by exact path, and the
+// cluster each health_check filter watches by the path it answers.
+func statsPaths(t *testing.T, res *translate.Resources) (map[string]*routev3.Route, map[string]string) {
+	t.Helper()
+	routes, checks := map[string]*routev3.Route{}, map[string]string{}
+	for _, l := range res.Listeners {
+		if l.Name != translate.StatsListenerName {
+			continue
+		}
+		var h hcmv3.HttpConnectionManager
+		if err := l.FilterChains[0].Filters[0].GetTypedConfig().UnmarshalTo(&h); err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range h.GetRouteConfig().GetVirtualHosts()[0].GetRoutes() {
+			routes[r.GetMatch().GetPath()] = r
+		}
+		for _, f := range h.HttpFilters {
+			var hc healthcheckv3.HealthCheck
+			if f.GetTypedConfig().UnmarshalTo(&hc) != nil {
+				continue
+			}
+			for cluster := range hc.ClusterMinHealthyPercentages {
+				checks[hc.Headers[0].GetStringMatch().GetExact()] = cluster
+			}
+		}
+		return routes, checks
+	}
+	t.Fatal("no stats listener")
+	return nil, nil
 }

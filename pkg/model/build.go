@@ -98,6 +98,11 @@ func Build(in Input) (*Mesh, []Problem) {
 		if w == nil {
 			continue
 		}
+		if w.Mode == ProxySidecar {
+			var ps []Problem
+			w.Probes, ps = parseProbes(p)
+			problems = append(problems, ps...)
+		}
 		m.Workloads = append(m.Workloads, w)
 		m.workloadsByKey[w.Namespace+"/"+w.Name] = w
 	}

@@ -227,6 +227,9 @@ type Workload struct {
 	ContainerPorts map[string]int32
 	// Zone of the pod, from the EndpointSlices that list it ("" if none do).
 	Zone string
+	// Probes the sidecar answers on the kubelet's behalf, by path on the
+	// stats port (see AnnotationProbes).
+	Probes map[string]AppProbe
 }
 
 // AccessPolicy is an AccessPolicy that resolved at least one target.

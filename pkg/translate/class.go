@@ -3,6 +3,7 @@ package translate
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"slices"
 	"strings"
@@ -27,6 +28,10 @@ func ClassKey(mesh *model.Mesh, w *model.Workload) string {
 			fmt.Fprintf(&b, " %s/%s%v", s.Namespace, s.Name, ports)
 		}
 		b.WriteByte('\n')
+	}
+	for _, path := range sortedKeys(w.Probes) {
+		j, _ := json.Marshal(w.Probes[path])
+		fmt.Fprintf(&b, "probe=%s %s\n", path, j)
 	}
 	sum := sha256.Sum256([]byte(b.String()))
 	return hex.EncodeToString(sum[:12])

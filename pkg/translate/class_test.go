@@ -54,6 +54,13 @@ func TestClassKeyDecidesTheResult(t *testing.T) {
 	if translate.ClassKey(mesh, r1) == translate.ClassKey(mesh, fe) {
 		t.Error("a client and a server of different ServiceAccounts must not share a class")
 	}
+	mesh = load("app-probes")
+	if translate.ClassKey(mesh, mesh.Workload("shop", "reviews-1")) != translate.ClassKey(mesh, mesh.Workload("shop", "reviews-2")) {
+		t.Error("replicas with the same probes should share a class")
+	}
+	if translate.ClassKey(mesh, mesh.Workload("shop", "reviews-1")) == translate.ClassKey(mesh, mesh.Workload("shop", "reviews-3")) {
+		t.Error("pods whose probes differ must not share a class (the stats listener differs)")
+	}
 	mesh = load("basic-http-and-tcp")
 	if translate.ClassKey(mesh, mesh.Workload("shop", "reviews-1")) == translate.ClassKey(mesh, mesh.Workload("shop", "reviews-2")) {
 		t.Error("replicas in different zones must not share a class (locality failover differs)")

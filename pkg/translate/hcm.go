@@ -167,10 +167,6 @@ func adminListener(name string, port uint32, paths map[string]string) *listenerv
 	}
 }
 
-func (t *translator) statsListener() *listenerv3.Listener {
-	return adminListener(StatsListenerName, StatsPort, map[string]string{"/stats/prometheus": "/stats/prometheus"})
-}
-
 func (t *translator) readinessListener() *listenerv3.Listener {
 	return adminListener(ReadinessListenerName, ReadinessPort, map[string]string{"/ready": "/ready"})
 }
