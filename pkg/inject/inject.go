@@ -254,7 +254,7 @@ func GRPCBootstrap(cfg Config) string {
 		}},
 		"node": map[string]any{"id": "grpc~$(POD_IP)~$(POD_NAME).$(POD_NAMESPACE)~$(POD_NAMESPACE).svc.cluster.local"},
 		"certificate_providers": map[string]any{"default": map[string]any{"plugin_name": "file_watcher", "config": map[string]any{
-			"certificate_file": CertsDir + "/tls.crt", "private_key_file": CertsDir + "/tls.key", "ca_certificate_file": CertsDir + "/ca.crt", "refresh_interval": "60s",
+			"certificate_file": CertsDir + "/tls.crt", "private_key_file": CertsDir + "/tls.key", "ca_certificate_file": CertsDir + "/ca.crt", "refresh_interval": "10s",
 		}}},
 		"server_listener_resource_name_template": "grpc/server?xds.resource.listening_address=%s",
 	}

@@ -158,6 +158,17 @@ func (t *translator) applyBackendPolicy(c *clusterv3.Cluster, p *model.BackendPo
 		if d, ok := parseDuration(string(cmp.Or(od.BaseEjectionTime, "30s"))); ok && d > 0 {
 			o.BaseEjectionTime = dur(d)
 		}
+		if t.proxyless {
+			// gRPC implements failure-percentage and success-rate ejection,
+			// not consecutive errors (gRFC A50): an endpoint that failed 85 %
+			// or more of at least consecutive5xxErrors calls in an interval
+			// is ejected.
+			o.FailurePercentageThreshold = wrapperspb.UInt32(85)
+			o.EnforcingFailurePercentage = wrapperspb.UInt32(100)
+			o.FailurePercentageMinimumHosts = wrapperspb.UInt32(1)
+			o.FailurePercentageRequestVolume = o.Consecutive_5Xx
+			o.EnforcingSuccessRate = wrapperspb.UInt32(0)
+		}
 		c.OutlierDetection = o
 	}
 	if lb := spec.LoadBalancer; lb != nil {

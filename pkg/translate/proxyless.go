@@ -14,6 +14,7 @@ import (
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
@@ -92,7 +93,14 @@ func ProxylessGRPC(mesh *model.Mesh, w *model.Workload) (*Resources, []model.Pro
 		if !ip.protocol.IsHTTP() {
 			continue
 		}
-		res.Listeners = append(res.Listeners, t.grpcServerListener(ip))
+		// A server listening on all addresses asks for 0.0.0.0:<port>, or
+		// [::]:<port> on a dual-stack socket (Go's net.Listen(":port"));
+		// gRPC checks the address in the resource against its own.
+		l := t.grpcServerListener(ip)
+		v6 := proto.Clone(l).(*listenerv3.Listener)
+		v6.Name = fmt.Sprintf(ServerListenerTemplate, fmt.Sprintf("[::]:%d", ip.port))
+		v6.Address = socketAddress("::", uint32(ip.port))
+		res.Listeners = append(res.Listeners, l, v6)
 	}
 	t.collect(res)
 	return res, dedupeProblems(t.problems)

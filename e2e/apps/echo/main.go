@@ -19,10 +19,12 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	xdscreds "google.golang.org/grpc/credentials/xds"
@@ -34,31 +36,45 @@ import (
 	"google.golang.org/protobuf/types/known/wrapperspb"
 )
 
-const method = "/echo.Echo/Echo"
-
 type echoServer interface {
 	Echo(context.Context, *wrapperspb.StringValue) (*structpb.Struct, error)
 }
 
+func handler(srv any, ctx context.Context, dec func(any) error, _ grpc.UnaryServerInterceptor) (any, error) {
+	in := new(wrapperspb.StringValue)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	return srv.(echoServer).Echo(ctx, in)
+}
+
+// Echo and Other answer alike; two methods let tests match on the method.
 var serviceDesc = grpc.ServiceDesc{
 	ServiceName: "echo.Echo",
 	HandlerType: (*echoServer)(nil),
-	Methods: []grpc.MethodDesc{{
-		MethodName: "Echo",
-		Handler: func(srv any, ctx context.Context, dec func(any) error, _ grpc.UnaryServerInterceptor) (any, error) {
-			in := new(wrapperspb.StringValue)
-			if err := dec(in); err != nil {
-				return nil, err
-			}
-			return srv.(echoServer).Echo(ctx, in)
-		},
-	}},
+	Methods:     []grpc.MethodDesc{{MethodName: "Echo", Handler: handler}, {MethodName: "Other", Handler: handler}},
 }
 
-type server struct{ pod string }
+type server struct {
+	pod, version string
+	failEvery    int64
+	delay        time.Duration
+	calls        atomic.Int64
+}
 
 func (s *server) Echo(ctx context.Context, in *wrapperspb.StringValue) (*structpb.Struct, error) {
-	out := map[string]any{"pod": s.pod, "message": in.GetValue(), "peer": "", "spiffeID": ""}
+	n := s.calls.Add(1)
+	if s.failEvery > 0 && n%s.failEvery == 0 {
+		return nil, status.Errorf(codes.Unavailable, "%s fails every %d calls (this is call %d)", s.pod, s.failEvery, n)
+	}
+	if s.delay > 0 {
+		select {
+		case <-time.After(s.delay):
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	out := map[string]any{"pod": s.pod, "version": s.version, "message": in.GetValue(), "peer": "", "spiffeID": ""}
 	if p, ok := peer.FromContext(ctx); ok {
 		out["peer"] = p.Addr.String()
 		if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(ti.State.PeerCertificates) > 0 {
@@ -78,7 +94,7 @@ func (s *server) Echo(ctx context.Context, in *wrapperspb.StringValue) (*structp
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: echo server|client [flags]")
+		fmt.Fprintln(os.Stderr, "usage: echo server|client|idle [flags]")
 		os.Exit(2)
 	}
 	var err error
@@ -87,6 +103,12 @@ func main() {
 		err = serve(os.Args[2:])
 	case "client":
 		err = call(os.Args[2:])
+	case "idle":
+		// A pod's main process that does nothing until stopped; tests exec
+		// clients in the pod.
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		<-ctx.Done()
+		stop()
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}
@@ -104,6 +126,9 @@ func serve(args []string) error {
 	fs := flag.NewFlagSet("server", flag.ExitOnError)
 	addr := fs.String("address", "0.0.0.0:50051", "listen address")
 	pod := fs.String("pod", os.Getenv("POD_NAME"), "name reported in responses")
+	version := fs.String("version", os.Getenv("VERSION"), "version reported in responses")
+	failEvery := fs.Int64("fail-every", 0, "answer every n-th call with UNAVAILABLE (0: never)")
+	delay := fs.Duration("delay", 0, "wait this long before answering")
 	_ = fs.Parse(args)
 	lis, err := net.Listen("tcp", *addr)
 	if err != nil {
@@ -129,44 +154,80 @@ func serve(args []string) error {
 	} else {
 		g = grpc.NewServer()
 	}
-	g.RegisterService(&serviceDesc, &server{pod: *pod})
+	g.RegisterService(&serviceDesc, &server{pod: *pod, version: *version, failEvery: *failEvery, delay: *delay})
 	fmt.Printf("LISTENING %s\n", lis.Addr())
 	go func() { <-ctx.Done(); g.GracefulStop() }()
 	return g.Serve(lis)
 }
 
-// call makes n calls and prints one JSON line per call: the response, or
-// {"error": ..., "code": ...}.
+// call makes n calls (0: until interrupted) and prints one JSON line per
+// call: the response, or {"error": ..., "code": ...}, with the call's
+// latency in ms.
 func call(args []string) error {
 	fs := flag.NewFlagSet("client", flag.ExitOnError)
 	target := fs.String("target", "", "e.g. xds:///echo.default.svc.cluster.local:50051")
-	n := fs.Int("n", 1, "number of calls")
+	n := fs.Int("n", 1, "number of calls; 0 calls until interrupted")
 	interval := fs.Duration("interval", 0, "pause between calls")
 	timeout := fs.Duration("timeout", 10*time.Second, "per-call timeout")
 	wait := fs.Bool("wait-for-ready", true, "wait for the channel to be ready (xDS resources and endpoints) instead of failing fast")
+	plaintext := fs.Bool("plaintext", false, "no xDS and no TLS, even with a bootstrap (a client outside the mesh)")
+	reconnect := fs.Bool("reconnect", false, "a new channel (and TLS handshake) for every call")
+	rpc := fs.String("method", "Echo", "method of echo.Echo to call: Echo or Other")
+	var md multiFlag
+	fs.Var(&md, "header", "request metadata key=value (repeatable)")
 	_ = fs.Parse(args)
+	xdsMode := useXDS() && !*plaintext
 	var creds credentials.TransportCredentials = insecure.NewCredentials()
-	if useXDS() {
+	if xdsMode {
 		var err error
 		if creds, err = xdscreds.NewClientCredentials(xdscreds.ClientOptions{FallbackCreds: insecure.NewCredentials()}); err != nil {
 			return err
 		}
 	}
-	conn, err := grpc.NewClient(*target, grpc.WithTransportCredentials(creds))
+	dial := func() (*grpc.ClientConn, error) {
+		if !xdsMode {
+			return grpc.NewClient(strings.TrimPrefix(*target, "xds:///"), grpc.WithTransportCredentials(creds))
+		}
+		return grpc.NewClient(*target, grpc.WithTransportCredentials(creds))
+	}
+	conn, err := dial()
 	if err != nil {
 		return err
 	}
-	defer conn.Close()
+	defer func() { conn.Close() }()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	var pairs []string
+	for _, kv := range md {
+		k, v, _ := strings.Cut(kv, "=")
+		pairs = append(pairs, k, v)
+	}
 	enc := json.NewEncoder(os.Stdout)
-	for i := range *n {
-		ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	for i := 0; *n == 0 || i < *n; i++ {
+		if ctx.Err() != nil {
+			return nil
+		}
+		if *reconnect && i > 0 {
+			conn.Close()
+			if conn, err = dial(); err != nil {
+				return err
+			}
+		}
+		cctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(ctx, pairs...), *timeout)
 		out := new(structpb.Struct)
-		err := conn.Invoke(ctx, method, wrapperspb.String(fmt.Sprintf("call %d", i)), out, grpc.WaitForReady(*wait))
+		start := time.Now()
+		err := conn.Invoke(cctx, "/echo.Echo/"+*rpc, wrapperspb.String(fmt.Sprintf("call %d", i)), out, grpc.WaitForReady(*wait))
+		ms := float64(time.Since(start).Microseconds()) / 1000
 		cancel()
+		if ctx.Err() != nil {
+			return nil
+		}
 		if err != nil {
-			_ = enc.Encode(map[string]any{"error": err.Error(), "code": status.Code(err).String()})
+			_ = enc.Encode(map[string]any{"error": err.Error(), "code": status.Code(err).String(), "ms": ms, "at": start.UnixMilli()})
 		} else {
-			_ = enc.Encode(out.AsMap())
+			m := out.AsMap()
+			m["ms"], m["at"] = ms, start.UnixMilli()
+			_ = enc.Encode(m)
 		}
 		if *interval > 0 {
 			time.Sleep(*interval)
@@ -174,3 +235,8 @@ func call(args []string) error {
 	}
 	return nil
 }
+
+type multiFlag []string
+
+func (m *multiFlag) String() string     { return strings.Join(*m, ",") }
+func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }

@@ -1,0 +1,683 @@
+package framework
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	authenticationv1 "k8s.io/api/authentication/v1"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/utils/ptr"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+)
+
+// Kubelet plays the kubelet (and the scheduler) for one Node: it binds
+// unscheduled pods to the node, gives each a network namespace and an
+// address, writes the pod's IP and readiness into its status, provides its
+// volumes, runs its containers' processes inside the namespace, and tears
+// everything down when the pod is deleted. Deployments, ReplicaSets and
+// EndpointSlices stay the real controllers' work.
+//
+// Images name local binaries (Images). Volumes are directories under the
+// pod's directory; since the processes share the host's mount namespace,
+// a container's mount paths are rewritten to those directories in its
+// environment and arguments.
+type Kubelet struct {
+	Client client.Client
+	Node   string
+	Dir    string
+	// Images maps an image name (without tag) to a binary.
+	Images map[string]string
+	// SVIDWriter is the svid-writer binary, which provides the
+	// spiffe.csi.cert-manager.io volumes; XDSAddr is what it dials.
+	SVIDWriter, XDSAddr string
+	Logf                func(format string, args ...any)
+
+	net  *network
+	mu   sync.Mutex
+	pods map[types.UID]*podRun
+	seq  int
+}
+
+type podRun struct {
+	k       *Kubelet
+	pod     *corev1.Pod
+	id      string
+	addr    netip.Addr
+	netns   string
+	dir     string
+	ctx     context.Context
+	cancel  context.CancelFunc
+	mu      sync.Mutex
+	procs   map[string]*proc
+	ready   bool
+	stopped chan struct{}
+}
+
+// Run registers the node and runs pods until ctx ends, then stops them all.
+func (k *Kubelet) Run(ctx context.Context) error {
+	k.pods = map[types.UID]*podRun{}
+	if k.Logf == nil {
+		k.Logf = func(string, ...any) {}
+	}
+	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: k.Node, Labels: map[string]string{"kubernetes.io/hostname": k.Node, "topology.kubernetes.io/zone": "zone-a"}}}
+	if err := k.Client.Create(ctx, node); err != nil && !apierrors.IsAlreadyExists(err) {
+		return err
+	}
+	node.Status = corev1.NodeStatus{
+		Conditions: []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue, Reason: "KubeletReady", LastHeartbeatTime: metav1.Now(), LastTransitionTime: metav1.Now()}},
+		Addresses:  []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: GatewayIP}},
+		Capacity:   corev1.ResourceList{corev1.ResourcePods: resource.MustParse("110")},
+	}
+	if err := k.Client.Status().Update(ctx, node); err != nil {
+		return fmt.Errorf("node status: %w", err)
+	}
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			k.stopAll()
+			return nil
+		case <-tick.C:
+		}
+		k.sync(ctx)
+	}
+}
+
+func (k *Kubelet) sync(ctx context.Context) {
+	var pods corev1.PodList
+	if err := k.Client.List(ctx, &pods); err != nil {
+		return
+	}
+	seen := map[types.UID]bool{}
+	for i := range pods.Items {
+		p := &pods.Items[i]
+		seen[p.UID] = true
+		if p.Spec.NodeName == "" && p.DeletionTimestamp == nil {
+			b := &corev1.Binding{ObjectMeta: metav1.ObjectMeta{Name: p.Name, Namespace: p.Namespace}, Target: corev1.ObjectReference{Kind: "Node", Name: k.Node}}
+			if err := k.Client.SubResource("binding").Create(ctx, p, b); err != nil && !apierrors.IsConflict(err) {
+				k.Logf("bind %s/%s: %v", p.Namespace, p.Name, err)
+			}
+			continue
+		}
+		if p.Spec.NodeName != k.Node {
+			continue
+		}
+		k.mu.Lock()
+		r := k.pods[p.UID]
+		if r == nil && p.DeletionTimestamp == nil && p.Status.Phase != corev1.PodSucceeded && p.Status.Phase != corev1.PodFailed {
+			k.seq++
+			r = &podRun{k: k, pod: p.DeepCopy(), id: "p" + strconv.Itoa(k.seq), procs: map[string]*proc{}, stopped: make(chan struct{})}
+			r.ctx, r.cancel = context.WithCancel(ctx)
+			k.pods[p.UID] = r
+			go r.run()
+		}
+		k.mu.Unlock()
+		if r != nil && p.DeletionTimestamp != nil {
+			go k.terminate(r, p)
+		}
+	}
+	k.mu.Lock()
+	for uid, r := range k.pods {
+		if !seen[uid] {
+			delete(k.pods, uid)
+			go r.stop()
+		}
+	}
+	k.mu.Unlock()
+}
+
+// terminate stops a deleted pod's processes and removes the pod, as the
+// kubelet does once its containers are gone.
+func (k *Kubelet) terminate(r *podRun, p *corev1.Pod) {
+	k.mu.Lock()
+	if k.pods[p.UID] != r {
+		k.mu.Unlock()
+		return
+	}
+	delete(k.pods, p.UID)
+	k.mu.Unlock()
+	r.stop()
+	err := k.Client.Delete(context.Background(), p, client.GracePeriodSeconds(0), client.Preconditions{UID: &p.UID})
+	if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
+		k.Logf("delete %s/%s: %v", p.Namespace, p.Name, err)
+	}
+}
+
+func (k *Kubelet) stopAll() {
+	k.mu.Lock()
+	runs := make([]*podRun, 0, len(k.pods))
+	for _, r := range k.pods {
+		runs = append(runs, r)
+	}
+	k.pods = map[types.UID]*podRun{}
+	k.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, r := range runs {
+		wg.Go(r.stop)
+	}
+	wg.Wait()
+}
+
+// Pod returns the run of a pod, or nil.
+func (k *Kubelet) pod(ns, name string) *podRun {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	for _, r := range k.pods {
+		if r.pod.Namespace == ns && r.pod.Name == name {
+			return r
+		}
+	}
+	return nil
+}
+
+// Exec returns a command running binary args in the pod's network
+// namespace with container's environment, as kubectl exec would.
+func (k *Kubelet) Exec(ctx context.Context, ns, pod, container string, args ...string) (*exec.Cmd, error) {
+	r := k.pod(ns, pod)
+	if r == nil || r.netns == "" {
+		return nil, fmt.Errorf("pod %s/%s is not running here", ns, pod)
+	}
+	for _, c := range r.pod.Spec.Containers {
+		if c.Name == container {
+			bin, ok := k.Images[imageName(c.Image)]
+			if !ok {
+				return nil, fmt.Errorf("no binary for image %s", c.Image)
+			}
+			env := r.env(c)
+			cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", r.netns, bin}, r.rewrite(c, env, args)...)...)
+			cmd.Env = env
+			return cmd, nil
+		}
+	}
+	return nil, fmt.Errorf("pod %s/%s has no container %s", ns, pod, container)
+}
+
+// PodDir is the directory of a running pod (its volumes and container logs).
+func (k *Kubelet) PodDir(ns, pod string) string {
+	if r := k.pod(ns, pod); r != nil {
+		return r.dir
+	}
+	return ""
+}
+
+func imageName(image string) string {
+	if i := strings.LastIndex(image, ":"); i > strings.LastIndex(image, "/") {
+		image = image[:i]
+	}
+	return image
+}
+
+func (r *podRun) logf(format string, args ...any) {
+	r.k.Logf("pod %s/%s: "+format, append([]any{r.pod.Namespace, r.pod.Name}, args...)...)
+}
+
+func (r *podRun) run() {
+	defer close(r.stopped)
+	r.addr = r.k.net.alloc()
+	var err error
+	if r.netns, err = r.k.net.addPod(r.id, r.addr); err != nil {
+		r.logf("network: %v", err)
+		r.netns = ""
+		return
+	}
+	r.dir = filepath.Join(r.k.Dir, r.pod.Namespace+"_"+r.pod.Name)
+	_ = os.MkdirAll(r.dir, 0o755)
+	if err := r.writeStatus(false); err != nil {
+		r.logf("status: %v", err)
+		return
+	}
+	if err := r.volumes(); err != nil {
+		r.logf("volumes: %v", err)
+		return
+	}
+	for _, c := range r.pod.Spec.InitContainers {
+		if c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways {
+			go r.keepRunning(c)
+			continue
+		}
+		p, err := r.start(c)
+		if err != nil {
+			r.logf("init container %s: %v", c.Name, err)
+			return
+		}
+		<-p.done
+		if p.err != nil {
+			r.logf("init container %s failed: %v", c.Name, p.err)
+			return
+		}
+	}
+	for _, c := range r.pod.Spec.Containers {
+		go r.keepRunning(c)
+	}
+	// Readiness, as the kubelet's prober: every container running and its
+	// readiness probe passing.
+	tick := time.NewTicker(500 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		ready := r.probe()
+		if ready != r.ready {
+			if err := r.writeStatus(ready); err == nil {
+				r.ready = ready
+			}
+		}
+		select {
+		case <-r.ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// keepRunning runs a container and restarts it when it exits
+// (restartPolicy Always), until the pod stops.
+func (r *podRun) keepRunning(c corev1.Container) {
+	for r.ctx.Err() == nil {
+		if p, err := r.start(c); err != nil {
+			r.logf("container %s: %v", c.Name, err)
+		} else {
+			<-p.done
+		}
+		select {
+		case <-r.ctx.Done():
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// proc is a running process; done closes when it has exited (err set).
+type proc struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error
+}
+
+func (p *proc) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// launch starts cmd in its own process group, logging to log, and tracks
+// it under name; the pod's end sends the group SIGTERM.
+func (r *podRun) launch(name string, cmd *exec.Cmd, log *os.File) (*proc, error) {
+	cmd.Stdout, cmd.Stderr = log, log
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		log.Close()
+		return nil, err
+	}
+	p := &proc{cmd: cmd, done: make(chan struct{})}
+	go func() { p.err = cmd.Wait(); log.Close(); close(p.done) }()
+	go func() {
+		select {
+		case <-r.ctx.Done():
+			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
+		case <-p.done:
+		}
+	}()
+	r.mu.Lock()
+	r.procs[name] = p
+	r.mu.Unlock()
+	return p, nil
+}
+
+func (r *podRun) start(c corev1.Container) (*proc, error) {
+	bin, ok := r.k.Images[imageName(c.Image)]
+	if !ok {
+		return nil, fmt.Errorf("no binary for image %s", c.Image)
+	}
+	env := r.env(c)
+	args := r.rewrite(c, env, append(slicesClone(c.Command[min(1, len(c.Command)):]), c.Args...))
+	log, err := os.OpenFile(filepath.Join(r.dir, c.Name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command("ip", append([]string{"netns", "exec", r.netns, bin}, args...)...)
+	cmd.Env = env
+	return r.launch(c.Name, cmd, log)
+}
+
+func slicesClone(s []string) []string { return append([]string(nil), s...) }
+
+// env resolves a container's environment: downward-API fields and $(VAR)
+// references to earlier variables, as Kubernetes does.
+func (r *podRun) env(c corev1.Container) []string {
+	vals := map[string]string{}
+	out := []string{"PATH=" + os.Getenv("PATH")}
+	for _, e := range c.Env {
+		v := e.Value
+		if f := e.ValueFrom; f != nil && f.FieldRef != nil {
+			switch f.FieldRef.FieldPath {
+			case "metadata.name":
+				v = r.pod.Name
+			case "metadata.namespace":
+				v = r.pod.Namespace
+			case "metadata.uid":
+				v = string(r.pod.UID)
+			case "status.podIP":
+				v = r.addr.String()
+			case "spec.serviceAccountName":
+				v = r.pod.Spec.ServiceAccountName
+			case "spec.nodeName":
+				v = r.k.Node
+			}
+		} else {
+			v = expand(v, vals)
+		}
+		vals[e.Name] = v
+		out = append(out, e.Name+"="+v)
+	}
+	return out
+}
+
+// expand replaces $(NAME) with defined variables; $$ is a literal $.
+func expand(s string, vals map[string]string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '$' && i+1 < len(s) {
+			if s[i+1] == '$' {
+				b.WriteByte('$')
+				i++
+				continue
+			}
+			if s[i+1] == '(' {
+				if j := strings.IndexByte(s[i:], ')'); j > 0 {
+					if v, ok := vals[s[i+2:i+j]]; ok {
+						b.WriteString(v)
+						i += j
+						continue
+					}
+				}
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// rewrite expands $(VAR) in args and maps the container's mount paths to
+// the pod's volume directories in args and env (in place).
+func (r *podRun) rewrite(c corev1.Container, env []string, args []string) []string {
+	vals := map[string]string{}
+	for _, kv := range env {
+		k, v, _ := strings.Cut(kv, "=")
+		vals[k] = v
+	}
+	repl := func(s string) string {
+		for _, m := range c.VolumeMounts {
+			s = strings.ReplaceAll(s, m.MountPath, filepath.Join(r.dir, "volumes", m.Name))
+		}
+		return s
+	}
+	for i := range env {
+		env[i] = repl(env[i])
+	}
+	out := make([]string, len(args))
+	for i, a := range args {
+		out[i] = repl(expand(a, vals))
+	}
+	return out
+}
+
+func (r *podRun) volumes() error {
+	for _, v := range r.pod.Spec.Volumes {
+		dir := filepath.Join(r.dir, "volumes", v.Name)
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			return err
+		}
+		switch {
+		case v.Projected != nil:
+			for _, src := range v.Projected.Sources {
+				if t := src.ServiceAccountToken; t != nil {
+					if err := r.token(dir, t); err != nil {
+						return err
+					}
+					go r.refreshToken(dir, t)
+				}
+			}
+		case v.ConfigMap != nil:
+			if err := r.configMap(dir, v.ConfigMap.Name, true); err != nil {
+				return err
+			}
+			go func() {
+				for r.ctx.Err() == nil {
+					select {
+					case <-r.ctx.Done():
+					case <-time.After(2 * time.Second):
+						_ = r.configMap(dir, v.ConfigMap.Name, false)
+					}
+				}
+			}()
+		case v.CSI != nil && v.CSI.Driver == "spiffe.csi.cert-manager.io":
+			if err := r.svid(dir); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func (r *podRun) token(dir string, t *corev1.ServiceAccountTokenProjection) error {
+	tr := &authenticationv1.TokenRequest{Spec: authenticationv1.TokenRequestSpec{
+		Audiences:         []string{t.Audience},
+		ExpirationSeconds: t.ExpirationSeconds,
+		BoundObjectRef:    &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: r.pod.Name, UID: r.pod.UID},
+	}}
+	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: r.pod.Namespace, Name: cmpOr(r.pod.Spec.ServiceAccountName, "default")}}
+	var err error
+	for range 50 { // the ServiceAccount may still be on its way
+		if err = r.k.Client.SubResource("token").Create(r.ctx, sa, tr); err == nil {
+			return writeAtomic(filepath.Join(dir, t.Path), []byte(tr.Status.Token))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	return fmt.Errorf("token for %s: %w", sa.Name, err)
+}
+
+func (r *podRun) refreshToken(dir string, t *corev1.ServiceAccountTokenProjection) {
+	every := time.Duration(ptr.Deref(t.ExpirationSeconds, 3600)) * time.Second * 8 / 10
+	for {
+		select {
+		case <-r.ctx.Done():
+			return
+		case <-time.After(every):
+			if err := r.token(dir, t); err != nil {
+				r.logf("refresh token: %v", err)
+			}
+		}
+	}
+}
+
+func (r *podRun) configMap(dir, name string, wait bool) error {
+	var cm corev1.ConfigMap
+	deadline := time.Now().Add(time.Minute)
+	for {
+		err := r.k.Client.Get(r.ctx, client.ObjectKey{Namespace: r.pod.Namespace, Name: name}, &cm)
+		if err == nil {
+			break
+		}
+		if !wait || time.Now().After(deadline) || r.ctx.Err() != nil {
+			return fmt.Errorf("configmap %s: %w", name, err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	for k, v := range cm.Data {
+		if old, err := os.ReadFile(filepath.Join(dir, k)); err == nil && string(old) == v {
+			continue
+		}
+		if err := writeAtomic(filepath.Join(dir, k), []byte(v)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// svid starts the svid-writer for the pod and waits for its first files.
+func (r *podRun) svid(dir string) error {
+	var tokenFile, caFile string
+	for _, v := range r.pod.Spec.Volumes {
+		switch {
+		case v.Projected != nil:
+			for _, s := range v.Projected.Sources {
+				if s.ServiceAccountToken != nil {
+					tokenFile = filepath.Join(r.dir, "volumes", v.Name, s.ServiceAccountToken.Path)
+				}
+			}
+		case v.ConfigMap != nil:
+			caFile = filepath.Join(r.dir, "volumes", v.Name, "root-cert.pem")
+		}
+	}
+	// Nodes are told apart by type: the pod's own gRPC library connects as
+	// grpc~..., the writer as sidecar~... (it only asks for secrets).
+	node := fmt.Sprintf("sidecar~%s~%s.%s~%s.svc.cluster.local", r.addr, r.pod.Name, r.pod.Namespace, r.pod.Namespace)
+	log, err := os.OpenFile(filepath.Join(r.dir, "svid-writer.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	cmd := exec.Command("ip", "netns", "exec", r.netns, r.k.SVIDWriter, "--xds", r.k.XDSAddr, "--ca", caFile, "--token", tokenFile, "--node", node, "--out", dir)
+	if _, err := r.launch("svid-writer", cmd, log); err != nil {
+		return err
+	}
+	deadline := time.Now().Add(time.Minute)
+	for time.Now().Before(deadline) && r.ctx.Err() == nil {
+		if _, err := os.Stat(filepath.Join(dir, "tls.crt")); err == nil {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return fmt.Errorf("no SVID after a minute; see %s", log.Name())
+}
+
+func (r *podRun) probe() bool {
+	for _, c := range r.pod.Spec.Containers {
+		r.mu.Lock()
+		pr := r.procs[c.Name]
+		r.mu.Unlock()
+		if pr == nil || pr.exited() {
+			return false
+		}
+		p := c.ReadinessProbe
+		if p == nil {
+			continue
+		}
+		timeout := time.Duration(max(p.TimeoutSeconds, 1)) * time.Second
+		switch {
+		case p.TCPSocket != nil:
+			conn, err := net.DialTimeout("tcp", net.JoinHostPort(r.addr.String(), p.TCPSocket.Port.String()), timeout)
+			if err != nil {
+				return false
+			}
+			conn.Close()
+		case p.HTTPGet != nil:
+			hc := http.Client{Timeout: timeout}
+			resp, err := hc.Get(fmt.Sprintf("http://%s%s", net.JoinHostPort(r.addr.String(), p.HTTPGet.Port.String()), p.HTTPGet.Path))
+			if err != nil {
+				return false
+			}
+			resp.Body.Close()
+			if resp.StatusCode < 200 || resp.StatusCode >= 400 {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+func (r *podRun) writeStatus(ready bool) error {
+	cond := func(t corev1.PodConditionType, ok bool) corev1.PodCondition {
+		s := corev1.ConditionFalse
+		if ok {
+			s = corev1.ConditionTrue
+		}
+		return corev1.PodCondition{Type: t, Status: s, LastTransitionTime: metav1.Now()}
+	}
+	for range 20 {
+		var p corev1.Pod
+		if err := r.k.Client.Get(r.ctx, client.ObjectKeyFromObject(r.pod), &p); err != nil {
+			return err
+		}
+		if p.UID != r.pod.UID {
+			return fmt.Errorf("pod was replaced")
+		}
+		p.Status.Phase = corev1.PodRunning
+		p.Status.HostIP, p.Status.HostIPs = GatewayIP, []corev1.HostIP{{IP: GatewayIP}}
+		p.Status.PodIP, p.Status.PodIPs = r.addr.String(), []corev1.PodIP{{IP: r.addr.String()}}
+		if p.Status.StartTime == nil {
+			now := metav1.Now()
+			p.Status.StartTime = &now
+		}
+		p.Status.Conditions = []corev1.PodCondition{
+			cond(corev1.PodScheduled, true), cond(corev1.PodInitialized, true),
+			cond(corev1.ContainersReady, ready), cond(corev1.PodReady, ready),
+		}
+		err := r.k.Client.Status().Update(r.ctx, &p)
+		if err == nil {
+			r.pod.Status = p.Status
+			return nil
+		}
+		if !apierrors.IsConflict(err) {
+			return err
+		}
+	}
+	return fmt.Errorf("status: too many conflicts")
+}
+
+// stop ends the pod's processes (SIGTERM, then SIGKILL after 5 s) and
+// removes its network namespace.
+func (r *podRun) stop() {
+	r.cancel()
+	<-r.stopped
+	deadline := time.Now().Add(5 * time.Second)
+	r.mu.Lock()
+	procs := make([]*proc, 0, len(r.procs))
+	for _, p := range r.procs {
+		procs = append(procs, p)
+	}
+	r.mu.Unlock()
+	for _, p := range procs {
+		select {
+		case <-p.done:
+		case <-time.After(time.Until(deadline)):
+		}
+		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		<-p.done
+	}
+	if r.netns != "" {
+		r.k.net.delPod(r.netns)
+		r.k.net.release(r.addr)
+	}
+}
+
+func writeAtomic(path string, b []byte) error {
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
+}
+
+func cmpOr(a, b string) string {
+	if a != "" {
+		return a
+	}
+	return b
+}

@@ -1,0 +1,288 @@
+package e2e_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/utils/ptr"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/trellis-mesh/trellis/e2e/framework"
+)
+
+var (
+	env     *framework.Env
+	skipWhy string
+)
+
+func TestMain(m *testing.M) {
+	if err := framework.CheckPrivileges(); err != nil {
+		skipWhy = "SKIP: e2e " + err.Error()
+		fmt.Println(skipWhy)
+		os.Exit(m.Run())
+	}
+	dir, err := os.MkdirTemp("", "trellis-e2e")
+	if err != nil {
+		panic(err)
+	}
+	start := time.Now()
+	env, err = framework.Start(context.Background(), framework.Options{Dir: dir, Logf: func(f string, a ...any) { fmt.Printf("kubelet: "+f+"\n", a...) }})
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "e2e environment: %v (logs in %s)\n", err, dir)
+		os.Exit(1)
+	}
+	fmt.Printf("e2e: environment up in %s (logs, pods: %s)\n", time.Since(start).Round(100*time.Millisecond), dir)
+	code := m.Run()
+	env.Stop()
+	if code == 0 {
+		_ = os.RemoveAll(dir)
+	}
+	os.Exit(code)
+}
+
+func requireEnv(t *testing.T) {
+	t.Helper()
+	if env == nil {
+		t.Skip(skipWhy)
+	}
+}
+
+func ctxT(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// meshNamespace creates a namespace labelled for injection, deleted at the
+// end of the test.
+func meshNamespace(t *testing.T) string {
+	t.Helper()
+	name := strings.ToLower(strings.NewReplacer("/", "-", "_", "-").Replace(t.Name()))
+	if len(name) > 50 {
+		name = name[:50]
+	}
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: strings.TrimRight(name, "-"), Labels: map[string]string{"trellis.dev/inject": "enabled"}}}
+	create(t, ns)
+	t.Cleanup(func() {
+		_ = env.Cluster.Client().Delete(context.Background(), ns)
+	})
+	return ns.Name
+}
+
+func create(t *testing.T, objs ...client.Object) {
+	t.Helper()
+	for _, o := range objs {
+		if err := env.Cluster.Client().Create(ctxT(t), o); err != nil {
+			t.Fatalf("create %T %s: %v", o, o.GetName(), err)
+		}
+	}
+}
+
+// echoDeployment is a Deployment of proxyless echo servers on port 50051
+// with labels app=<app>, version=<version>.
+func echoDeployment(ns, app, version string, replicas int32, args ...string) *appsv1.Deployment {
+	labels := map[string]string{"app": app, "version": version}
+	return &appsv1.Deployment{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: app + "-" + version},
+		Spec: appsv1.DeploymentSpec{
+			Replicas: ptr.To(replicas),
+			Selector: &metav1.LabelSelector{MatchLabels: labels},
+			Strategy: appsv1.DeploymentStrategy{Type: appsv1.RollingUpdateDeploymentStrategyType},
+			Template: corev1.PodTemplateSpec{
+				ObjectMeta: metav1.ObjectMeta{Labels: labels, Annotations: map[string]string{"trellis.dev/proxy": "grpc"}},
+				Spec: corev1.PodSpec{
+					ServiceAccountName:            app,
+					TerminationGracePeriodSeconds: ptr.To[int64](5),
+					Containers: []corev1.Container{{
+						Name: "echo", Image: framework.EchoImage, Command: []string{"echo"},
+						Args:           append([]string{"server", "--address=0.0.0.0:50051", "--version=" + version}, args...),
+						Ports:          []corev1.ContainerPort{{Name: "grpc", ContainerPort: 50051}},
+						ReadinessProbe: &corev1.Probe{ProbeHandler: corev1.ProbeHandler{TCPSocket: &corev1.TCPSocketAction{Port: intstr.FromInt32(50051)}}},
+					}},
+				},
+			},
+		},
+	}
+}
+
+func echoService(ns, app string) *corev1.Service {
+	return &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: app},
+		Spec: corev1.ServiceSpec{
+			Selector: map[string]string{"app": app},
+			Ports:    []corev1.ServicePort{{Name: "grpc", Port: 50051, TargetPort: intstr.FromInt32(50051)}},
+		},
+	}
+}
+
+func serviceAccount(ns, name string) *corev1.ServiceAccount {
+	return &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}}
+}
+
+// clientPod is a proxyless pod whose main process idles; calls are made by
+// exec'ing the echo client in it.
+func clientPod(ns, name, sa string) *corev1.Pod {
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, Annotations: map[string]string{"trellis.dev/proxy": "grpc"}},
+		Spec: corev1.PodSpec{
+			ServiceAccountName:            sa,
+			TerminationGracePeriodSeconds: ptr.To[int64](1),
+			Containers:                    []corev1.Container{{Name: "client", Image: framework.EchoImage, Command: []string{"echo"}, Args: []string{"idle"}}},
+		},
+	}
+}
+
+// waitEndpoints waits until the Service has exactly n ready endpoints.
+func waitEndpoints(t *testing.T, ns, svc string, n int) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	got := -1
+	for time.Now().Before(deadline) {
+		var slices discoveryv1.EndpointSliceList
+		if err := env.Cluster.Client().List(ctxT(t), &slices, client.InNamespace(ns), client.MatchingLabels{"kubernetes.io/service-name": svc}); err == nil {
+			got = 0
+			for _, s := range slices.Items {
+				for _, e := range s.Endpoints {
+					if ptr.Deref(e.Conditions.Ready, false) {
+						got++
+					}
+				}
+			}
+			if got == n {
+				return
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("service %s/%s has %d ready endpoints, want %d", ns, svc, got, n)
+}
+
+// waitRunning waits until the kubelet runs the pod.
+func waitRunning(t *testing.T, ns, pod string) {
+	t.Helper()
+	deadline := time.Now().Add(2 * time.Minute)
+	for time.Now().Before(deadline) {
+		var p corev1.Pod
+		if err := env.Cluster.Client().Get(ctxT(t), client.ObjectKey{Namespace: ns, Name: pod}, &p); err == nil {
+			for _, c := range p.Status.Conditions {
+				if c.Type == corev1.PodReady && c.Status == corev1.ConditionTrue {
+					return
+				}
+			}
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	t.Fatalf("pod %s/%s did not become ready; its logs: %s", ns, pod, env.Kubelet.PodDir(ns, pod))
+}
+
+// result is one call's outcome as the echo client prints it.
+type result struct {
+	Pod      string            `json:"pod"`
+	Version  string            `json:"version"`
+	SPIFFEID string            `json:"spiffeID"`
+	Headers  map[string]string `json:"headers"`
+	Error    string            `json:"error"`
+	Code     string            `json:"code"`
+	MS       float64           `json:"ms"`
+	At       int64             `json:"at"`
+}
+
+func (r result) ok() bool { return r.Error == "" }
+
+// call runs the echo client in a pod and returns every call's result.
+func call(t *testing.T, ns, pod string, args ...string) []result {
+	t.Helper()
+	cmd, err := env.Kubelet.Exec(ctxT(t), ns, pod, "client", append([]string{"client"}, args...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("echo client: %v\n%s", err, stderr.String())
+	}
+	return parse(t, out)
+}
+
+func parse(t *testing.T, out []byte) []result {
+	t.Helper()
+	var rs []result
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		var r result
+		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+			t.Fatalf("client output %q: %v", sc.Text(), err)
+		}
+		rs = append(rs, r)
+	}
+	return rs
+}
+
+func target(ns, svc string) string {
+	return fmt.Sprintf("--target=xds:///%s.%s.svc.cluster.local:50051", svc, ns)
+}
+
+func summarize(rs []result) (ok int, codes map[string]int, by map[string]int) {
+	codes, by = map[string]int{}, map[string]int{}
+	for _, r := range rs {
+		if r.ok() {
+			ok++
+			by[r.Version]++
+		} else {
+			codes[r.Code]++
+		}
+	}
+	return ok, codes, by
+}
+
+func firstError(rs []result) string {
+	for _, r := range rs {
+		if !r.ok() {
+			return r.Code + ": " + r.Error
+		}
+	}
+	return ""
+}
+
+// podLogs is for failure messages.
+func podLogs(ns, pod string) string {
+	dir := env.Kubelet.PodDir(ns, pod)
+	var b strings.Builder
+	files, _ := filepath.Glob(filepath.Join(dir, "*.log"))
+	for _, f := range files {
+		data, _ := os.ReadFile(f)
+		fmt.Fprintf(&b, "--- %s\n%s\n", f, data)
+	}
+	return b.String()
+}
+
+// podIP is the IP of the first ready pod whose name starts with prefix.
+func podIP(t *testing.T, ns, prefix string) string {
+	t.Helper()
+	var pods corev1.PodList
+	if err := env.Cluster.Client().List(ctxT(t), &pods, client.InNamespace(ns)); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range pods.Items {
+		if strings.HasPrefix(p.Name, prefix) && p.Status.PodIP != "" {
+			return p.Status.PodIP
+		}
+	}
+	t.Fatalf("no pod %s* with an IP", prefix)
+	return ""
+}
