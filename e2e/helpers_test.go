@@ -14,6 +14,7 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
@@ -285,4 +286,25 @@ func podIP(t *testing.T, ns, prefix string) string {
 	}
 	t.Fatalf("no pod %s* with an IP", prefix)
 	return ""
+}
+
+// update writes obj's spec, retrying on conflicts with the controller's
+// status writes.
+func update[T client.Object](t *testing.T, obj T) {
+	t.Helper()
+	for range 10 {
+		fresh := obj.DeepCopyObject().(T)
+		if err := env.Cluster.Client().Get(ctxT(t), client.ObjectKeyFromObject(obj), fresh); err != nil {
+			t.Fatal(err)
+		}
+		obj.SetResourceVersion(fresh.GetResourceVersion())
+		err := env.Cluster.Client().Update(ctxT(t), obj)
+		if err == nil {
+			return
+		}
+		if !apierrors.IsConflict(err) {
+			t.Fatal(err)
+		}
+	}
+	t.Fatalf("update %s: too many conflicts", obj.GetName())
 }
