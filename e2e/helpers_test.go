@@ -308,3 +308,20 @@ func update[T client.Object](t *testing.T, obj T) {
 	}
 	t.Fatalf("update %s: too many conflicts", obj.GetName())
 }
+
+// podDirs are the directories of the running pods whose name starts with prefix.
+func podDirs(ns, prefix string) []string {
+	var pods corev1.PodList
+	if err := env.Cluster.Client().List(context.Background(), &pods, client.InNamespace(ns)); err != nil {
+		return nil
+	}
+	var out []string
+	for _, p := range pods.Items {
+		if strings.HasPrefix(p.Name, prefix) {
+			if d := env.Kubelet.PodDir(ns, p.Name); d != "" {
+				out = append(out, d)
+			}
+		}
+	}
+	return out
+}

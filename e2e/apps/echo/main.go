@@ -208,10 +208,14 @@ func call(args []string) error {
 			return nil
 		}
 		if *reconnect && i > 0 {
-			conn.Close()
+			// The new channel opens before the old one closes, as in an
+			// application that holds channels: gRPC keeps its xDS client
+			// (and the resources it has) while some channel uses it.
+			old := conn
 			if conn, err = dial(); err != nil {
 				return err
 			}
+			old.Close()
 		}
 		cctx, cancel := context.WithTimeout(metadata.AppendToOutgoingContext(ctx, pairs...), *timeout)
 		out := new(structpb.Struct)
