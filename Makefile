@@ -90,14 +90,21 @@ test-deps:
 .PHONY: test
 test: kube-binaries test-deps
 	@start=$$SECONDS; \
-	KUBEBUILDER_ASSETS="$${KUBEBUILDER_ASSETS:-$(BIN)/k8s}" $(GO) test $(GOTEST_FLAGS) ./...; \
-	echo "go test took $$((SECONDS - start))s"
+	KUBEBUILDER_ASSETS="$${KUBEBUILDER_ASSETS:-$(BIN)/k8s}" $(GO) test $(GOTEST_FLAGS) ./...; rc=$$?; \
+	echo "go test took $$((SECONDS - start))s"; exit $$rc
+
+## End to end: real traffic between pods in network namespaces (needs root;
+## part of make test too). -run selects scenarios: make e2e E2E_RUN=TestTrafficSplit
+E2E_RUN ?= .
+.PHONY: e2e
+e2e: kube-binaries test-deps
+	KUBEBUILDER_ASSETS="$${KUBEBUILDER_ASSETS:-$(BIN)/k8s}" $(GO) test -count=1 -v -timeout 20m -run '$(E2E_RUN)' ./e2e/ 2>&1 | grep -v '^[IWE][0-9]\{4\} '
 
 ## Demo: a local control plane with the CRDs and samples; stays up until Ctrl-C.
 .PHONY: demo
 demo: kube-binaries
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ ./hack/demo ./cmd/trellis-controller
+	$(GO) build -o $(BIN)/ ./hack/demo
 	KUBEBUILDER_ASSETS="$${KUBEBUILDER_ASSETS:-$(BIN)/k8s}" $(BIN)/demo
 
 .PHONY: clean

@@ -1,25 +1,31 @@
-// Command demo brings up a local Kubernetes control plane (etcd,
-// kube-apiserver, kube-controller-manager, all built from Go modules), installs
-// the Trellis CRDs and config/samples, prints how to reach it and stays up
-// until Ctrl-C, then stops every process it started. `make demo` runs it.
+// Command demo is `make demo`: the e2e environment (etcd, kube-apiserver,
+// kube-controller-manager, trellis-controller as its own process, pods run
+// in network namespaces) with the demo app of config/samples/demo — a
+// frontend calling reviews v1/v2 split 80/20 under Strict mTLS and an
+// AccessPolicy — and a live table of the frontend→reviews traffic for 30 s.
+// It stays up until Ctrl-C and then removes every process, namespace and
+// interface it made. Needs root (network namespaces).
 package main
 
 import (
+	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
-	"net/http"
+	"io"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"slices"
+	"strings"
 	"syscall"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 
-	"github.com/trellis-mesh/trellis/internal/localcluster"
-	"github.com/trellis-mesh/trellis/internal/testenv"
+	"github.com/trellis-mesh/trellis/e2e/framework"
 )
 
 const demoNamespace = "demo"
@@ -32,106 +38,162 @@ func main() {
 }
 
 func run() error {
+	if err := framework.CheckPrivileges(); err != nil {
+		return fmt.Errorf("%v; the demo runs pods in network namespaces", err)
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	root, err := testenv.RepoRoot()
+	dir, err := os.MkdirTemp("", "trellis-demo")
 	if err != nil {
 		return err
 	}
-	dir := filepath.Join(root, ".demo")
 	start := time.Now()
-	fmt.Println("demo: starting etcd, kube-apiserver and kube-controller-manager ...")
-	cluster, err := localcluster.Start(ctx, localcluster.Options{Dir: dir})
+	fmt.Println("demo: building, then starting etcd, kube-apiserver, kube-controller-manager and trellis-controller ...")
+	env, err := framework.Start(ctx, framework.Options{Dir: dir})
 	if err != nil {
 		return err
 	}
 	defer func() {
-		fmt.Println("\ndemo: stopping the control plane ...")
-		if err := cluster.Stop(); err != nil {
-			fmt.Fprintf(os.Stderr, "demo: stop: %v\n", err)
-		}
-		fmt.Println("demo: stopped; no process left behind")
+		fmt.Println("\ndemo: stopping pods, network namespaces, the controller and the control plane ...")
+		env.Stop()
+		fmt.Println("demo: stopped; no process, namespace or interface left behind (logs kept in " + dir + ")")
 	}()
-	for _, ns := range []*corev1.Namespace{
-		{ObjectMeta: metav1.ObjectMeta{Name: "trellis-system"}},
-		{ObjectMeta: metav1.ObjectMeta{Name: demoNamespace, Labels: map[string]string{"trellis.dev/inject": "enabled"}}},
-	} {
-		if err := cluster.Client().Create(ctx, ns); err != nil {
-			return fmt.Errorf("create namespace %s: %w", ns.Name, err)
-		}
+	c := env.Cluster.Client()
+	if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: demoNamespace, Labels: map[string]string{"trellis.dev/inject": "enabled"}}}); err != nil {
+		return err
 	}
-	created, err := cluster.Apply(ctx, filepath.Join(root, "config", "samples"), demoNamespace)
+	created, err := env.Cluster.Apply(ctx, filepath.Join(env.Root, "config", "samples", "demo"), demoNamespace)
 	if err != nil {
 		return err
 	}
-	stopController, err := startController(ctx, root, dir, cluster.Kubeconfig)
+	fmt.Printf("demo: control plane up and %d objects applied in %s: %s\n", len(created), time.Since(start).Round(100*time.Millisecond), strings.Join(created, " "))
+	frontend, err := waitFrontend(ctx, c, env)
 	if err != nil {
 		return err
 	}
-	defer stopController()
-	fmt.Printf("demo: control plane up in %s; installed the Trellis CRDs and %d samples: %v\n",
-		time.Since(start).Round(100*time.Millisecond), len(created), created)
+	fmt.Printf("demo: pods running; frontend → reviews traffic for 30 s (frontend log: %s)\n\n", frontend)
+	if err := table(ctx, frontend, 30*time.Second); err != nil {
+		return err
+	}
 	fmt.Printf(`
   kubeconfig:  %[1]s
-  try:         %[2]s --kubeconfig %[1]s get meshconfigs,accesspolicies,backendpolicies,externalservices -A
-               %[2]s --kubeconfig %[1]s explain backendpolicy.spec.retries
+  try:         %[2]s --kubeconfig %[1]s -n demo get pods,endpointslices,grpcroutes,accesspolicies -o wide
+               %[2]s --kubeconfig %[1]s -n demo scale deployment reviews-v2 --replicas=3
+               %[2]s --kubeconfig %[1]s -n demo patch accesspolicy reviews-from-frontend --type=merge -p '{"spec":{"action":"Deny"}}'
+               tail -f %[3]s     (the frontend's calls, one JSON line each)
+  trellis-controller log: %[4]s
 
-  trellis-controller runs as its own process (log: %[3]s); xDS on 127.0.0.1:15012 (TLS, root CA in %[4]s).
-  The samples' status conditions are written by it: kubectl ... get backendpolicies shows Accepted/Programmed.
-  Sidecars and live traffic join the demo as they land (see README "Status").
   Press Ctrl-C to stop and clean up.
-`, cluster.Kubeconfig, cluster.Kubectl, filepath.Join(dir, "trellis-controller.log"), filepath.Join(dir, "root-ca.pem"))
+`, env.Cluster.Kubeconfig, env.Cluster.Kubectl, frontend, env.ControllerLog())
 	<-ctx.Done()
 	return nil
 }
 
-// startController runs bin/trellis-controller (built by make demo) against
-// the local cluster and waits until it is ready.
-func startController(ctx context.Context, root, dir, kubeconfig string) (func(), error) {
-	bin := filepath.Join(root, "bin", "trellis-controller")
-	log, err := os.Create(filepath.Join(dir, "trellis-controller.log"))
-	if err != nil {
-		return nil, err
-	}
-	cmd := exec.Command(bin,
-		"--kubeconfig="+kubeconfig,
-		"--leader-elect=false",
-		"--metrics-bind-address=0",
-		"--health-probe-bind-address=127.0.0.1:18081",
-		"--xds-address=127.0.0.1:15012",
-		"--namespace=trellis-system",
-		"--xds-root-ca-out="+filepath.Join(dir, "root-ca.pem"),
-	)
-	cmd.Stdout, cmd.Stderr = log, log
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start %s (run make demo, which builds it): %w", bin, err)
-	}
-	stop := func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		done := make(chan struct{})
-		go func() { _ = cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			_ = cmd.Process.Kill()
-			<-done
-		}
-		log.Close()
-	}
-	deadline := time.Now().Add(time.Minute)
-	for {
-		resp, err := http.Get("http://127.0.0.1:18081/readyz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return stop, nil
+// waitFrontend waits until the frontend pod runs and returns its log.
+func waitFrontend(ctx context.Context, c client.Client, env *framework.Env) (string, error) {
+	deadline := time.Now().Add(2 * time.Minute)
+	for time.Now().Before(deadline) && ctx.Err() == nil {
+		var pods corev1.PodList
+		if err := c.List(ctx, &pods, client.InNamespace(demoNamespace), client.MatchingLabels{"app": "frontend"}); err == nil {
+			for _, p := range pods.Items {
+				if d := env.Kubelet.PodDir(demoNamespace, p.Name); d != "" {
+					if _, err := os.Stat(filepath.Join(d, "frontend.log")); err == nil {
+						return filepath.Join(d, "frontend.log"), nil
+					}
+				}
 			}
-		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			stop()
-			return nil, fmt.Errorf("trellis-controller did not become ready; see %s", log.Name())
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+	return "", fmt.Errorf("the frontend pod did not start; logs in %s", env.Dir)
+}
+
+type call struct {
+	Version  string  `json:"version"`
+	Pod      string  `json:"pod"`
+	SPIFFEID string  `json:"spiffeID"`
+	Code     string  `json:"code"`
+	Error    string  `json:"error"`
+	MS       float64 `json:"ms"`
+}
+
+// table follows the frontend's log and prints one line per second.
+func table(ctx context.Context, path string, d time.Duration) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	r := bufio.NewReader(f)
+	fmt.Printf("%-6s %-20s %8s %8s %8s %8s %11s  %s\n", "t", "edge", "req/s", "success", "p50 ms", "p99 ms", "v1/v2 %", "server sees caller as")
+	var pending string
+	end := time.After(d)
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for i := 1; ; i++ {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-end:
+			return nil
+		case <-tick.C:
+		}
+		var calls []call
+		for {
+			line, err := r.ReadString('\n')
+			pending += line
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				return err
+			}
+			var c call
+			if json.Unmarshal([]byte(pending), &c) == nil {
+				calls = append(calls, c)
+			}
+			pending = ""
+		}
+		ok, v1, v2 := 0, 0, 0
+		var lat []float64
+		ids := map[string]bool{}
+		for _, c := range calls {
+			lat = append(lat, c.MS)
+			if c.Error != "" {
+				continue
+			}
+			ok++
+			ids[c.SPIFFEID] = true
+			if c.Version == "v1" {
+				v1++
+			} else {
+				v2++
+			}
+		}
+		slices.Sort(lat)
+		pct := func(p float64) float64 {
+			if len(lat) == 0 {
+				return 0
+			}
+			return lat[min(len(lat)-1, int(p*float64(len(lat))))]
+		}
+		success, split := "-", "-"
+		if len(calls) > 0 {
+			success = fmt.Sprintf("%.1f%%", 100*float64(ok)/float64(len(calls)))
+		}
+		if ok > 0 {
+			split = fmt.Sprintf("%.0f/%.0f", 100*float64(v1)/float64(ok), 100*float64(v2)/float64(ok))
+		}
+		id := strings.Join(mapKeys(ids), ",")
+		fmt.Printf("%-6s %-20s %8d %8s %8.2f %8.2f %11s  %s\n", fmt.Sprintf("%ds", i), "frontend→reviews", len(calls), success, pct(0.5), pct(0.99), split, id)
+	}
+}
+
+func mapKeys(m map[string]bool) []string {
+	var out []string
+	for k := range m {
+		out = append(out, k)
+	}
+	slices.Sort(out)
+	return out
 }
