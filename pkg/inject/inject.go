@@ -43,9 +43,18 @@ const (
 	AnnotationExclIn   = "trellis.dev/exclude-inbound-ports"
 	AnnotationExclOut  = "trellis.dev/exclude-outbound-ports"
 	AnnotationExclCIDR = "trellis.dev/exclude-outbound-cidrs"
+	// AnnotationNativeSidecar "false" injects the proxy as a regular
+	// container for clusters without native sidecars (Kubernetes < 1.29).
+	AnnotationNativeSidecar = "trellis.dev/native-sidecar"
 )
 
-var known = []string{AnnotationStatus, model.AnnotationProbes, AnnotationRewriteProbes, AnnotationProxy, AnnotationCPU, AnnotationMemory, AnnotationLogLevel, AnnotationExclIn, AnnotationExclOut, AnnotationExclCIDR}
+// waitForProxy is the fallback's postStart hook: the kubelet starts the
+// application containers only after it returns, i.e. once Envoy's
+// readiness listener (delivered over xDS) answers 200. Bash's /dev/tcp is
+// used because the stock Envoy image has no HTTP client.
+const waitForProxy = `for i in $(seq 1 600); do if exec 3<>/dev/tcp/127.0.0.1/15021; then printf 'GET /ready HTTP/1.0\r\n\r\n' >&3; read -r line <&3; exec 3>&-; case "$line" in *" 200 "*) exit 0;; esac; fi; sleep 0.2; done; exit 1`
+
+var known = []string{AnnotationStatus, model.AnnotationProbes, AnnotationRewriteProbes, AnnotationProxy, AnnotationCPU, AnnotationMemory, AnnotationLogLevel, AnnotationExclIn, AnnotationExclOut, AnnotationExclCIDR, AnnotationNativeSidecar}
 
 // Config is what injection needs besides the pod.
 type Config struct {
@@ -84,7 +93,8 @@ func Pod(pod *corev1.Pod, cfg Config) (*corev1.Pod, []string) {
 		warnings = append(warnings, injectEnvoy(p, cfg, mc)...)
 		// The probes annotation is ours to write: one from the user is dropped.
 		delete(p.Annotations, model.AnnotationProbes)
-		injected := slices.ContainsFunc(p.Spec.InitContainers, func(c corev1.Container) bool { return c.Name == ProxyContainer })
+		isProxy := func(c corev1.Container) bool { return c.Name == ProxyContainer }
+		injected := slices.ContainsFunc(p.Spec.InitContainers, isProxy) || slices.ContainsFunc(p.Spec.Containers, isProxy)
 		v := p.Annotations[AnnotationRewriteProbes]
 		if v != "" && v != "true" && v != "false" {
 			warnings = append(warnings, fmt.Sprintf("%s=%q is neither true nor false; probes are rewritten", AnnotationRewriteProbes, v))
@@ -218,6 +228,20 @@ func injectEnvoy(p *corev1.Pod, cfg Config, mc meshv1alpha1.MeshConfigSpec) []st
 	// trellis-init first (it must run before anything opens a socket), then
 	// the proxy, then the pod's own init containers, which already go
 	// through the proxy.
+	switch v := p.Annotations[AnnotationNativeSidecar]; v {
+	case "false":
+		// Fallback: a regular container, first, whose postStart hook holds
+		// the application containers back until the proxy is ready. Jobs
+		// do not complete with it (the proxy never exits on its own).
+		proxy.RestartPolicy = nil
+		proxy.Lifecycle = &corev1.Lifecycle{PostStart: &corev1.LifecycleHandler{Exec: &corev1.ExecAction{Command: []string{"bash", "-c", waitForProxy}}}}
+		p.Spec.InitContainers = append([]corev1.Container{initC}, p.Spec.InitContainers...)
+		p.Spec.Containers = append([]corev1.Container{proxy}, p.Spec.Containers...)
+		return warnings
+	case "", "true":
+	default:
+		warnings = append(warnings, fmt.Sprintf("%s=%q is neither true nor false; the proxy is a native sidecar", AnnotationNativeSidecar, v))
+	}
 	p.Spec.InitContainers = append([]corev1.Container{initC, proxy}, p.Spec.InitContainers...)
 	return warnings
 }

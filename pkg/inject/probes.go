@@ -25,6 +25,9 @@ func rewriteProbes(p *corev1.Pod) []string {
 	probes := map[string]model.AppProbe{}
 	for i := range p.Spec.Containers {
 		c := &p.Spec.Containers[i]
+		if c.Name == ProxyContainer {
+			continue // the fallback's proxy container: its probes are its own
+		}
 		for _, k := range []struct {
 			kind  string
 			probe **corev1.Probe
