@@ -31,7 +31,7 @@ var (
 
 func TestMain(m *testing.M) {
 	if err := framework.CheckPrivileges(); err != nil {
-		skipWhy = "SKIP: e2e " + err.Error()
+		skipWhy = "SKIP: e2e " + err.Error() + "; the suite runs as root with iproute2 (make test and make e2e in CI)"
 		fmt.Println(skipWhy)
 		os.Exit(m.Run())
 	}

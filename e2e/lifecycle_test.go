@@ -2,8 +2,11 @@ package e2e_test
 
 import (
 	"bytes"
+	"context"
+	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
@@ -11,6 +14,7 @@ import (
 	"time"
 
 	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -177,7 +181,7 @@ func TestControllerRestart(t *testing.T) {
 func TestCertificateRotation(t *testing.T) {
 	requireEnv(t)
 	if testing.Short() {
-		t.Skip("SKIP: -short (the rotation scenario takes 2.5 minutes)")
+		t.Skip("SKIP: -short; the rotation scenario takes 2.5 minutes and runs without -short (make test, make e2e)")
 	}
 	mc := &meshv1alpha1.MeshConfig{ObjectMeta: metav1.ObjectMeta{Name: "default"}, Spec: meshv1alpha1.MeshConfigSpec{
 		Certificates: meshv1alpha1.Certificates{Lifetime: "2m", RotationPercent: 50},
@@ -212,7 +216,40 @@ func TestCertificateRotation(t *testing.T) {
 func TestEnvoySidecarPath(t *testing.T) {
 	requireEnv(t)
 	if env.Envoy == "" {
-		t.Skip("SKIP: envoy not on PATH — the Envoy sidecar scenarios did not run (proxyless gRPC scenarios cover the same features)")
+		t.Skip("SKIP: envoy not on PATH — the Envoy sidecar scenarios run only when an envoy binary is on PATH (proxyless gRPC scenarios cover the same features)")
 	}
-	t.Skip("SKIP: envoy found, but the Envoy sidecar path of the e2e suite is not written yet")
+	t.Skip("SKIP: envoy found, but the Envoy sidecar path of the e2e suite is not written yet; it runs once written (docs/e2e.md, Decisions and limits)")
+}
+
+// TestDemoApp applies config/samples/demo (what make demo runs) and checks
+// the frontend's own traffic: every call succeeds under the AccessPolicy and
+// the 80/20 split shows.
+func TestDemoApp(t *testing.T) {
+	requireEnv(t)
+	create(t, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "demo", Labels: map[string]string{"trellis.dev/inject": "enabled"}}})
+	t.Cleanup(func() {
+		_ = env.Cluster.Client().Delete(context.Background(), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "demo"}})
+	})
+	if _, err := env.Cluster.Apply(ctxT(t), filepath.Join(env.Root, "config", "samples", "demo"), "demo"); err != nil {
+		t.Fatal(err)
+	}
+	var rs []result
+	eventually(t, "frontend traffic", func() (bool, string) {
+		for _, d := range podDirs("demo", "frontend") {
+			b, _ := os.ReadFile(filepath.Join(d, "frontend.log"))
+			if i := bytes.LastIndexByte(b, '\n'); i > 0 {
+				rs = parse(t, b[:i+1])
+			}
+		}
+		return len(rs) >= 1000, fmt.Sprintf("%d calls so far", len(rs))
+	})
+	ok, codes, by := summarize(rs)
+	share := float64(by["v1"]) / float64(max(ok, 1))
+	t.Logf("demo frontend: %d/%d calls ok, v1 share %.1f %%", ok, len(rs), share*100)
+	if ok != len(rs) {
+		t.Errorf("failures %v: %s", codes, firstError(rs))
+	}
+	if share < 0.75 || share > 0.85 {
+		t.Errorf("v1 share %.3f, want 0.80 ± 0.05", share)
+	}
 }

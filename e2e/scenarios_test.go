@@ -1,6 +1,7 @@
 package e2e_test
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -21,21 +22,25 @@ func setupEcho(t *testing.T, replicas int32, args ...string) string {
 func TestReachability(t *testing.T) {
 	requireEnv(t)
 	ns := setupEcho(t, 2)
-	rs := call(t, ns, "client", target(ns, "echo"), "--n=40")
-	ok, codes, _ := summarize(rs)
-	if ok != 40 {
-		t.Fatalf("%d/40 calls succeeded, failures %v, e.g. %s", ok, codes, firstError(rs))
-	}
-	pods := map[string]int{}
-	for _, r := range rs {
-		pods[r.Pod]++
-		if want := "spiffe://cluster.local/ns/" + ns + "/sa/client"; r.SPIFFEID != want {
-			t.Fatalf("server saw peer %q, want %q", r.SPIFFEID, want)
+	// Every batch must succeed entirely; the batch that counts is the first
+	// one after the client has received both endpoints (EndpointSlices are
+	// ready before the push reaches the client).
+	var pods map[string]int
+	eventually(t, "both replicas answer", func() (bool, string) {
+		rs := call(t, ns, "client", target(ns, "echo"), "--n=40")
+		ok, codes, _ := summarize(rs)
+		if ok != 40 {
+			t.Fatalf("%d/40 calls succeeded, failures %v, e.g. %s", ok, codes, firstError(rs))
 		}
-	}
-	if len(pods) != 2 {
-		t.Errorf("answers came from %v, want both replicas", pods)
-	}
+		pods = map[string]int{}
+		for _, r := range rs {
+			pods[r.Pod]++
+			if want := "spiffe://cluster.local/ns/" + ns + "/sa/client"; r.SPIFFEID != want {
+				t.Fatalf("server saw peer %q, want %q", r.SPIFFEID, want)
+			}
+		}
+		return len(pods) == 2, fmt.Sprintf("answers came from %v", pods)
+	})
 	t.Logf("40/40 calls over mTLS, spread %v", pods)
 }
 

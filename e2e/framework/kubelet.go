@@ -1,6 +1,7 @@
 package framework
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"net"
@@ -9,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -346,7 +348,7 @@ func (r *podRun) start(c corev1.Container) (*proc, error) {
 		return nil, fmt.Errorf("no binary for image %s", c.Image)
 	}
 	env := r.env(c)
-	args := r.rewrite(c, env, append(slicesClone(c.Command[min(1, len(c.Command)):]), c.Args...))
+	args := r.rewrite(c, env, append(slices.Clone(c.Command[min(1, len(c.Command)):]), c.Args...))
 	log, err := os.OpenFile(filepath.Join(r.dir, c.Name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, err
@@ -355,8 +357,6 @@ func (r *podRun) start(c corev1.Container) (*proc, error) {
 	cmd.Env = env
 	return r.launch(c.Name, cmd, log)
 }
-
-func slicesClone(s []string) []string { return append([]string(nil), s...) }
 
 // env resolves a container's environment: downward-API fields and $(VAR)
 // references to earlier variables, as Kubernetes does.
@@ -482,7 +482,7 @@ func (r *podRun) token(dir string, t *corev1.ServiceAccountTokenProjection) erro
 		ExpirationSeconds: t.ExpirationSeconds,
 		BoundObjectRef:    &authenticationv1.BoundObjectReference{Kind: "Pod", APIVersion: "v1", Name: r.pod.Name, UID: r.pod.UID},
 	}}
-	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: r.pod.Namespace, Name: cmpOr(r.pod.Spec.ServiceAccountName, "default")}}
+	sa := &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: r.pod.Namespace, Name: cmp.Or(r.pod.Spec.ServiceAccountName, "default")}}
 	var err error
 	for range 50 { // the ServiceAccount may still be on its way
 		if err = r.k.Client.SubResource("token").Create(r.ctx, sa, tr); err == nil {
@@ -673,11 +673,4 @@ func writeAtomic(path string, b []byte) error {
 		return err
 	}
 	return os.Rename(tmp, path)
-}
-
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
 }

@@ -79,7 +79,7 @@ func hostIPv4() string {
 func TestGRPCXDSClientConsumesTrellis(t *testing.T) {
 	ip := hostIPv4()
 	if ip == "" {
-		t.Skip("SKIP: no non-loopback IPv4 address on this machine; gRPC xDS client test needs one")
+		t.Skip("SKIP: no non-loopback IPv4 address on this machine; the gRPC xDS client test runs on machines with one (CI has one)")
 	}
 	p := startPlane(t, nil, func(o *controlplane.Options) {
 		o.XDSAddr = ip + ":0"

@@ -64,6 +64,19 @@ func TestInjectionWebhook(t *testing.T) {
 			}
 		})
 	}
+	t.Run("the fallback without native sidecars is accepted by the apiserver", func(t *testing.T) {
+		pod := testgen.Pod(meshed, "app-5", testgen.WithProxy(""))
+		pod.Annotations = map[string]string{"trellis.dev/native-sidecar": "false"}
+		if err := env.Client.Create(context.Background(), pod); err != nil {
+			t.Fatalf("create: %v", err)
+		}
+		if got := names(pod.Spec.InitContainers); len(got) != 1 || got[0] != "trellis-init" {
+			t.Errorf("init containers %v, want [trellis-init]", got)
+		}
+		if c := pod.Spec.Containers[0]; c.Name != "trellis-proxy" || c.Lifecycle == nil || c.Lifecycle.PostStart == nil {
+			t.Errorf("first container %s, lifecycle %+v: want trellis-proxy with a postStart hook", c.Name, c.Lifecycle)
+		}
+	})
 	t.Run("an HTTP probe is moved onto the stats port and accepted by the apiserver", func(t *testing.T) {
 		pod := testgen.Pod(meshed, "app-4", testgen.WithProxy(""))
 		pod.Spec.Containers[0].LivenessProbe = &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/healthz", Port: intstr.FromInt32(8080)}}}

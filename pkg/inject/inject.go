@@ -90,11 +90,10 @@ func Pod(pod *corev1.Pod, cfg Config) (*corev1.Pod, []string) {
 	if p.Annotations[AnnotationProxy] == string(model.ProxyGRPC) {
 		injectGRPC(p, cfg)
 	} else {
-		warnings = append(warnings, injectEnvoy(p, cfg, mc)...)
+		ws, injected := injectEnvoy(p, cfg, mc)
+		warnings = append(warnings, ws...)
 		// The probes annotation is ours to write: one from the user is dropped.
 		delete(p.Annotations, model.AnnotationProbes)
-		isProxy := func(c corev1.Container) bool { return c.Name == ProxyContainer }
-		injected := slices.ContainsFunc(p.Spec.InitContainers, isProxy) || slices.ContainsFunc(p.Spec.Containers, isProxy)
 		v := p.Annotations[AnnotationRewriteProbes]
 		if v != "" && v != "true" && v != "false" {
 			warnings = append(warnings, fmt.Sprintf("%s=%q is neither true nor false; probes are rewritten", AnnotationRewriteProbes, v))
@@ -144,7 +143,8 @@ func downward() []corev1.EnvVar {
 	}
 }
 
-func injectEnvoy(p *corev1.Pod, cfg Config, mc meshv1alpha1.MeshConfigSpec) []string {
+// injectEnvoy adds trellis-init and the proxy; it reports whether it did.
+func injectEnvoy(p *corev1.Pod, cfg Config, mc meshv1alpha1.MeshConfigSpec) ([]string, bool) {
 	var warnings []string
 	res := corev1.ResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("100m"), corev1.ResourceMemory: resource.MustParse("128Mi")}}
 	if mc.Sidecar.Resources != nil {
@@ -192,7 +192,7 @@ func injectEnvoy(p *corev1.Pod, cfg Config, mc meshv1alpha1.MeshConfigSpec) []st
 	if err != nil {
 		// Our own bootstrap failing validation is a bug, not user input.
 		warnings = append(warnings, "sidecar not injected: "+err.Error())
-		return warnings
+		return warnings, false
 	}
 	volumes(p)
 	initC := corev1.Container{
@@ -237,13 +237,13 @@ func injectEnvoy(p *corev1.Pod, cfg Config, mc meshv1alpha1.MeshConfigSpec) []st
 		proxy.Lifecycle = &corev1.Lifecycle{PostStart: &corev1.LifecycleHandler{Exec: &corev1.ExecAction{Command: []string{"bash", "-c", waitForProxy}}}}
 		p.Spec.InitContainers = append([]corev1.Container{initC}, p.Spec.InitContainers...)
 		p.Spec.Containers = append([]corev1.Container{proxy}, p.Spec.Containers...)
-		return warnings
+		return warnings, true
 	case "", "true":
 	default:
 		warnings = append(warnings, fmt.Sprintf("%s=%q is neither true nor false; the proxy is a native sidecar", AnnotationNativeSidecar, v))
 	}
 	p.Spec.InitContainers = append([]corev1.Container{initC, proxy}, p.Spec.InitContainers...)
-	return warnings
+	return warnings, true
 }
 
 func injectGRPC(p *corev1.Pod, cfg Config) {

@@ -135,15 +135,11 @@ func routerFilter() *hcmv3.HttpFilter {
 }
 
 // adminListener serves a few paths of Envoy's admin interface (which stays
-// bound to 127.0.0.1:15000) on a pod port, for Prometheus and kubelet probes.
-func adminListener(name string, port uint32, paths map[string]string) *listenerv3.Listener {
+// bound to 127.0.0.1:15000) on a pod port, for Prometheus and kubelet probes,
+// then the extra routes; the extra filters run before the router.
+func adminListener(name string, port uint32, paths map[string]string, extraRoutes []*routev3.Route, extraFilters []*hcmv3.HttpFilter) *listenerv3.Listener {
 	vh := &routev3.VirtualHost{Name: name, Domains: []string{"*"}}
-	keys := make([]string, 0, len(paths))
-	for k := range paths {
-		keys = append(keys, k)
-	}
-	sortStrings(keys)
-	for _, from := range keys {
+	for _, from := range sortedKeys(paths) {
 		to := paths[from]
 		vh.Routes = append(vh.Routes, &routev3.Route{
 			Name:  from,
@@ -154,11 +150,12 @@ func adminListener(name string, port uint32, paths map[string]string) *listenerv
 			}},
 		})
 	}
+	vh.Routes = append(vh.Routes, extraRoutes...)
 	h := &hcmv3.HttpConnectionManager{
 		StatPrefix:     name,
 		CodecType:      hcmv3.HttpConnectionManager_AUTO,
 		RouteSpecifier: &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: &routev3.RouteConfiguration{Name: name, VirtualHosts: []*routev3.VirtualHost{vh}}},
-		HttpFilters:    []*hcmv3.HttpFilter{routerFilter()},
+		HttpFilters:    append(extraFilters, routerFilter()),
 	}
 	return &listenerv3.Listener{
 		Name:         name,
@@ -168,7 +165,7 @@ func adminListener(name string, port uint32, paths map[string]string) *listenerv
 }
 
 func (t *translator) readinessListener() *listenerv3.Listener {
-	return adminListener(ReadinessListenerName, ReadinessPort, map[string]string{"/ready": "/ready"})
+	return adminListener(ReadinessListenerName, ReadinessPort, map[string]string{"/ready": "/ready"}, nil, nil)
 }
 
 func percent(p int32) *typev3.FractionalPercent {

@@ -102,21 +102,13 @@ func (t *translator) probeClusterFor(path string, p model.AppProbe) string {
 
 // statsListener serves Prometheus stats and the application probes on 15020.
 func (t *translator) statsListener() *listenerv3.Listener {
-	l := adminListener(StatsListenerName, StatsPort, map[string]string{"/stats/prometheus": "/stats/prometheus"})
-	if len(t.proxy.Probes) == 0 {
-		return l
-	}
-	h := &hcmv3.HttpConnectionManager{}
-	if err := l.FilterChains[0].Filters[0].GetTypedConfig().UnmarshalTo(h); err != nil {
-		panic(err) // built above
-	}
-	vh := h.GetRouteConfig().VirtualHosts[0]
+	var routes []*routev3.Route
 	var checks []*hcmv3.HttpFilter
 	for _, path := range sortedKeys(t.proxy.Probes) {
 		p := t.proxy.Probes[path]
 		cluster := t.probeClusterFor(path, p)
 		if p.HTTPGet != nil {
-			vh.Routes = append(vh.Routes, &routev3.Route{
+			routes = append(routes, &routev3.Route{
 				Name:  path,
 				Match: &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Path{Path: path}},
 				Action: &routev3.Route_Route{Route: &routev3.RouteAction{
@@ -138,9 +130,7 @@ func (t *translator) statsListener() *listenerv3.Listener {
 			})},
 		})
 	}
-	h.HttpFilters = append(checks, h.HttpFilters...)
-	l.FilterChains[0].Filters[0] = hcmFilter(h)
-	return l
+	return adminListener(StatsListenerName, StatsPort, map[string]string{"/stats/prometheus": "/stats/prometheus"}, routes, checks)
 }
 
 // probeID turns /app-health/<container>/<kind> into <container>_<kind>
