@@ -44,6 +44,8 @@ manifests: $(CONTROLLER_GEN)
 	@mkdir -p charts/trellis/crds config/crd/gateway-api config/crd/cert-manager
 	@rm -f charts/trellis/crds/*.yaml config/crd/gateway-api/*.yaml config/crd/cert-manager/*.yaml
 	cp config/crd/bases/*.yaml charts/trellis/crds/
+	@# The chart's RBAC rules and webhook entries, from the two outputs above.
+	$(GO) run ./hack/chartgen
 	@# Gateway API CRDs Trellis reads (standard channel, the pinned module's own manifests),
 	@# for tests and the demo; clusters install Gateway API themselves.
 	gwdir="$$($(GO) list -m -f '{{.Dir}}' sigs.k8s.io/gateway-api)"; \

@@ -108,8 +108,10 @@ func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
 // +kubebuilder:rbac:groups=gateway.networking.k8s.io,resources=httproutes/status;grpcroutes/status,verbs=update;patch
 // +kubebuilder:rbac:groups=authentication.k8s.io,resources=tokenreviews,verbs=create
 // +kubebuilder:rbac:groups=authorization.k8s.io,resources=subjectaccessreviews,verbs=create
-// +kubebuilder:rbac:groups=coordination.k8s.io,resources=leases,verbs=get;list;watch;create;update;patch
-// +kubebuilder:rbac:groups="",resources=events,verbs=create;patch
+// Leader election: the Lease and its events live in the control plane's
+// namespace (the chart templates the namespace).
+// +kubebuilder:rbac:groups=coordination.k8s.io,namespace=trellis-system,resources=leases,verbs=get;create;update
+// +kubebuilder:rbac:groups="",namespace=trellis-system,resources=events,verbs=create;patch
 // +kubebuilder:rbac:groups="",namespace=trellis-system,resources=secrets,verbs=get;create
 // +kubebuilder:rbac:groups=cert-manager.io,namespace=trellis-system,resources=certificaterequests,verbs=get;create;delete
 
