@@ -13,6 +13,9 @@ BIN := $(ROOT)/bin
 GO ?= go
 TOOLS_MOD := $(ROOT)/hack/tools/go.mod
 CONTROLLER_GEN := $(BIN)/controller-gen
+HELM := $(BIN)/helm
+# The ServiceMonitor CRD the chart's tests install (a module download, pinned).
+PROMETHEUS_OPERATOR_VERSION := v0.85.0
 GOTEST_FLAGS ?= -count=1 -timeout 20m
 
 .PHONY: all
@@ -23,8 +26,12 @@ $(CONTROLLER_GEN): $(TOOLS_MOD) hack/tools/go.sum
 	@mkdir -p $(BIN)
 	$(GO) build -modfile=$(TOOLS_MOD) -o $@ sigs.k8s.io/controller-tools/cmd/controller-gen
 
+$(HELM): $(TOOLS_MOD) hack/tools/go.sum
+	@mkdir -p $(BIN)
+	$(GO) build -modfile=$(TOOLS_MOD) -o $@ helm.sh/helm/v4/cmd/helm
+
 .PHONY: tools
-tools: $(CONTROLLER_GEN)
+tools: $(CONTROLLER_GEN) $(HELM)
 
 ## Kubernetes binaries for envtest, e2e and demo (built from Go modules, cached).
 .PHONY: kube-binaries
@@ -42,7 +49,7 @@ manifests: $(CONTROLLER_GEN)
 	$(CONTROLLER_GEN) rbac:roleName=trellis-controller paths=./pkg/... output:rbac:artifacts:config=config/rbac
 	$(CONTROLLER_GEN) webhook paths=./pkg/... output:webhook:artifacts:config=config/webhook
 	@mkdir -p charts/trellis/crds config/crd/gateway-api config/crd/cert-manager
-	@rm -f charts/trellis/crds/*.yaml config/crd/gateway-api/*.yaml config/crd/cert-manager/*.yaml
+	@rm -f charts/trellis/crds/*.yaml config/crd/gateway-api/*.yaml config/crd/cert-manager/*.yaml config/crd/prometheus-operator/*.yaml
 	cp config/crd/bases/*.yaml charts/trellis/crds/
 	@# The chart's RBAC rules and webhook entries, from the two outputs above.
 	$(GO) run ./hack/chartgen
@@ -51,9 +58,14 @@ manifests: $(CONTROLLER_GEN)
 	gwdir="$$($(GO) list -m -f '{{.Dir}}' sigs.k8s.io/gateway-api)"; \
 	for k in httproutes grpcroutes referencegrants; do \
 		install -m 0644 "$$gwdir/config/crd/standard/gateway.networking.k8s.io_$$k.yaml" config/crd/gateway-api/; done
-	@# cert-manager's CertificateRequest CRD, for the cert-manager backend's tests.
+	@# cert-manager's CRDs the backend and the chart's cert-manager option use, for tests.
 	cmdir="$$($(GO) list -m -f '{{.Dir}}' github.com/cert-manager/cert-manager)"; \
-	install -m 0644 "$$cmdir/deploy/crds/cert-manager.io_certificaterequests.yaml" config/crd/cert-manager/
+	for k in certificaterequests certificates issuers; do \
+		install -m 0644 "$$cmdir/deploy/crds/cert-manager.io_$$k.yaml" config/crd/cert-manager/; done
+	@# The Prometheus Operator's ServiceMonitor CRD, for the chart's serviceMonitor option's tests.
+	@mkdir -p config/crd/prometheus-operator
+	podir="$$($(GO) mod download -json github.com/prometheus-operator/prometheus-operator@$(PROMETHEUS_OPERATOR_VERSION) | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$$/\1/p')"; \
+	install -m 0644 "$$podir/example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml" config/crd/prometheus-operator/
 
 ## Checks.
 .PHONY: fmt-check
@@ -65,11 +77,19 @@ vet:
 	$(GO) vet ./...
 
 .PHONY: verify
-verify: generate manifests fmt-check vet
+verify: generate manifests fmt-check vet helm-lint
 	@if [[ -n "$$(git status --porcelain -- pkg config charts)" ]]; then \
 		echo "generated files are stale; run 'make generate manifests' and commit:"; \
 		git status --porcelain -- pkg config charts; git --no-pager diff --stat -- pkg config charts; exit 1; fi
 	@echo "verify: generated files fresh, gofmt and go vet clean"
+
+## The chart with the pinned helm CLI (make test proves it with Helm's Go SDK too).
+.PHONY: helm-lint
+helm-lint: $(HELM)
+	$(HELM) lint --strict charts/trellis
+	$(HELM) lint --strict charts/trellis -f charts/trellis/ci/all-on-values.yaml
+	$(HELM) template trellis charts/trellis -n trellis-system >/dev/null
+	$(HELM) template trellis charts/trellis -n trellis-system -f charts/trellis/ci/all-on-values.yaml >/dev/null
 
 ## Build.
 .PHONY: build

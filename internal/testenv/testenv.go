@@ -49,6 +49,9 @@ type Env struct {
 type Options struct {
 	// CRDDirectories are installed in addition to config/crd/bases.
 	CRDDirectories []string
+	// WithoutTrellisCRDs leaves config/crd/bases out, for tests that
+	// install the Trellis CRDs themselves (the Helm chart's).
+	WithoutTrellisCRDs bool
 	// CRDs are installed in addition to the directories.
 	CRDs []*apiextensionsv1.CustomResourceDefinition
 	// AddToScheme registers further kinds with the client's scheme.
@@ -131,9 +134,13 @@ func Start(opts Options) (*Env, error) {
 			return nil, err
 		}
 	}
+	dirs := []string{filepath.Join(root, "config", "crd", "gateway-api"), filepath.Join(root, "config", "crd", "cert-manager")}
+	if !opts.WithoutTrellisCRDs {
+		dirs = append(dirs, filepath.Join(root, "config", "crd", "bases"))
+	}
 	env := &envtest.Environment{
 		BinaryAssetsDirectory:    assets,
-		CRDDirectoryPaths:        append([]string{filepath.Join(root, "config", "crd", "bases"), filepath.Join(root, "config", "crd", "gateway-api"), filepath.Join(root, "config", "crd", "cert-manager")}, opts.CRDDirectories...),
+		CRDDirectoryPaths:        append(dirs, opts.CRDDirectories...),
 		CRDs:                     opts.CRDs,
 		ErrorIfCRDPathMissing:    true,
 		Scheme:                   scheme,
