@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"fmt"
 	"net"
 	"net/http"
@@ -17,6 +18,8 @@ import (
 	"testing"
 	"time"
 
+	cmapi "github.com/cert-manager/cert-manager/pkg/apis/certmanager/v1"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/protobuf/proto"
 	appsv1 "k8s.io/api/apps/v1"
@@ -27,6 +30,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/utils/clock"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
@@ -308,6 +312,65 @@ func TestControllerRunsWithTheChartsRBAC(t *testing.T) {
 	if code := scrape(stranger); code != http.StatusForbidden {
 		t.Errorf("scrape without trellis-metrics-reader: %d, want 403", code)
 	}
+
+	// cert-manager as the workload issuer: the controller creates
+	// CertificateRequests in its namespace, reads them back and deletes them
+	// (the test plays cert-manager's approver and a CA issuer).
+	issuer, err := ca.NewSelfSigned("cluster.local", time.Hour, clock.RealClock{})
+	must(t, err)
+	ictx, icancel := context.WithCancel(ctx)
+	defer icancel()
+	go testgen.PlayCertManagerIssuer(ictx, env.Client, ns, "mesh-ca", issuer)
+	mc := get(t, &meshv1alpha1.MeshConfig{}, "", meshv1alpha1.MeshConfigName)
+	mc.Spec.Issuer = meshv1alpha1.Issuer{Type: meshv1alpha1.IssuerCertManager, CertManager: &meshv1alpha1.CertManagerIssuer{IssuerRef: meshv1alpha1.IssuerReference{Name: "mesh-ca", Kind: "ClusterIssuer"}}}
+	must(t, env.Client.Update(ctx, mc))
+	// The namespace is meshed now and nothing serves the chart's webhook
+	// here: the pod opts out of injection (the webhook's objectSelector).
+	frontend2 := testgen.Pod(app, "frontend-2", testgen.WithServiceAccount("frontend"), testgen.WithIP("127.0.8.11"), testgen.WithLabel("trellis.dev/inject", "disabled"))
+	status := frontend2.Status
+	must(t, env.Client.Create(ctx, frontend2))
+	frontend2.Status = status
+	must(t, env.Client.Status().Update(ctx, frontend2))
+	issuerPool := x509.NewCertPool()
+	issuerPool.AddCert(issuer.Root())
+	eventually(t, "an SVID signed through cert-manager", func() (bool, error) {
+		conn, err := xdsclient.Dial(fmt.Sprintf("127.0.0.1:%d", ports["--xds-address"]), &tls.Config{RootCAs: pool, ServerName: "localhost"},
+			saToken(t, app, "frontend", []string{"trellis"}, frontend2), frontend2.Status.PodIP)
+		if err != nil {
+			return false, err
+		}
+		defer conn.Close()
+		cctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+		defer cancel()
+		node := xds.NodeID{Type: "sidecar", IP: frontend2.Status.PodIP, Pod: frontend2.Name, Namespace: app}.String()
+		c, err := xdsclient.Start(cctx, conn, node, false)
+		if err != nil {
+			return false, err
+		}
+		var leaf *x509.Certificate
+		err = c.WaitFor(cctx, func(res map[string]map[string]proto.Message, _ map[string]int) bool {
+			sec, ok := res[resource.SecretType]["default"].(*tlsv3.Secret)
+			if !ok {
+				return false
+			}
+			block, _ := pem.Decode(sec.GetTlsCertificate().GetCertificateChain().GetInlineBytes())
+			if block == nil {
+				return false
+			}
+			leaf, _ = x509.ParseCertificate(block.Bytes)
+			return leaf != nil
+		})
+		if err != nil {
+			return false, err
+		}
+		_, err = leaf.Verify(x509.VerifyOptions{Roots: issuerPool, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
+		return err == nil, err
+	})
+	eventually(t, "the CertificateRequests to be cleaned up", func() (bool, error) {
+		var crs cmapi.CertificateRequestList
+		err := env.Client.List(ctx, &crs, client.InNamespace(ns))
+		return err == nil && len(crs.Items) == 0, err
+	})
 
 	if err := alive(); err != nil {
 		t.Fatal(err)

@@ -8,52 +8,16 @@ import (
 	"time"
 
 	cmapi "github.com/cert-manager/cert-manager/pkg/apis/certmanager/v1"
-	cmmeta "github.com/cert-manager/cert-manager/pkg/apis/meta/v1"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"google.golang.org/protobuf/proto"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
+	"github.com/trellis-mesh/trellis/internal/testgen"
 	"github.com/trellis-mesh/trellis/pkg/ca"
 )
-
-// playIssuer does what cert-manager's approver and a CA issuer would do
-// (cert-manager's controller cannot run here): it approves every
-// CertificateRequest in ns for issuerName, signs its CSR with issuer and
-// sets the certificate, the CA and Ready. It stops with ctx.
-func playIssuer(ctx context.Context, t *testing.T, ns, issuerName string, issuer *ca.Authority) {
-	for ctx.Err() == nil {
-		var crs cmapi.CertificateRequestList
-		if err := env.Client.List(ctx, &crs, client.InNamespace(ns)); err != nil {
-			return
-		}
-		for i := range crs.Items {
-			cr := &crs.Items[i]
-			if cr.Spec.IssuerRef.Name != issuerName || len(cr.Status.Certificate) > 0 {
-				continue
-			}
-			block, _ := pem.Decode(cr.Spec.Request)
-			id, err := spiffeid.FromString(cr.Annotations["trellis.dev/spiffe-id"])
-			if block == nil || err != nil {
-				continue
-			}
-			chain, err := issuer.Sign(ctx, block.Bytes, id, cr.Spec.Duration.Duration)
-			now := metav1.Now()
-			cr.Status.Conditions = []cmapi.CertificateRequestCondition{{Type: cmapi.CertificateRequestConditionApproved, Status: cmmeta.ConditionTrue, Reason: "cert-manager.io", LastTransitionTime: &now}}
-			if err != nil {
-				cr.Status.Conditions = append(cr.Status.Conditions, cmapi.CertificateRequestCondition{Type: cmapi.CertificateRequestConditionReady, Status: cmmeta.ConditionFalse, Reason: cmapi.CertificateRequestReasonFailed, Message: err.Error(), LastTransitionTime: &now})
-			} else {
-				cr.Status.Certificate, cr.Status.CA = chain, issuer.RootPEM()
-				cr.Status.Conditions = append(cr.Status.Conditions, cmapi.CertificateRequestCondition{Type: cmapi.CertificateRequestConditionReady, Status: cmmeta.ConditionTrue, Reason: cmapi.CertificateRequestReasonIssued, LastTransitionTime: &now})
-			}
-			_ = env.Client.Status().Update(ctx, cr)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
 
 // TestCertManagerIssuesWorkloadCertificates switches MeshConfig to a
 // cert-manager ClusterIssuer: proxies then get SVIDs signed by that issuer
@@ -67,7 +31,7 @@ func TestCertManagerIssuesWorkloadCertificates(t *testing.T) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	go playIssuer(ctx, t, "trellis-system", "mesh-ca", issuer)
+	go testgen.PlayCertManagerIssuer(ctx, env.Client, "trellis-system", "mesh-ca", issuer)
 
 	mc := &meshv1alpha1.MeshConfig{ObjectMeta: metav1.ObjectMeta{Name: meshv1alpha1.MeshConfigName}, Spec: meshv1alpha1.MeshConfigSpec{
 		Issuer: meshv1alpha1.Issuer{Type: meshv1alpha1.IssuerCertManager, CertManager: &meshv1alpha1.CertManagerIssuer{IssuerRef: meshv1alpha1.IssuerReference{Name: "mesh-ca", Kind: "ClusterIssuer"}}},
