@@ -91,6 +91,16 @@ helm-lint: $(HELM)
 	$(HELM) template trellis charts/trellis -n trellis-system >/dev/null
 	$(HELM) template trellis charts/trellis -n trellis-system -f charts/trellis/ci/all-on-values.yaml >/dev/null
 
+## Container images (images/*/Dockerfile), tagged with the chart's appVersion.
+CONTAINER_TOOL ?= docker
+IMAGE_REGISTRY ?= ghcr.io/trellis-mesh
+VERSION ?= $(shell sed -n 's/^appVersion: "\(.*\)"/\1/p' charts/trellis/Chart.yaml)
+.PHONY: images
+images:
+	@command -v $(CONTAINER_TOOL) >/dev/null || { echo "make images needs $(CONTAINER_TOOL) (or CONTAINER_TOOL=podman)"; exit 1; }
+	$(CONTAINER_TOOL) build -f images/controller/Dockerfile --build-arg VERSION=$(VERSION) -t $(IMAGE_REGISTRY)/trellis-controller:$(VERSION) .
+	$(CONTAINER_TOOL) build -f images/init/Dockerfile --build-arg VERSION=$(VERSION) -t $(IMAGE_REGISTRY)/trellis-init:$(VERSION) .
+
 ## Build.
 .PHONY: build
 build:

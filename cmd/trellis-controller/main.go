@@ -16,6 +16,9 @@ import (
 	"github.com/trellis-mesh/trellis/internal/controlplane"
 )
 
+// version is set at build time (-ldflags "-X main.version=…").
+var version = "dev"
+
 func main() {
 	if err := run(); err != nil {
 		fmt.Fprintf(os.Stderr, "trellis-controller: %v\n", err)
@@ -54,6 +57,7 @@ func run() error {
 	fs.StringVar(&o.InitImage, "init-image", o.InitImage, "trellis-init image injected into pods.")
 	fs.StringVar(&o.XDSServiceHost, "xds-service-host", "", "Host injected proxies dial for xDS (default trellis-xds.<namespace>.svc).")
 	fs.IntVar(&o.XDSServicePort, "xds-service-port", o.XDSServicePort, "Port injected proxies dial for xDS.")
+	showVersion := fs.Bool("version", false, "Print the version and exit.")
 	zapOpts := zap.Options{}
 	zapOpts.BindFlags(fs)
 	fs.Usage = func() {
@@ -61,6 +65,10 @@ func run() error {
 		fs.PrintDefaults()
 	}
 	flag.Parse()
+	if *showVersion {
+		fmt.Println("trellis-controller", version)
+		return nil
+	}
 	for _, n := range strings.Split(webhookNames, ",") {
 		if n = strings.TrimSpace(n); n != "" {
 			o.WebhookDNSNames = append(o.WebhookDNSNames, n)
@@ -86,7 +94,7 @@ func run() error {
 			return err
 		}
 	}
-	o.Log.Info("starting", "namespace", o.Namespace, "leaderElection", o.LeaderElect)
+	o.Log.Info("starting", "version", version, "namespace", o.Namespace, "leaderElection", o.LeaderElect)
 	return cp.Start(ctrl.SetupSignalHandler())
 }
 

@@ -18,6 +18,9 @@ import (
 	"github.com/trellis-mesh/trellis/pkg/iptables"
 )
 
+// version is set at build time (-ldflags "-X main.version=…").
+var version = "dev"
+
 func main() {
 	if err := run(os.Args[1:]); err != nil {
 		fmt.Fprintf(os.Stderr, "trellis-init: %v\n", err)
@@ -37,8 +40,13 @@ func run(args []string) error {
 	backend := fs.String("backend", "auto", "iptables backend: auto, nft or legacy")
 	ipv6 := fs.String("ipv6", "auto", "also program ip6tables: auto (if the pod has an IPv6 address), true or false")
 	dry := fs.Bool("dry-run", false, "print the rules instead of applying them")
+	showVersion := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
 		return err
+	}
+	if *showVersion {
+		fmt.Println("trellis-init", version)
+		return nil
 	}
 	c.ProxyUID, c.InboundPort, c.OutboundPort = uint32(*uid), uint16(*in), uint16(*out)
 	var err error
