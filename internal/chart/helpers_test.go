@@ -24,12 +24,10 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
-	"k8s.io/cli-runtime/pkg/genericclioptions"
-	"k8s.io/client-go/tools/clientcmd"
-	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/yaml"
 
+	"github.com/trellis-mesh/trellis/internal/chartinstall"
 	"github.com/trellis-mesh/trellis/internal/testenv"
 )
 
@@ -86,19 +84,8 @@ func readValues(t testing.TB, file string) map[string]any {
 // credentials (the envtest admin's client certificate when token is empty).
 func kubeconfig(t testing.TB, token string) string {
 	t.Helper()
-	cfg := env.Config
-	user := &clientcmdapi.AuthInfo{Token: token}
-	if token == "" {
-		user.ClientCertificateData, user.ClientKeyData = cfg.CertData, cfg.KeyData
-	}
-	kc := clientcmdapi.Config{
-		Clusters:       map[string]*clientcmdapi.Cluster{"test": {Server: cfg.Host, CertificateAuthorityData: cfg.CAData}},
-		AuthInfos:      map[string]*clientcmdapi.AuthInfo{"test": user},
-		Contexts:       map[string]*clientcmdapi.Context{"test": {Cluster: "test", AuthInfo: "test"}},
-		CurrentContext: "test",
-	}
 	path := filepath.Join(t.TempDir(), "kubeconfig")
-	if err := clientcmd.WriteToFile(kc, path); err != nil {
+	if err := chartinstall.TokenKubeconfig(env.Config, token, path); err != nil {
 		t.Fatal(err)
 	}
 	return path
@@ -108,11 +95,8 @@ func kubeconfig(t testing.TB, token string) string {
 // keeping releases in Secrets like the helm CLI.
 func helmConfig(t testing.TB, namespace string) *action.Configuration {
 	t.Helper()
-	path := kubeconfig(t, "")
-	flags := genericclioptions.NewConfigFlags(false)
-	flags.KubeConfig, flags.Namespace = &path, &namespace
-	cfg := action.NewConfiguration(action.ConfigurationSetLogger(slog.NewTextHandler(io.Discard, nil)))
-	if err := cfg.Init(flags, namespace, "secret"); err != nil {
+	cfg, err := chartinstall.Configuration(kubeconfig(t, ""), namespace)
+	if err != nil {
 		t.Fatal(err)
 	}
 	return cfg

@@ -22,7 +22,6 @@ import (
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/protobuf/proto"
-	appsv1 "k8s.io/api/apps/v1"
 	authnv1 "k8s.io/api/authentication/v1"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -36,6 +35,7 @@ import (
 
 	admissionv1 "k8s.io/api/admissionregistration/v1"
 
+	"github.com/trellis-mesh/trellis/internal/chartinstall"
 	"github.com/trellis-mesh/trellis/internal/testgen"
 	"github.com/trellis-mesh/trellis/internal/xdsclient"
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
@@ -98,24 +98,6 @@ func buildController(t testing.TB) string {
 	return out
 }
 
-// localArgs are the chart's container arguments with the listeners moved to
-// free loopback ports (several test processes share this host).
-func localArgs(chartArgs []string, ports map[string]int) []string {
-	var out []string
-	for _, a := range chartArgs {
-		name, _, _ := strings.Cut(a, "=")
-		if p, ok := ports[name]; ok {
-			if name == "--webhook-port" {
-				a = fmt.Sprintf("%s=%d", name, p)
-			} else {
-				a = fmt.Sprintf("%s=127.0.0.1:%d", name, p)
-			}
-		}
-		out = append(out, a)
-	}
-	return out
-}
-
 // TestControllerRunsWithTheChartsRBAC is the RBAC proof: the controller
 // process runs with the token of the chart's ServiceAccount and nothing else,
 // with the chart's arguments, and does its whole job — leader election,
@@ -137,10 +119,17 @@ func TestControllerRunsWithTheChartsRBAC(t *testing.T) {
 		mc := &meshv1alpha1.MeshConfig{ObjectMeta: metav1.ObjectMeta{Name: meshv1alpha1.MeshConfigName}}
 		_ = env.Client.Delete(context.Background(), mc)
 	})
-	deploy := get(t, &appsv1.Deployment{}, ns, "trellis-controller")
+	// The chart's arguments, with the listeners moved to free loopback ports
+	// (several test processes share this host).
 	ports := map[string]int{"--xds-address": freePort(t), "--webhook-port": freePort(t), "--metrics-bind-address": freePort(t), "--health-probe-bind-address": freePort(t)}
 	rootCA := filepath.Join(t.TempDir(), "root.pem")
-	args := append(localArgs(deploy.Spec.Template.Spec.Containers[0].Args, ports), "--xds-root-ca-out="+rootCA)
+	overrides := map[string]string{"--xds-root-ca-out": rootCA}
+	for flag, p := range ports {
+		overrides[flag] = fmt.Sprintf("127.0.0.1:%d", p)
+	}
+	overrides["--webhook-port"] = fmt.Sprint(ports["--webhook-port"])
+	args, err := chartinstall.ControllerArgs(ctx, env.Config, ns, overrides)
+	must(t, err)
 
 	// The workloads, created before their namespace is meshed (nothing
 	// serves the chart's injection webhook in this test).
@@ -178,7 +167,8 @@ func TestControllerRunsWithTheChartsRBAC(t *testing.T) {
 	must(t, env.Client.Create(ctx, policy))
 
 	// Run the controller as the chart's ServiceAccount.
-	token := saToken(t, ns, "trellis-controller", nil, nil)
+	token, err := chartinstall.ServiceAccountToken(ctx, env.Config, ns, chartinstall.ServiceAccount, time.Hour)
+	must(t, err)
 	var logs syncBuffer
 	cmd := exec.Command(bin, args...)
 	cmd.Env = append(os.Environ(), "KUBECONFIG="+kubeconfig(t, token), "POD_NAMESPACE="+ns)
