@@ -48,6 +48,16 @@ func TestMain(m *testing.M) {
 	fmt.Printf("e2e: environment up in %s (logs, pods: %s)\n", time.Since(start).Round(100*time.Millisecond), dir)
 	code := m.Run()
 	env.Stop()
+	// The controller ran with the Helm chart's ServiceAccount: anything it
+	// was refused is a gap in the chart's RBAC.
+	if b, err := os.ReadFile(env.ControllerLog()); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if strings.Contains(l, "forbidden") {
+				fmt.Printf("FAIL: the controller was refused something under the chart's RBAC: %s\n", l)
+				code = 1
+			}
+		}
+	}
 	if code == 0 {
 		_ = os.RemoveAll(dir)
 	}

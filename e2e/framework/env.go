@@ -13,17 +13,16 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
 
 	admissionv1 "k8s.io/api/admissionregistration/v1"
-	corev1 "k8s.io/api/core/v1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
+	"github.com/trellis-mesh/trellis/internal/chartinstall"
 	"github.com/trellis-mesh/trellis/internal/localcluster"
 	"github.com/trellis-mesh/trellis/internal/testenv"
 )
@@ -114,10 +113,7 @@ func Start(ctx context.Context, opts Options) (_ *Env, err error) {
 		return nil, err
 	}
 	c := e.Cluster.Client()
-	if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "trellis-system"}}); err != nil {
-		return nil, err
-	}
-	if err := e.registerWebhooks(ctx); err != nil {
+	if err := e.installChart(ctx); err != nil {
 		return nil, err
 	}
 	if err := e.StartController(ctx); err != nil {
@@ -141,45 +137,48 @@ func Start(ctx context.Context, opts Options) (_ *Env, err error) {
 	return e, nil
 }
 
-// registerWebhooks creates the injection and validation webhook
-// configurations of config/webhook, pointed at the controller on this host;
-// the controller fills in their caBundle.
-func (e *Env) registerWebhooks(ctx context.Context) error {
-	objs, err := localcluster.ReadManifests(filepath.Join(e.Root, "config", "webhook", "manifests.yaml"))
-	if err != nil {
+// ControllerNamespace is where the chart is installed.
+const ControllerNamespace = "trellis-system"
+
+// installChart installs charts/trellis with Helm's SDK, as a user would —
+// CRDs, ServiceAccount and RBAC, Services, webhook configurations, the
+// Deployment — with values for this environment: the init image the
+// stand-in kubelet knows, and a nodeSelector no node matches, so the
+// Deployment's pod stays Pending as a scheduler would leave it. The
+// controller runs instead as a local process with the chart's arguments and
+// ServiceAccount token (StartController), and the webhook configurations are
+// pointed at it (the apiserver here cannot reach Service IPs). The MeshConfig
+// is left to the tests (meshConfig.create=false).
+func (e *Env) installChart(ctx context.Context) error {
+	repo, tag, _ := strings.Cut(InitImage, ":")
+	values := map[string]any{
+		"image":      map[string]any{"init": map[string]any{"repository": repo, "tag": tag}},
+		"controller": map[string]any{"replicas": 1, "nodeSelector": map[string]any{"trellis.dev/e2e": "controller-runs-as-a-local-process"}},
+		"meshConfig": map[string]any{"create": false},
+	}
+	if _, err := chartinstall.Install(ctx, e.Cluster.Kubeconfig, ControllerNamespace, "trellis", filepath.Join(e.Root, "charts", "trellis"), values); err != nil {
 		return err
 	}
-	sel := &metav1.LabelSelector{MatchLabels: map[string]string{"trellis.dev/inject": "enabled"}}
-	for _, u := range objs {
-		switch u.GetKind() {
-		case "MutatingWebhookConfiguration":
-			var m admissionv1.MutatingWebhookConfiguration
-			if err := fromUnstructured(u.Object, &m); err != nil {
-				return err
-			}
-			m.Name = "trellis-injection"
-			for i := range m.Webhooks {
-				m.Webhooks[i].ClientConfig = admissionv1.WebhookClientConfig{URL: ptr.To(fmt.Sprintf("https://127.0.0.1:%d%s", WebhookPort, *m.Webhooks[i].ClientConfig.Service.Path))}
-				m.Webhooks[i].NamespaceSelector = sel
-			}
-			if err := e.Cluster.Client().Create(ctx, &m); err != nil {
-				return err
-			}
-		case "ValidatingWebhookConfiguration":
-			var v admissionv1.ValidatingWebhookConfiguration
-			if err := fromUnstructured(u.Object, &v); err != nil {
-				return err
-			}
-			v.Name = "trellis-validation"
-			for i := range v.Webhooks {
-				v.Webhooks[i].ClientConfig = admissionv1.WebhookClientConfig{URL: ptr.To(fmt.Sprintf("https://127.0.0.1:%d%s", WebhookPort, *v.Webhooks[i].ClientConfig.Service.Path))}
-			}
-			if err := e.Cluster.Client().Create(ctx, &v); err != nil {
-				return err
-			}
-		}
+	c := e.Cluster.Client()
+	url := func(path string) *string { return ptr.To(fmt.Sprintf("https://127.0.0.1:%d%s", WebhookPort, path)) }
+	var m admissionv1.MutatingWebhookConfiguration
+	if err := c.Get(ctx, client.ObjectKey{Name: "trellis-injection"}, &m); err != nil {
+		return err
 	}
-	return nil
+	for i := range m.Webhooks {
+		m.Webhooks[i].ClientConfig = admissionv1.WebhookClientConfig{URL: url(*m.Webhooks[i].ClientConfig.Service.Path)}
+	}
+	if err := c.Update(ctx, &m); err != nil {
+		return err
+	}
+	var v admissionv1.ValidatingWebhookConfiguration
+	if err := c.Get(ctx, client.ObjectKey{Name: "trellis-validation"}, &v); err != nil {
+		return err
+	}
+	for i := range v.Webhooks {
+		v.Webhooks[i].ClientConfig = admissionv1.WebhookClientConfig{URL: url(*v.Webhooks[i].ClientConfig.Service.Path)}
+	}
+	return c.Update(ctx, &v)
 }
 
 func (e *Env) waitForCABundle(ctx context.Context) error {
@@ -202,22 +201,41 @@ func (e *Env) StartController(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command(e.Bins["trellis-controller"],
-		"--kubeconfig="+e.Cluster.Kubeconfig,
-		"--leader-elect=false",
-		fmt.Sprintf("--metrics-bind-address=127.0.0.1:%d", MetricsPort),
-		"--metrics-secure=false",
-		fmt.Sprintf("--health-probe-bind-address=127.0.0.1:%d", HealthPort),
-		fmt.Sprintf("--xds-address=%s:%d", GatewayIP, XDSPort),
-		"--xds-dns-names="+GatewayIP,
-		"--xds-service-host="+GatewayIP,
-		fmt.Sprintf("--xds-service-port=%d", XDSPort),
-		fmt.Sprintf("--webhook-port=%d", WebhookPort),
-		"--webhook-dns-names=127.0.0.1",
-		"--namespace=trellis-system",
-		"--init-image="+InitImage,
-		"--xds-root-ca-out="+filepath.Join(e.Dir, "root-ca.pem"),
-	)
+	// The chart's arguments and ServiceAccount: a permission the chart lacks
+	// fails the scenarios. Listeners move to this host's addresses; leader
+	// election is off so that a restarted controller need not wait for the
+	// old Lease to expire.
+	cfg := e.Cluster.Env.Config
+	token, err := chartinstall.ServiceAccountToken(ctx, cfg, ControllerNamespace, chartinstall.ServiceAccount, 12*time.Hour)
+	if err != nil {
+		log.Close()
+		return err
+	}
+	kubeconfig := filepath.Join(e.Dir, "trellis-controller.kubeconfig")
+	if err := chartinstall.TokenKubeconfig(cfg, token, kubeconfig); err != nil {
+		log.Close()
+		return err
+	}
+	args, err := chartinstall.ControllerArgs(ctx, cfg, ControllerNamespace, map[string]string{
+		"--kubeconfig":                kubeconfig,
+		"--leader-elect":              "false",
+		"--metrics-bind-address":      fmt.Sprintf("127.0.0.1:%d", MetricsPort),
+		"--metrics-secure":            "false",
+		"--health-probe-bind-address": fmt.Sprintf("127.0.0.1:%d", HealthPort),
+		"--xds-address":               fmt.Sprintf("%s:%d", GatewayIP, XDSPort),
+		"--xds-dns-names":             GatewayIP,
+		"--xds-service-host":          GatewayIP,
+		"--xds-service-port":          fmt.Sprint(XDSPort),
+		"--webhook-port":              fmt.Sprint(WebhookPort),
+		"--webhook-dns-names":         "127.0.0.1",
+		"--xds-root-ca-out":           filepath.Join(e.Dir, "root-ca.pem"),
+	})
+	if err != nil {
+		log.Close()
+		return err
+	}
+	cmd := exec.Command(e.Bins["trellis-controller"], args...)
+	cmd.Env = append(os.Environ(), "POD_NAMESPACE="+ControllerNamespace)
 	cmd.Stdout, cmd.Stderr = log, log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
@@ -280,8 +298,4 @@ func (e *Env) Stop() {
 	if e.net != nil {
 		e.net.close()
 	}
-}
-
-func fromUnstructured(obj map[string]any, into any) error {
-	return runtime.DefaultUnstructuredConverter.FromUnstructured(obj, into)
 }

@@ -76,7 +76,7 @@ func (k *Kubelet) Run(ctx context.Context) error {
 	if k.Logf == nil {
 		k.Logf = func(string, ...any) {}
 	}
-	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: k.Node, Labels: map[string]string{"kubernetes.io/hostname": k.Node, "topology.kubernetes.io/zone": "zone-a"}}}
+	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: k.Node, Labels: k.nodeLabels()}}
 	if err := k.Client.Create(ctx, node); err != nil && !apierrors.IsAlreadyExists(err) {
 		return err
 	}
@@ -101,6 +101,24 @@ func (k *Kubelet) Run(ctx context.Context) error {
 	}
 }
 
+// nodeLabels are the labels of the one node.
+func (k *Kubelet) nodeLabels() map[string]string {
+	return map[string]string{"kubernetes.io/hostname": k.Node, "topology.kubernetes.io/zone": "zone-a"}
+}
+
+// fits is the scheduler's nodeSelector check: the kubelet binds only pods
+// its node can take (e.g. the chart's controller Deployment, whose pods are
+// kept off this node because the controller runs as a local process).
+func (k *Kubelet) fits(p *corev1.Pod) bool {
+	labels := k.nodeLabels()
+	for key, v := range p.Spec.NodeSelector {
+		if labels[key] != v {
+			return false
+		}
+	}
+	return true
+}
+
 func (k *Kubelet) sync(ctx context.Context) {
 	var pods corev1.PodList
 	if err := k.Client.List(ctx, &pods); err != nil {
@@ -111,6 +129,9 @@ func (k *Kubelet) sync(ctx context.Context) {
 		p := &pods.Items[i]
 		seen[p.UID] = true
 		if p.Spec.NodeName == "" && p.DeletionTimestamp == nil {
+			if !k.fits(p) {
+				continue // a scheduler would leave it Pending
+			}
 			b := &corev1.Binding{ObjectMeta: metav1.ObjectMeta{Name: p.Name, Namespace: p.Namespace}, Target: corev1.ObjectReference{Kind: "Node", Name: k.Node}}
 			if err := k.Client.SubResource("binding").Create(ctx, p, b); err != nil && !apierrors.IsConflict(err) {
 				k.Logf("bind %s/%s: %v", p.Namespace, p.Name, err)
