@@ -16,6 +16,7 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	policyv1 "k8s.io/api/policy/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -96,6 +97,24 @@ func TestRenderedProperties(t *testing.T) {
 			for _, u := range objs {
 				if ns := u.GetNamespace(); ns != "" && ns != "mesh-control" {
 					t.Errorf("%s %s in namespace %q, want the release namespace", u.GetKind(), u.GetName(), ns)
+				}
+			}
+
+			// Least privilege: no wildcard anywhere in the chart's RBAC.
+			for _, u := range objs {
+				if u.GetKind() != "ClusterRole" && u.GetKind() != "Role" {
+					continue
+				}
+				var r rbacv1.ClusterRole
+				if err := runtimeConvert(u, &r); err != nil {
+					t.Fatal(err)
+				}
+				for _, rule := range r.Rules {
+					for _, list := range [][]string{rule.APIGroups, rule.Resources, rule.Verbs, rule.NonResourceURLs} {
+						if slices.Contains(list, "*") {
+							t.Errorf("%s %s grants a wildcard: %+v", u.GetKind(), u.GetName(), rule)
+						}
+					}
 				}
 			}
 

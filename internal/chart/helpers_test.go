@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"flag"
+	"fmt"
 	"io"
 	"log/slog"
 	"os"
@@ -194,11 +195,16 @@ func eventually(t testing.TB, what string, cond func() (bool, error)) {
 	}
 }
 
-// gone waits until obj is deleted.
+// gone waits until obj is deleted; on timeout the failure shows the object
+// as last seen (finalizers, status conditions).
 func gone(t testing.TB, obj client.Object) {
 	t.Helper()
 	eventually(t, "deletion of "+obj.GetName(), func() (bool, error) {
 		err := env.Client.Get(context.Background(), client.ObjectKeyFromObject(obj), obj)
+		if err == nil {
+			b, _ := yaml.Marshal(obj)
+			err = fmt.Errorf("still there:\n%s", b)
+		}
 		return apierrors.IsNotFound(err), err
 	})
 }
