@@ -294,9 +294,9 @@ func established(t testing.TB, names ...string) {
 	}
 }
 
-// TestRenderedManifestsApplyToTheAPIServer: Kubernetes itself validates
-// every rendered object — server-side dry run first, then for real.
-func TestRenderedManifestsApplyToTheAPIServer(t *testing.T) {
+// testRenderedManifestsApply: Kubernetes itself validates every rendered
+// object — server-side dry run first, then for real (TestOnTheAPIServer).
+func testRenderedManifestsApply(t *testing.T) {
 	ctx := context.Background()
 	crds := chartCRDs(t)
 	if err := apply(ctx, crds, false); err != nil {

@@ -27,19 +27,6 @@ var trellisCRDs = []string{
 	"externalservices.mesh.trellis.dev", "meshconfigs.mesh.trellis.dev",
 }
 
-// withoutTrellisCRDs deletes the Trellis CRDs (another test may have
-// installed them) so that an install has to create them.
-func withoutTrellisCRDs(t testing.TB) {
-	t.Helper()
-	for _, n := range trellisCRDs {
-		crd := &apiextensionsv1.CustomResourceDefinition{ObjectMeta: metav1.ObjectMeta{Name: n}}
-		if err := env.Client.Delete(context.Background(), crd); err != nil && !apierrors.IsNotFound(err) {
-			t.Fatal(err)
-		}
-		gone(t, crd)
-	}
-}
-
 func installer(t testing.TB, cfg *action.Configuration, ns string) *action.Install {
 	inst := action.NewInstall(cfg)
 	inst.Namespace, inst.ReleaseName = ns, "trellis"
@@ -74,13 +61,28 @@ func get[T client.Object](t testing.TB, obj T, ns, name string) T {
 	return obj
 }
 
-// TestInstallUpgradeUninstall drives the chart through Helm's SDK against the
+// TestOnTheAPIServer runs the steps that change the apiserver in a fixed
+// order. The install comes first because it must be Helm that creates the
+// Trellis CRDs: this package's apiserver starts without them, and no step
+// deletes CRDs (slow, and it stalled under load in CI).
+func TestOnTheAPIServer(t *testing.T) {
+	t.Run("InstallUpgradeUninstall", testInstallUpgradeUninstall)
+	t.Run("RenderedManifestsApply", testRenderedManifestsApply)
+	t.Run("ControllerRunsWithTheChartsRBAC", testControllerRunsWithTheChartsRBAC)
+}
+
+// testInstallUpgradeUninstall drives the chart through Helm's SDK against the
 // real apiserver, as `helm install/upgrade/uninstall` would.
-func TestInstallUpgradeUninstall(t *testing.T) {
+func testInstallUpgradeUninstall(t *testing.T) {
 	ctx := context.Background()
 	const ns = "trellis-helm"
 	namespace(t, ns, nil)
-	withoutTrellisCRDs(t)
+	for _, n := range trellisCRDs {
+		err := env.Client.Get(ctx, client.ObjectKey{Name: n}, &apiextensionsv1.CustomResourceDefinition{})
+		if !apierrors.IsNotFound(err) {
+			t.Fatalf("CRD %s exists before the install (%v): run this step first, on a fresh apiserver", n, err)
+		}
+	}
 	cfg := helmConfig(t, ns)
 	ch := loadChart(t)
 

@@ -98,14 +98,14 @@ func buildController(t testing.TB) string {
 	return out
 }
 
-// TestControllerRunsWithTheChartsRBAC is the RBAC proof: the controller
+// testControllerRunsWithTheChartsRBAC is the RBAC proof: the controller
 // process runs with the token of the chart's ServiceAccount and nothing else,
 // with the chart's arguments, and does its whole job — leader election,
 // root CA, webhook caBundles, status on routes and policies, the root-CA
 // ConfigMap, authenticated xDS with SDS certificates, authorized metrics. A
 // missing permission fails a step, and any "forbidden" the controller logs
-// fails the test.
-func TestControllerRunsWithTheChartsRBAC(t *testing.T) {
+// fails the test. (Run by TestOnTheAPIServer.)
+func testControllerRunsWithTheChartsRBAC(t *testing.T) {
 	ctx := context.Background()
 	const ns = "trellis-rbac"
 	namespace(t, ns, nil)
