@@ -69,6 +69,7 @@ func TestOnTheAPIServer(t *testing.T) {
 	t.Run("InstallUpgradeUninstall", testInstallUpgradeUninstall)
 	t.Run("RenderedManifestsApply", testRenderedManifestsApply)
 	t.Run("ControllerRunsWithTheChartsRBAC", testControllerRunsWithTheChartsRBAC)
+	t.Run("CertManagerServesTheWebhooks", testCertManagerServesTheWebhooks)
 }
 
 // testInstallUpgradeUninstall drives the chart through Helm's SDK against the

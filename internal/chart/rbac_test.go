@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -22,6 +23,7 @@ import (
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"google.golang.org/protobuf/proto"
+	appsv1 "k8s.io/api/apps/v1"
 	authnv1 "k8s.io/api/authentication/v1"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
@@ -98,6 +100,88 @@ func buildController(t testing.TB) string {
 	return out
 }
 
+// controllerRun is trellis-controller running as the chart's ServiceAccount
+// with the chart's arguments.
+type controllerRun struct {
+	ports  map[string]int
+	logs   *syncBuffer
+	exited chan error
+}
+
+// startController runs bin with the container arguments of the chart
+// installed in ns — listeners moved to free loopback ports (several test
+// processes share this host), plus extra — authenticated only by a
+// TokenRequest token of the chart's ServiceAccount, and waits until it is
+// ready. It is stopped when the test ends.
+func startController(t *testing.T, bin, ns string, extra map[string]string) *controllerRun {
+	t.Helper()
+	ctx := context.Background()
+	c := &controllerRun{ports: map[string]int{}, logs: &syncBuffer{}, exited: make(chan error, 1)}
+	overrides := map[string]string{}
+	for _, flag := range []string{"--xds-address", "--webhook-port", "--metrics-bind-address", "--health-probe-bind-address"} {
+		c.ports[flag] = freePort(t)
+		overrides[flag] = fmt.Sprintf("127.0.0.1:%d", c.ports[flag])
+	}
+	overrides["--webhook-port"] = fmt.Sprint(c.ports["--webhook-port"])
+	maps.Copy(overrides, extra)
+	args, err := chartinstall.ControllerArgs(ctx, env.Config, ns, overrides)
+	must(t, err)
+	token, err := chartinstall.ServiceAccountToken(ctx, env.Config, ns, chartinstall.ServiceAccount, time.Hour)
+	must(t, err)
+	cmd := exec.Command(bin, args...)
+	cmd.Env = append(os.Environ(), "KUBECONFIG="+kubeconfig(t, token), "POD_NAMESPACE="+ns)
+	cmd.Stdout, cmd.Stderr = c.logs, c.logs
+	must(t, cmd.Start())
+	go func() { c.exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-c.exited:
+		case <-time.After(30 * time.Second):
+			_ = cmd.Process.Kill()
+			<-c.exited
+		}
+		if t.Failed() {
+			t.Logf("controller output:\n%s", c.logs.String())
+		}
+	})
+	eventually(t, "the controller to be ready", func() (bool, error) {
+		if err := c.alive(); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/readyz", c.ports["--health-probe-bind-address"]))
+		if err != nil {
+			return false, err
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK, fmt.Errorf("readyz %d", resp.StatusCode)
+	})
+	return c
+}
+
+func (c *controllerRun) alive() error {
+	select {
+	case err := <-c.exited:
+		c.exited <- err
+		return fmt.Errorf("controller exited: %v", err)
+	default:
+		return nil
+	}
+}
+
+// check fails the test if the controller exited or was refused anything.
+func (c *controllerRun) check(t *testing.T) {
+	t.Helper()
+	if err := c.alive(); err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(c.logs.String(), "\n") {
+		if strings.Contains(l, "forbidden") {
+			t.Errorf("the controller was refused something: %s", l)
+		}
+	}
+}
+
 // testControllerRunsWithTheChartsRBAC is the RBAC proof: the controller
 // process runs with the token of the chart's ServiceAccount and nothing else,
 // with the chart's arguments, and does its whole job — leader election,
@@ -119,17 +203,7 @@ func testControllerRunsWithTheChartsRBAC(t *testing.T) {
 		mc := &meshv1alpha1.MeshConfig{ObjectMeta: metav1.ObjectMeta{Name: meshv1alpha1.MeshConfigName}}
 		_ = env.Client.Delete(context.Background(), mc)
 	})
-	// The chart's arguments, with the listeners moved to free loopback ports
-	// (several test processes share this host).
-	ports := map[string]int{"--xds-address": freePort(t), "--webhook-port": freePort(t), "--metrics-bind-address": freePort(t), "--health-probe-bind-address": freePort(t)}
 	rootCA := filepath.Join(t.TempDir(), "root.pem")
-	overrides := map[string]string{"--xds-root-ca-out": rootCA}
-	for flag, p := range ports {
-		overrides[flag] = fmt.Sprintf("127.0.0.1:%d", p)
-	}
-	overrides["--webhook-port"] = fmt.Sprint(ports["--webhook-port"])
-	args, err := chartinstall.ControllerArgs(ctx, env.Config, ns, overrides)
-	must(t, err)
 
 	// The workloads, created before their namespace is meshed (nothing
 	// serves the chart's injection webhook in this test).
@@ -166,49 +240,9 @@ func testControllerRunsWithTheChartsRBAC(t *testing.T) {
 	}
 	must(t, env.Client.Create(ctx, policy))
 
-	// Run the controller as the chart's ServiceAccount.
-	token, err := chartinstall.ServiceAccountToken(ctx, env.Config, ns, chartinstall.ServiceAccount, time.Hour)
-	must(t, err)
-	var logs syncBuffer
-	cmd := exec.Command(bin, args...)
-	cmd.Env = append(os.Environ(), "KUBECONFIG="+kubeconfig(t, token), "POD_NAMESPACE="+ns)
-	cmd.Stdout, cmd.Stderr = &logs, &logs
-	must(t, cmd.Start())
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(30 * time.Second):
-			_ = cmd.Process.Kill()
-			<-exited
-		}
-		if t.Failed() {
-			t.Logf("controller output:\n%s", logs.String())
-		}
-	})
-	alive := func() error {
-		select {
-		case err := <-exited:
-			exited <- err
-			return fmt.Errorf("controller exited: %v", err)
-		default:
-			return nil
-		}
-	}
+	c := startController(t, bin, ns, map[string]string{"--xds-root-ca-out": rootCA})
+	ports := c.ports
 
-	eventually(t, "the controller to be ready", func() (bool, error) {
-		if err := alive(); err != nil {
-			t.Fatal(err)
-		}
-		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/readyz", ports["--health-probe-bind-address"]))
-		if err != nil {
-			return false, err
-		}
-		resp.Body.Close()
-		return resp.StatusCode == http.StatusOK, fmt.Errorf("readyz %d", resp.StatusCode)
-	})
 	eventually(t, "the leader election Lease", func() (bool, error) {
 		var l coordinationv1.Lease
 		err := env.Client.Get(ctx, client.ObjectKey{Namespace: ns, Name: "trellis-controller.mesh.trellis.dev"}, &l)
@@ -362,16 +396,7 @@ func testControllerRunsWithTheChartsRBAC(t *testing.T) {
 		return err == nil && len(crs.Items) == 0, err
 	})
 
-	if err := alive(); err != nil {
-		t.Fatal(err)
-	}
-	if out := logs.String(); strings.Contains(out, "forbidden") {
-		for _, l := range strings.Split(out, "\n") {
-			if strings.Contains(l, "forbidden") {
-				t.Errorf("the controller was refused something: %s", l)
-			}
-		}
-	}
+	c.check(t)
 }
 
 func must(t testing.TB, err error) {
@@ -379,4 +404,95 @@ func must(t testing.TB, err error) {
 	if err != nil {
 		t.Fatal(err)
 	}
+}
+
+// testCertManagerServesTheWebhooks: with certManager.enabled the controller
+// serves the webhooks with the certificate cert-manager writes into the
+// Secret the chart mounts, and leaves caBundle to cert-manager's CA
+// injector. The test plays both: it signs the chart Certificate's names with
+// its own CA into the directory that stands in for the mount, and writes that
+// CA into the configurations the injector annotation names. (Run by
+// TestOnTheAPIServer.)
+func testCertManagerServesTheWebhooks(t *testing.T) {
+	ctx := context.Background()
+	const ns = "trellis-certmanager"
+	namespace(t, ns, nil)
+	bin := buildController(t)
+	cfg := helmConfig(t, ns)
+	if _, err := installer(t, cfg, ns).Run(loadChart(t), map[string]any{"certManager": map[string]any{"enabled": true}}); err != nil {
+		t.Fatalf("install: %v", err)
+	}
+	t.Cleanup(func() {
+		uninstall(t, cfg)
+		_ = env.Client.Delete(context.Background(), &meshv1alpha1.MeshConfig{ObjectMeta: metav1.ObjectMeta{Name: meshv1alpha1.MeshConfigName}})
+	})
+
+	// The Deployment mounts the Certificate's Secret where --webhook-cert-dir points.
+	cert := get(t, &cmapi.Certificate{}, ns, "trellis-webhook")
+	d := get(t, &appsv1.Deployment{}, ns, chartinstall.Deployment)
+	var certDir string
+	for _, a := range d.Spec.Template.Spec.Containers[0].Args {
+		if v, ok := strings.CutPrefix(a, "--webhook-cert-dir="); ok {
+			certDir = v
+		}
+	}
+	mounted := false
+	for _, vol := range d.Spec.Template.Spec.Volumes {
+		if vol.Secret != nil && vol.Secret.SecretName == cert.Spec.SecretName {
+			for _, m := range d.Spec.Template.Spec.Containers[0].VolumeMounts {
+				mounted = mounted || (m.Name == vol.Name && m.MountPath == certDir)
+			}
+		}
+	}
+	if certDir == "" || !mounted {
+		t.Fatalf("the controller is not given the Secret %s as --webhook-cert-dir (%q)", cert.Spec.SecretName, certDir)
+	}
+
+	// cert-manager's part.
+	issuer, err := ca.NewSelfSigned("cluster.local", time.Hour, clock.RealClock{})
+	must(t, err)
+	issued, err := issuer.IssueServing(cert.Spec.DNSNames, time.Hour)
+	must(t, err)
+	dir := t.TempDir()
+	must(t, os.WriteFile(filepath.Join(dir, "tls.crt"), issued.CertPEM, 0o600))
+	must(t, os.WriteFile(filepath.Join(dir, "tls.key"), issued.KeyPEM, 0o600))
+	// The CA injector's part.
+	var m admissionv1.MutatingWebhookConfiguration
+	var v admissionv1.ValidatingWebhookConfiguration
+	must(t, env.Client.Get(ctx, client.ObjectKey{Name: "trellis-injection"}, &m))
+	must(t, env.Client.Get(ctx, client.ObjectKey{Name: "trellis-validation"}, &v))
+	for _, a := range []map[string]string{m.Annotations, v.Annotations} {
+		if a["cert-manager.io/inject-ca-from"] != ns+"/trellis-webhook" {
+			t.Fatalf("inject-ca-from = %q, want %s/trellis-webhook", a["cert-manager.io/inject-ca-from"], ns)
+		}
+	}
+	m.Webhooks[0].ClientConfig.CABundle = issuer.RootPEM()
+	v.Webhooks[0].ClientConfig.CABundle = issuer.RootPEM()
+	must(t, env.Client.Update(ctx, &m, client.FieldOwner("cert-manager-cainjector")))
+	must(t, env.Client.Update(ctx, &v, client.FieldOwner("cert-manager-cainjector")))
+
+	c := startController(t, bin, ns, map[string]string{"--webhook-cert-dir": dir})
+	pool := x509.NewCertPool()
+	pool.AddCert(issuer.Root())
+	conn, err := tls.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", c.ports["--webhook-port"]), &tls.Config{RootCAs: pool, ServerName: "trellis-webhook." + ns + ".svc"})
+	if err != nil {
+		t.Fatalf("the webhook does not serve the cert-manager certificate: %v", err)
+	}
+	conn.Close()
+
+	// The leader would sync caBundle at once; after it leads, the injector's
+	// CA must still be there.
+	eventually(t, "the leader election Lease", func() (bool, error) {
+		var l coordinationv1.Lease
+		err := env.Client.Get(ctx, client.ObjectKey{Namespace: ns, Name: "trellis-controller.mesh.trellis.dev"}, &l)
+		return err == nil && l.Spec.HolderIdentity != nil && *l.Spec.HolderIdentity != "", err
+	})
+	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+		must(t, env.Client.Get(ctx, client.ObjectKey{Name: "trellis-injection"}, &m))
+		must(t, env.Client.Get(ctx, client.ObjectKey{Name: "trellis-validation"}, &v))
+		if !bytes.Equal(m.Webhooks[0].ClientConfig.CABundle, issuer.RootPEM()) || !bytes.Equal(v.Webhooks[0].ClientConfig.CABundle, issuer.RootPEM()) {
+			t.Fatal("the controller replaced the caBundle cert-manager's CA injector owns")
+		}
+	}
+	c.check(t)
 }
