@@ -52,6 +52,9 @@ type Options struct {
 	// WithoutTrellisCRDs leaves config/crd/bases out, for tests that
 	// install the Trellis CRDs themselves (the Helm chart's).
 	WithoutTrellisCRDs bool
+	// WithoutGatewayAPI leaves the Gateway API CRDs out, for tests of a
+	// cluster that has none.
+	WithoutGatewayAPI bool
 	// CRDs are installed in addition to the directories.
 	CRDs []*apiextensionsv1.CustomResourceDefinition
 	// AddToScheme registers further kinds with the client's scheme.
@@ -134,7 +137,10 @@ func Start(opts Options) (*Env, error) {
 			return nil, err
 		}
 	}
-	dirs := []string{filepath.Join(root, "config", "crd", "gateway-api"), filepath.Join(root, "config", "crd", "cert-manager")}
+	dirs := []string{filepath.Join(root, "config", "crd", "cert-manager")}
+	if !opts.WithoutGatewayAPI {
+		dirs = append(dirs, filepath.Join(root, "config", "crd", "gateway-api"))
+	}
 	if !opts.WithoutTrellisCRDs {
 		dirs = append(dirs, filepath.Join(root, "config", "crd", "bases"))
 	}

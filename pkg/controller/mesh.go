@@ -2,11 +2,14 @@ package controller
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"sync"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
+	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -54,6 +57,17 @@ type MeshReconciler struct {
 	// status of ours to carry them).
 	loggedPodProblems map[string]bool
 	wake              chan event.GenericEvent
+	// gatewayKinds are the Gateway API route kinds the cluster serves,
+	// found at setup; nil means all of them.
+	gatewayKinds map[string]bool
+}
+
+// gatewayAPIKinds are the Gateway API kinds the mesh reads.
+var gatewayAPIKinds = []string{"HTTPRoute", "GRPCRoute", "ReferenceGrant"}
+
+// serves says whether the cluster has the Gateway API kind.
+func (r *MeshReconciler) serves(kind string) bool {
+	return r.gatewayKinds == nil || r.gatewayKinds[kind]
 }
 
 // SetTranslatorProblems records the problems the last push round found and
@@ -81,7 +95,26 @@ func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	// Our own status writes must not trigger a rebuild: only spec changes
 	// (generation) of the kinds whose status we write count.
 	spec := builder.WithPredicates(predicate.GenerationChangedPredicate{})
-	return ctrl.NewControllerManagedBy(mgr).
+	// The Gateway API CRDs are optional: without them the mesh runs on
+	// Services and the Trellis policies alone (a watch on a missing kind
+	// would keep the controller from ever starting).
+	r.gatewayKinds = map[string]bool{}
+	var missing []string
+	for _, k := range gatewayAPIKinds {
+		_, err := mgr.GetRESTMapper().RESTMapping(schema.GroupKind{Group: gwv1.GroupName, Kind: k}, gwv1.GroupVersion.Version)
+		switch {
+		case err == nil:
+			r.gatewayKinds[k] = true
+		case meta.IsNoMatchError(err):
+			missing = append(missing, k)
+		default:
+			return fmt.Errorf("look up Gateway API kind %s: %w", k, err)
+		}
+	}
+	if len(missing) > 0 {
+		mgr.GetLogger().Info("Gateway API CRDs not installed: these route kinds are not read; install the standard-channel CRDs and restart the controller", "missing", missing)
+	}
+	b := ctrl.NewControllerManagedBy(mgr).
 		Named("mesh").
 		WithOptions(controller.Options{NeedLeaderElection: ptr.To(false), MaxConcurrentReconciles: 1}).
 		Watches(&corev1.Service{}, all).
@@ -90,12 +123,17 @@ func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
 		Watches(&meshv1alpha1.MeshConfig{}, all, spec).
 		Watches(&meshv1alpha1.AccessPolicy{}, all, spec).
 		Watches(&meshv1alpha1.BackendPolicy{}, all, spec).
-		Watches(&meshv1alpha1.ExternalService{}, all, spec).
-		Watches(&gwv1.HTTPRoute{}, all, spec).
-		Watches(&gwv1.GRPCRoute{}, all, spec).
-		Watches(&gwv1.ReferenceGrant{}, all).
-		WatchesRawSource(source.Channel(r.wake, status)).
-		Complete(r)
+		Watches(&meshv1alpha1.ExternalService{}, all, spec)
+	if r.serves("HTTPRoute") {
+		b = b.Watches(&gwv1.HTTPRoute{}, all, spec)
+	}
+	if r.serves("GRPCRoute") {
+		b = b.Watches(&gwv1.GRPCRoute{}, all, spec)
+	}
+	if r.serves("ReferenceGrant") {
+		b = b.Watches(&gwv1.ReferenceGrant{}, all)
+	}
+	return b.WatchesRawSource(source.Channel(r.wake, status)).Complete(r)
 }
 
 // The permissions below are what the controller uses; README "Why each
@@ -178,21 +216,27 @@ func (r *MeshReconciler) input(ctx context.Context) (model.Input, error) {
 		return in, err
 	}
 	in.ExternalServices = ptrs(ess.Items)
-	var hrs gwv1.HTTPRouteList
-	if err := r.Client.List(ctx, &hrs); err != nil {
-		return in, err
+	if r.serves("HTTPRoute") {
+		var hrs gwv1.HTTPRouteList
+		if err := r.Client.List(ctx, &hrs); err != nil {
+			return in, err
+		}
+		in.HTTPRoutes = ptrs(hrs.Items)
 	}
-	in.HTTPRoutes = ptrs(hrs.Items)
-	var grs gwv1.GRPCRouteList
-	if err := r.Client.List(ctx, &grs); err != nil {
-		return in, err
+	if r.serves("GRPCRoute") {
+		var grs gwv1.GRPCRouteList
+		if err := r.Client.List(ctx, &grs); err != nil {
+			return in, err
+		}
+		in.GRPCRoutes = ptrs(grs.Items)
 	}
-	in.GRPCRoutes = ptrs(grs.Items)
-	var rgs gwv1.ReferenceGrantList
-	if err := r.Client.List(ctx, &rgs); err != nil {
-		return in, err
+	if r.serves("ReferenceGrant") {
+		var rgs gwv1.ReferenceGrantList
+		if err := r.Client.List(ctx, &rgs); err != nil {
+			return in, err
+		}
+		in.ReferenceGrants = ptrs(rgs.Items)
 	}
-	in.ReferenceGrants = ptrs(rgs.Items)
 	return in, nil
 }
 
