@@ -182,6 +182,34 @@ func (c *controllerRun) check(t *testing.T) {
 	}
 }
 
+// installForController installs the chart with values into a new namespace
+// ns (uninstalled, with its MeshConfig, when the test ends) and returns the
+// controller binary to run under it.
+func installForController(t *testing.T, ns string, values map[string]any) string {
+	t.Helper()
+	namespace(t, ns, nil)
+	bin := buildController(t)
+	cfg := helmConfig(t, ns)
+	if _, err := installer(t, cfg, ns).Run(loadChart(t), values); err != nil {
+		t.Fatalf("install: %v", err)
+	}
+	t.Cleanup(func() {
+		uninstall(t, cfg)
+		_ = env.Client.Delete(context.Background(), &meshv1alpha1.MeshConfig{ObjectMeta: metav1.ObjectMeta{Name: meshv1alpha1.MeshConfigName}})
+	})
+	return bin
+}
+
+// waitLeader waits until a controller holds the Lease in ns.
+func waitLeader(t *testing.T, ns string) {
+	t.Helper()
+	eventually(t, "the leader election Lease", func() (bool, error) {
+		var l coordinationv1.Lease
+		err := env.Client.Get(context.Background(), client.ObjectKey{Namespace: ns, Name: "trellis-controller.mesh.trellis.dev"}, &l)
+		return err == nil && l.Spec.HolderIdentity != nil && *l.Spec.HolderIdentity != "", err
+	})
+}
+
 // testControllerRunsWithTheChartsRBAC is the RBAC proof: the controller
 // process runs with the token of the chart's ServiceAccount and nothing else,
 // with the chart's arguments, and does its whole job — leader election,
@@ -192,17 +220,7 @@ func (c *controllerRun) check(t *testing.T) {
 func testControllerRunsWithTheChartsRBAC(t *testing.T) {
 	ctx := context.Background()
 	const ns = "trellis-rbac"
-	namespace(t, ns, nil)
-	bin := buildController(t)
-	cfg := helmConfig(t, ns)
-	if _, err := installer(t, cfg, ns).Run(loadChart(t), map[string]any{}); err != nil {
-		t.Fatalf("install: %v", err)
-	}
-	t.Cleanup(func() {
-		uninstall(t, cfg)
-		mc := &meshv1alpha1.MeshConfig{ObjectMeta: metav1.ObjectMeta{Name: meshv1alpha1.MeshConfigName}}
-		_ = env.Client.Delete(context.Background(), mc)
-	})
+	bin := installForController(t, ns, map[string]any{})
 	rootCA := filepath.Join(t.TempDir(), "root.pem")
 
 	// The workloads, created before their namespace is meshed (nothing
@@ -243,11 +261,7 @@ func testControllerRunsWithTheChartsRBAC(t *testing.T) {
 	c := startController(t, bin, ns, map[string]string{"--xds-root-ca-out": rootCA})
 	ports := c.ports
 
-	eventually(t, "the leader election Lease", func() (bool, error) {
-		var l coordinationv1.Lease
-		err := env.Client.Get(ctx, client.ObjectKey{Namespace: ns, Name: "trellis-controller.mesh.trellis.dev"}, &l)
-		return err == nil && l.Spec.HolderIdentity != nil && *l.Spec.HolderIdentity != "", err
-	})
+	waitLeader(t, ns)
 	get(t, &corev1.Secret{}, ns, ca.RootSecretName)
 	eventually(t, "the webhooks' caBundle", func() (bool, error) {
 		var m admissionv1.MutatingWebhookConfiguration
@@ -416,16 +430,7 @@ func must(t testing.TB, err error) {
 func testCertManagerServesTheWebhooks(t *testing.T) {
 	ctx := context.Background()
 	const ns = "trellis-certmanager"
-	namespace(t, ns, nil)
-	bin := buildController(t)
-	cfg := helmConfig(t, ns)
-	if _, err := installer(t, cfg, ns).Run(loadChart(t), map[string]any{"certManager": map[string]any{"enabled": true}}); err != nil {
-		t.Fatalf("install: %v", err)
-	}
-	t.Cleanup(func() {
-		uninstall(t, cfg)
-		_ = env.Client.Delete(context.Background(), &meshv1alpha1.MeshConfig{ObjectMeta: metav1.ObjectMeta{Name: meshv1alpha1.MeshConfigName}})
-	})
+	bin := installForController(t, ns, map[string]any{"certManager": map[string]any{"enabled": true}})
 
 	// The Deployment mounts the Certificate's Secret where --webhook-cert-dir points.
 	cert := get(t, &cmapi.Certificate{}, ns, "trellis-webhook")
@@ -482,11 +487,7 @@ func testCertManagerServesTheWebhooks(t *testing.T) {
 
 	// The leader would sync caBundle at once; after it leads, the injector's
 	// CA must still be there.
-	eventually(t, "the leader election Lease", func() (bool, error) {
-		var l coordinationv1.Lease
-		err := env.Client.Get(ctx, client.ObjectKey{Namespace: ns, Name: "trellis-controller.mesh.trellis.dev"}, &l)
-		return err == nil && l.Spec.HolderIdentity != nil && *l.Spec.HolderIdentity != "", err
-	})
+	waitLeader(t, ns)
 	for deadline := time.Now().Add(3 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
 		must(t, env.Client.Get(ctx, client.ObjectKey{Name: "trellis-injection"}, &m))
 		must(t, env.Client.Get(ctx, client.ObjectKey{Name: "trellis-validation"}, &v))
