@@ -3,7 +3,6 @@ package chart_test
 import (
 	"context"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -23,6 +22,7 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
+	"github.com/trellis-mesh/trellis/internal/localcluster"
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
 )
 
@@ -261,17 +261,17 @@ func apply(ctx context.Context, objs []*unstructured.Unstructured, dryRun bool) 
 // chartCRDs are the chart's crds/ directory, as Helm installs it first.
 func chartCRDs(t testing.TB) []*unstructured.Unstructured {
 	t.Helper()
-	var objs []*unstructured.Unstructured
-	entries, err := os.ReadDir(filepath.Join(chartDir(), "crds"))
-	if err != nil {
-		t.Fatal(err)
+	files, err := filepath.Glob(filepath.Join(chartDir(), "crds", "*.yaml"))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("chart CRDs: %v (%d files)", err, len(files))
 	}
-	for _, e := range entries {
-		b, err := os.ReadFile(filepath.Join(chartDir(), "crds", e.Name()))
+	var objs []*unstructured.Unstructured
+	for _, f := range files {
+		o, err := localcluster.ReadManifests(f)
 		if err != nil {
 			t.Fatal(err)
 		}
-		objs = append(objs, objects(t, string(b))...)
+		objs = append(objs, o...)
 	}
 	return objs
 }

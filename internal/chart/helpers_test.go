@@ -3,7 +3,6 @@ package chart_test
 import (
 	"bytes"
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -24,11 +23,11 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/yaml"
 
 	"github.com/trellis-mesh/trellis/internal/chartinstall"
+	"github.com/trellis-mesh/trellis/internal/localcluster"
 	"github.com/trellis-mesh/trellis/internal/testenv"
 )
 
@@ -129,20 +128,11 @@ func render(t testing.TB, vals map[string]any, namespace string) (*releasev1.Rel
 // objects splits a multi-document manifest into objects.
 func objects(t testing.TB, manifest string) []*unstructured.Unstructured {
 	t.Helper()
-	var out []*unstructured.Unstructured
-	dec := utilyaml.NewYAMLOrJSONDecoder(strings.NewReader(manifest), 4096)
-	for {
-		var u unstructured.Unstructured
-		if err := dec.Decode(&u.Object); err != nil {
-			if errors.Is(err, io.EOF) {
-				return out
-			}
-			t.Fatalf("decode rendered manifest: %v", err)
-		}
-		if len(u.Object) > 0 {
-			out = append(out, &u)
-		}
+	out, err := localcluster.DecodeManifests(strings.NewReader(manifest))
+	if err != nil {
+		t.Fatalf("decode rendered manifest: %v", err)
 	}
+	return out
 }
 
 // find returns the rendered object of that kind and name, failing the test

@@ -8,7 +8,8 @@ import (
 	"testing"
 
 	rbacv1 "k8s.io/api/rbac/v1"
-	"sigs.k8s.io/yaml"
+
+	"github.com/trellis-mesh/trellis/internal/localcluster"
 )
 
 // permission is one (scope, group, resource, resourceName, verb).
@@ -17,20 +18,17 @@ type permission struct{ scope, group, resource, name, verb string }
 // generatedPermissions are the rules controller-gen wrote from the markers.
 func generatedPermissions(t *testing.T) map[permission]bool {
 	t.Helper()
-	raw, err := os.ReadFile(filepath.Join(env.Root, "config", "rbac", "role.yaml"))
+	docs, err := localcluster.ReadManifests(filepath.Join(env.Root, "config", "rbac", "role.yaml"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	out := map[permission]bool{}
-	for _, doc := range strings.Split(string(raw), "\n---") {
-		var role struct {
-			Kind  string              `json:"kind"`
-			Rules []rbacv1.PolicyRule `json:"rules"`
-		}
-		if err := yaml.Unmarshal([]byte(doc), &role); err != nil {
+	for _, doc := range docs {
+		var role rbacv1.ClusterRole // Role has the same rules
+		if err := runtimeConvert(doc, &role); err != nil {
 			t.Fatal(err)
 		}
-		scope := map[string]string{"ClusterRole": "cluster", "Role": "namespace"}[role.Kind]
+		scope := map[string]string{"ClusterRole": "cluster", "Role": "namespace"}[doc.GetKind()]
 		for _, r := range role.Rules {
 			names := r.ResourceNames
 			if len(names) == 0 {

@@ -137,35 +137,41 @@ type ControlPlane struct {
 // servingLifetime of the xDS serving certificate; it is renewed at half.
 const servingLifetime = 90 * 24 * time.Hour
 
-// reissueServing signs the xDS serving certificate with the current signer;
-// new TLS handshakes use it at once.
+// reissueServing signs the xDS serving certificate (and the self-issued
+// webhook certificate) with the current signer; new TLS handshakes use them
+// at once.
 func (cp *ControlPlane) reissueServing() error {
-	issued, err := cp.rotating.Signer().IssueServing(cp.dnsNames, servingLifetime)
+	pair, notAfter, err := cp.issueServing(cp.dnsNames)
 	if err != nil {
 		return err
 	}
-	pair, err := issued.TLSCertificate()
-	if err != nil {
-		return err
-	}
-	cp.serving.Store(&pair)
-	cp.servingRenew.Store(ca.RotateAt(issued.NotAfter.Add(-servingLifetime), issued.NotAfter, 50, 0).UnixNano())
+	cp.serving.Store(pair)
+	cp.servingRenew.Store(ca.RotateAt(notAfter.Add(-servingLifetime), notAfter, 50, 0).UnixNano())
 	if cp.opts.WebhookCertDir == "" {
 		names := cp.opts.WebhookDNSNames
 		if len(names) == 0 {
 			names = []string{"trellis-webhook." + cp.opts.Namespace + ".svc", "trellis-webhook." + cp.opts.Namespace + ".svc.cluster.local"}
 		}
-		wh, err := cp.rotating.Signer().IssueServing(names, servingLifetime)
+		wh, _, err := cp.issueServing(names)
 		if err != nil {
 			return err
 		}
-		whPair, err := wh.TLSCertificate()
-		if err != nil {
-			return err
-		}
-		cp.webhookCert.Store(&whPair)
+		cp.webhookCert.Store(wh)
 	}
 	return nil
+}
+
+// issueServing signs a serving certificate for names with the current signer.
+func (cp *ControlPlane) issueServing(names []string) (*tls.Certificate, time.Time, error) {
+	issued, err := cp.rotating.Signer().IssueServing(names, servingLifetime)
+	if err != nil {
+		return nil, time.Time{}, err
+	}
+	pair, err := issued.TLSCertificate()
+	if err != nil {
+		return nil, time.Time{}, err
+	}
+	return &pair, issued.NotAfter, nil
 }
 
 // webhookOptions serves the self-issued webhook certificate unless a

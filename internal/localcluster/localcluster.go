@@ -148,7 +148,17 @@ func ReadManifests(path string) ([]*unstructured.Unstructured, error) {
 		return nil, err
 	}
 	defer f.Close()
-	dec := yaml.NewYAMLOrJSONDecoder(f, 4096)
+	out, err := DecodeManifests(f)
+	if err != nil {
+		return nil, fmt.Errorf("parse %s: %w", path, err)
+	}
+	return out, nil
+}
+
+// DecodeManifests parses multi-document YAML (or JSON), skipping empty
+// documents.
+func DecodeManifests(r io.Reader) ([]*unstructured.Unstructured, error) {
+	dec := yaml.NewYAMLOrJSONDecoder(r, 4096)
 	var out []*unstructured.Unstructured
 	for {
 		u := &unstructured.Unstructured{}
@@ -156,7 +166,7 @@ func ReadManifests(path string) ([]*unstructured.Unstructured, error) {
 			if errors.Is(err, io.EOF) {
 				return out, nil
 			}
-			return nil, fmt.Errorf("parse %s: %w", path, err)
+			return nil, err
 		}
 		if len(u.Object) == 0 {
 			continue
