@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,6 +24,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/trellis-mesh/trellis/internal/chartinstall"
+	"github.com/trellis-mesh/trellis/internal/envoy"
 	"github.com/trellis-mesh/trellis/internal/localcluster"
 	"github.com/trellis-mesh/trellis/internal/testenv"
 )
@@ -35,6 +37,11 @@ const (
 	MetricsPort = 18092
 	// EchoImage is the image name that runs e2e/apps/echo.
 	EchoImage = "trellis-e2e/echo:dev"
+	// HTTPEchoImage runs e2e/apps/httpecho, a plain HTTP/TCP app.
+	HTTPEchoImage = "trellis-e2e/httpecho:dev"
+	// EnvoyImage is the sidecar image MeshConfig names by default; it runs
+	// the stock Envoy binary (internal/envoy.Binary).
+	EnvoyImage = "envoyproxy/envoy"
 	// InitImage runs cmd/trellis-init.
 	InitImage = "trellis-e2e/trellis-init:dev"
 	NodeName  = "trellis-e2e-node"
@@ -46,10 +53,11 @@ type Env struct {
 	Cluster   *localcluster.Cluster
 	Kubelet   *Kubelet
 	Bins      map[string]string
-	// Envoy is the envoy binary on PATH, or "" (Envoy-path tests skip).
+	// Envoy is the stock Envoy binary the sidecars run.
 	Envoy string
 
 	net        *network
+	dns        *dnsServer
 	cancel     context.CancelFunc
 	kubeletErr chan error
 	mu         sync.Mutex
@@ -73,6 +81,7 @@ func Build(root string) (map[string]string, error) {
 		"trellis-controller": "./cmd/trellis-controller",
 		"trellis-init":       "./cmd/trellis-init",
 		"echo":               "./e2e/apps/echo",
+		"httpecho":           "./e2e/apps/httpecho",
 		"svid-writer":        "./e2e/apps/svid-writer",
 	} {
 		bins[name] = filepath.Join(out, name)
@@ -103,8 +112,12 @@ func Start(ctx context.Context, opts Options) (_ *Env, err error) {
 	if e.Bins, err = Build(root); err != nil {
 		return nil, err
 	}
-	if p, lerr := exec.LookPath("envoy"); lerr == nil {
-		e.Envoy = p
+	if e.Envoy, err = envoy.Binary(); err != nil {
+		return nil, err
+	}
+	// Sidecars run as UID 1337 and read their pod's volumes under Dir.
+	if err := os.Chmod(opts.Dir, 0o755); err != nil {
+		return nil, err
 	}
 	if e.net, err = newNetwork(); err != nil {
 		return nil, fmt.Errorf("pod network: %w", err)
@@ -122,9 +135,12 @@ func Start(ctx context.Context, opts Options) (_ *Env, err error) {
 	if err := e.waitForCABundle(ctx); err != nil {
 		return nil, err
 	}
-	images := map[string]string{imageName(EchoImage): e.Bins["echo"], imageName(InitImage): e.Bins["trellis-init"]}
-	if e.Envoy != "" {
-		images["envoyproxy/envoy"] = e.Envoy
+	if e.dns, err = startDNS(c, GatewayIP+":53"); err != nil {
+		return nil, fmt.Errorf("cluster DNS: %w", err)
+	}
+	images := map[string]string{
+		imageName(EchoImage): e.Bins["echo"], imageName(HTTPEchoImage): e.Bins["httpecho"],
+		imageName(InitImage): e.Bins["trellis-init"], EnvoyImage: e.Envoy,
 	}
 	kctx, cancel := context.WithCancel(context.Background())
 	e.cancel = cancel
@@ -281,6 +297,10 @@ func (e *Env) StopController() {
 	e.controller = nil
 }
 
+// AddHost makes the cluster DNS answer name with addr (a test host outside
+// the mesh, e.g. for egress).
+func (e *Env) AddHost(name string, addr netip.Addr) { e.dns.add(name, addr) }
+
 // ControllerLog is the path of the controller's log.
 func (e *Env) ControllerLog() string { return filepath.Join(e.Dir, "trellis-controller.log") }
 
@@ -292,6 +312,9 @@ func (e *Env) Stop() {
 		<-e.kubeletErr
 	}
 	e.StopController()
+	if e.dns != nil {
+		e.dns.close()
+	}
 	if e.Cluster != nil {
 		_ = e.Cluster.Stop()
 	}

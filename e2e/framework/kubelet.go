@@ -3,7 +3,9 @@ package framework
 import (
 	"cmp"
 	"context"
+	"crypto/tls"
 	"fmt"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
@@ -68,6 +70,14 @@ type podRun struct {
 	procs   map[string]*proc
 	ready   bool
 	stopped chan struct{}
+	// restarts counts container restarts; exited holds the regular
+	// containers that ran to completion (restart policy Never/OnFailure).
+	restarts map[string]int
+	exited   map[string]error
+	// liveFails counts consecutive liveness failures per container.
+	liveFails map[string]int
+	// stopOnce makes the ordered shutdown run once (deletion or completion).
+	stopOnce sync.Once
 }
 
 // Run registers the node and runs pods until ctx ends, then stops them all.
@@ -145,7 +155,8 @@ func (k *Kubelet) sync(ctx context.Context) {
 		r := k.pods[p.UID]
 		if r == nil && p.DeletionTimestamp == nil && p.Status.Phase != corev1.PodSucceeded && p.Status.Phase != corev1.PodFailed {
 			k.seq++
-			r = &podRun{k: k, pod: p.DeepCopy(), id: "p" + strconv.Itoa(k.seq), procs: map[string]*proc{}, stopped: make(chan struct{})}
+			r = &podRun{k: k, pod: p.DeepCopy(), id: "p" + strconv.Itoa(k.seq), procs: map[string]*proc{}, stopped: make(chan struct{}),
+				restarts: map[string]int{}, exited: map[string]error{}, liveFails: map[string]int{}}
 			r.ctx, r.cancel = context.WithCancel(ctx)
 			k.pods[p.UID] = r
 			go r.run()
@@ -254,7 +265,7 @@ func (r *podRun) run() {
 	defer close(r.stopped)
 	r.addr = r.k.net.alloc()
 	var err error
-	if r.netns, err = r.k.net.addPod(r.id, r.addr); err != nil {
+	if r.netns, err = r.k.net.addPod(r.id, r.addr, r.pod.Namespace); err != nil {
 		r.logf("network: %v", err)
 		r.netns = ""
 		return
@@ -269,9 +280,15 @@ func (r *podRun) run() {
 		r.logf("volumes: %v", err)
 		return
 	}
+	// Init containers in order. A restartable one (a native sidecar) keeps
+	// running, and the next container starts only once its startup probe
+	// passes, as the kubelet does (KEP-753).
 	for _, c := range r.pod.Spec.InitContainers {
-		if c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways {
-			go r.keepRunning(c)
+		if restartable(c) {
+			go r.keepRunning(c, true)
+			if !r.waitStarted(c) {
+				return
+			}
 			continue
 		}
 		p, err := r.start(c)
@@ -279,20 +296,24 @@ func (r *podRun) run() {
 			r.logf("init container %s: %v", c.Name, err)
 			return
 		}
-		<-p.done
+		select {
+		case <-p.done:
+		case <-r.ctx.Done():
+			return
+		}
 		if p.err != nil {
 			r.logf("init container %s failed: %v", c.Name, p.err)
 			return
 		}
 	}
 	for _, c := range r.pod.Spec.Containers {
-		go r.keepRunning(c)
+		go r.keepRunning(c, false)
 	}
-	// Readiness, as the kubelet's prober: every container running and its
-	// readiness probe passing.
+	// Readiness and liveness, as the kubelet's prober.
 	tick := time.NewTicker(500 * time.Millisecond)
 	defer tick.Stop()
 	for {
+		r.liveness()
 		ready := r.probe()
 		if ready != r.ready {
 			if err := r.writeStatus(ready); err == nil {
@@ -307,20 +328,101 @@ func (r *podRun) run() {
 	}
 }
 
-// keepRunning runs a container and restarts it when it exits
-// (restartPolicy Always), until the pod stops.
-func (r *podRun) keepRunning(c corev1.Container) {
-	for r.ctx.Err() == nil {
-		if p, err := r.start(c); err != nil {
+func restartable(c corev1.Container) bool {
+	return c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways
+}
+
+// waitStarted waits until a sidecar's process runs and its startup probe
+// (if any) passes; false when the pod stops first.
+func (r *podRun) waitStarted(c corev1.Container) bool {
+	period := time.Second
+	if c.StartupProbe != nil && c.StartupProbe.PeriodSeconds > 0 {
+		period = time.Duration(c.StartupProbe.PeriodSeconds) * time.Second
+	}
+	for {
+		r.mu.Lock()
+		p := r.procs[c.Name]
+		r.mu.Unlock()
+		if p != nil && !p.exited() && (c.StartupProbe == nil || r.check(c.StartupProbe)) {
+			return true
+		}
+		select {
+		case <-r.ctx.Done():
+			return false
+		case <-time.After(min(period, 200*time.Millisecond)):
+		}
+	}
+}
+
+// keepRunning runs a container and restarts it when it exits, by the pod's
+// restartPolicy (sidecars always), until the pod stops. A regular container
+// that is not restarted is recorded as exited; when all have, the pod has
+// completed: its sidecars are stopped and its phase written.
+func (r *podRun) keepRunning(c corev1.Container, sidecar bool) {
+	for first := true; r.ctx.Err() == nil; first = false {
+		if !first {
+			r.mu.Lock()
+			r.restarts[c.Name]++
+			r.mu.Unlock()
+		}
+		p, err := r.start(c)
+		if err != nil {
 			r.logf("container %s: %v", c.Name, err)
 		} else {
 			<-p.done
+			err = p.err
+		}
+		if r.ctx.Err() != nil {
+			return
+		}
+		if !sidecar {
+			policy := r.pod.Spec.RestartPolicy
+			if policy == corev1.RestartPolicyNever || (policy == corev1.RestartPolicyOnFailure && err == nil) {
+				r.containerExited(c.Name, err)
+				return
+			}
 		}
 		select {
 		case <-r.ctx.Done():
 		case <-time.After(time.Second):
 		}
 	}
+}
+
+func (r *podRun) containerExited(name string, err error) {
+	r.mu.Lock()
+	r.exited[name] = err
+	done := len(r.exited) == len(r.pod.Spec.Containers)
+	failed := false
+	for _, e := range r.exited {
+		failed = failed || e != nil
+	}
+	r.mu.Unlock()
+	if !done {
+		return
+	}
+	phase := corev1.PodSucceeded
+	if failed {
+		phase = corev1.PodFailed
+	}
+	r.logf("all containers exited: %s", phase)
+	go func() {
+		r.stop()
+		if err := r.writePhase(phase); err != nil {
+			r.logf("status: %v", err)
+		}
+	}()
+}
+
+// Restarts is how often the kubelet restarted a container of a running pod.
+func (k *Kubelet) Restarts(ns, pod, container string) int {
+	r := k.pod(ns, pod)
+	if r == nil {
+		return 0
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.restarts[container]
 }
 
 // proc is a running process; done closes when it has exited (err set).
@@ -340,7 +442,7 @@ func (p *proc) exited() bool {
 }
 
 // launch starts cmd in its own process group, logging to log, and tracks
-// it under name; the pod's end sends the group SIGTERM.
+// it under name; stop signals the group.
 func (r *podRun) launch(name string, cmd *exec.Cmd, log *os.File) (*proc, error) {
 	cmd.Stdout, cmd.Stderr = log, log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
@@ -350,13 +452,6 @@ func (r *podRun) launch(name string, cmd *exec.Cmd, log *os.File) (*proc, error)
 	}
 	p := &proc{cmd: cmd, done: make(chan struct{})}
 	go func() { p.err = cmd.Wait(); log.Close(); close(p.done) }()
-	go func() {
-		select {
-		case <-r.ctx.Done():
-			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
-		case <-p.done:
-		}
-	}()
 	r.mu.Lock()
 	r.procs[name] = p
 	r.mu.Unlock()
@@ -374,9 +469,63 @@ func (r *podRun) start(c corev1.Container) (*proc, error) {
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command("ip", append([]string{"netns", "exec", r.netns, bin}, args...)...)
+	cmd := exec.Command("ip", append([]string{"netns", "exec", r.netns}, containerCommand(c, bin, args)...)...)
 	cmd.Env = env
 	return r.launch(c.Name, cmd, log)
+}
+
+// containerCommand is what runs inside the pod's network namespace: a
+// private /dev/shm as every pod has (Envoy's shared memory must not be
+// shared between sidecars), then the binary under the container's
+// securityContext where setpriv can enforce it: the user and group, no
+// supplementary groups, no privilege escalation, and the capability
+// bounding set (Kubernetes' default set minus drop plus add; for trellis-init
+// only NET_ADMIN and NET_RAW). `ip netns exec` gives each command its own
+// mount namespace, so the tmpfs is private to it.
+func containerCommand(c corev1.Container, bin string, args []string) []string {
+	cmd := []string{"sh", "-c", `mount -t tmpfs -o size=64m,mode=1777 shm /dev/shm && exec "$@"`, "sh"}
+	if sc := c.SecurityContext; sc != nil {
+		priv := []string{"setpriv"}
+		if sc.RunAsUser != nil {
+			gid := ptr.Deref(sc.RunAsGroup, *sc.RunAsUser)
+			priv = append(priv, fmt.Sprintf("--reuid=%d", *sc.RunAsUser), fmt.Sprintf("--regid=%d", gid), "--clear-groups")
+		}
+		if sc.AllowPrivilegeEscalation != nil && !*sc.AllowPrivilegeEscalation {
+			priv = append(priv, "--no-new-privs")
+		}
+		if caps := sc.Capabilities; caps != nil {
+			priv = append(priv, "--bounding-set="+boundingSet(caps), "--inh-caps=-all")
+		}
+		if len(priv) > 1 {
+			cmd = append(cmd, append(priv, "--")...)
+		}
+	}
+	return append(append(cmd, bin), args...)
+}
+
+// defaultCaps are the container runtime's default capabilities (containerd).
+var defaultCaps = []string{"chown", "dac_override", "fsetid", "fowner", "mknod", "net_raw", "setgid", "setuid", "setfcap", "setpcap", "net_bind_service", "sys_chroot", "kill", "audit_write"}
+
+func boundingSet(caps *corev1.Capabilities) string {
+	set := map[string]bool{}
+	for _, c := range defaultCaps {
+		set[c] = true
+	}
+	for _, d := range caps.Drop {
+		if strings.EqualFold(string(d), "ALL") {
+			set = map[string]bool{}
+			continue
+		}
+		delete(set, strings.ToLower(strings.TrimPrefix(string(d), "CAP_")))
+	}
+	for _, a := range caps.Add {
+		set[strings.ToLower(strings.TrimPrefix(string(a), "CAP_"))] = true
+	}
+	out := []string{"-all"}
+	for _, c := range slices.Sorted(maps.Keys(set)) {
+		out = append(out, "+"+c)
+	}
+	return strings.Join(out, ",")
 }
 
 // env resolves a container's environment: downward-API fields and $(VAR)
@@ -588,36 +737,81 @@ func (r *podRun) svid(dir string) error {
 	return fmt.Errorf("no SVID after a minute; see %s", log.Name())
 }
 
+// probe is the pod's readiness: every container running (sidecars too)
+// and its readiness probe passing.
 func (r *podRun) probe() bool {
-	for _, c := range r.pod.Spec.Containers {
+	var cs []corev1.Container
+	for _, c := range r.pod.Spec.InitContainers {
+		if restartable(c) {
+			cs = append(cs, c)
+		}
+	}
+	for _, c := range append(cs, r.pod.Spec.Containers...) {
 		r.mu.Lock()
 		pr := r.procs[c.Name]
 		r.mu.Unlock()
 		if pr == nil || pr.exited() {
 			return false
 		}
-		p := c.ReadinessProbe
+		if c.ReadinessProbe != nil && !r.check(c.ReadinessProbe) {
+			return false
+		}
+	}
+	return true
+}
+
+// liveness restarts a container whose liveness probe failed
+// failureThreshold times in a row (the probe loop runs every 500 ms; the
+// probe's period is not honoured finer than that).
+func (r *podRun) liveness() {
+	for _, c := range r.pod.Spec.Containers {
+		p := c.LivenessProbe
 		if p == nil {
 			continue
 		}
-		timeout := time.Duration(max(p.TimeoutSeconds, 1)) * time.Second
-		switch {
-		case p.TCPSocket != nil:
-			conn, err := net.DialTimeout("tcp", net.JoinHostPort(r.addr.String(), p.TCPSocket.Port.String()), timeout)
-			if err != nil {
-				return false
-			}
-			conn.Close()
-		case p.HTTPGet != nil:
-			hc := http.Client{Timeout: timeout}
-			resp, err := hc.Get(fmt.Sprintf("http://%s%s", net.JoinHostPort(r.addr.String(), p.HTTPGet.Port.String()), p.HTTPGet.Path))
-			if err != nil {
-				return false
-			}
-			resp.Body.Close()
-			if resp.StatusCode < 200 || resp.StatusCode >= 400 {
-				return false
-			}
+		r.mu.Lock()
+		pr := r.procs[c.Name]
+		r.mu.Unlock()
+		if pr == nil || pr.exited() {
+			continue
+		}
+		if r.check(p) {
+			r.liveFails[c.Name] = 0
+			continue
+		}
+		r.liveFails[c.Name]++
+		if r.liveFails[c.Name] >= int(max(p.FailureThreshold, 1)) {
+			r.logf("container %s failed its liveness probe %d times: restarting it", c.Name, r.liveFails[c.Name])
+			r.liveFails[c.Name] = 0
+			_ = syscall.Kill(-pr.cmd.Process.Pid, syscall.SIGKILL)
+		}
+	}
+}
+
+// check runs one probe from the host against the pod's IP, as the kubelet.
+func (r *podRun) check(p *corev1.Probe) bool {
+	timeout := time.Duration(max(p.TimeoutSeconds, 1)) * time.Second
+	switch {
+	case p.TCPSocket != nil:
+		conn, err := net.DialTimeout("tcp", net.JoinHostPort(r.addr.String(), p.TCPSocket.Port.String()), timeout)
+		if err != nil {
+			return false
+		}
+		conn.Close()
+	case p.HTTPGet != nil:
+		hc := http.Client{Timeout: timeout}
+		scheme := "http"
+		if p.HTTPGet.Scheme == corev1.URISchemeHTTPS {
+			scheme = "https"
+			hc.Transport = &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}} // as the kubelet
+		}
+		resp, err := hc.Get(fmt.Sprintf("%s://%s%s", scheme, net.JoinHostPort(r.addr.String(), p.HTTPGet.Port.String()), p.HTTPGet.Path))
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		if resp.StatusCode < 200 || resp.StatusCode >= 400 {
+			return false
 		}
 	}
 	return true
@@ -662,18 +856,82 @@ func (r *podRun) writeStatus(ready bool) error {
 	return fmt.Errorf("status: too many conflicts")
 }
 
-// stop ends the pod's processes (SIGTERM, then SIGKILL after 5 s) and
-// removes its network namespace.
+// writePhase records that the pod ran to completion.
+func (r *podRun) writePhase(phase corev1.PodPhase) error {
+	for range 20 {
+		var p corev1.Pod
+		if err := r.k.Client.Get(context.Background(), client.ObjectKeyFromObject(r.pod), &p); err != nil {
+			return err
+		}
+		p.Status.Phase = phase
+		for i := range p.Status.Conditions {
+			if t := p.Status.Conditions[i].Type; t == corev1.PodReady || t == corev1.ContainersReady {
+				p.Status.Conditions[i].Status = corev1.ConditionFalse
+			}
+		}
+		err := r.k.Client.Status().Update(context.Background(), &p)
+		if !apierrors.IsConflict(err) {
+			return err
+		}
+	}
+	return fmt.Errorf("status: too many conflicts")
+}
+
+// stop ends the pod as the kubelet does: SIGTERM to the regular
+// containers, then — once they have exited or the grace period (at most
+// 10 s here) is over — to the sidecars in reverse order, SIGKILL to what is
+// left; then the network namespace goes. It runs once.
 func (r *podRun) stop() {
+	r.stopOnce.Do(r.shutdown)
+}
+
+func (r *podRun) shutdown() {
 	r.cancel()
 	<-r.stopped
-	deadline := time.Now().Add(5 * time.Second)
+	grace := time.Duration(min(ptr.Deref(r.pod.Spec.TerminationGracePeriodSeconds, 30), 10)) * time.Second
+	deadline := time.Now().Add(grace)
+	var regular, sidecars []string
+	for _, c := range r.pod.Spec.Containers {
+		regular = append(regular, c.Name)
+	}
+	for i := len(r.pod.Spec.InitContainers) - 1; i >= 0; i-- {
+		if c := r.pod.Spec.InitContainers[i]; restartable(c) {
+			sidecars = append(sidecars, c.Name)
+		}
+	}
 	r.mu.Lock()
-	procs := make([]*proc, 0, len(r.procs))
-	for _, p := range r.procs {
-		procs = append(procs, p)
+	var others []string
+	for name := range r.procs {
+		if !slices.Contains(regular, name) && !slices.Contains(sidecars, name) {
+			others = append(others, name)
+		}
 	}
 	r.mu.Unlock()
+	r.terminate(regular, deadline)
+	for _, name := range sidecars {
+		r.terminate([]string{name}, deadline.Add(5*time.Second))
+	}
+	r.terminate(others, time.Now())
+	if r.netns != "" {
+		r.k.net.delPod(r.netns)
+		r.k.net.release(r.addr)
+	}
+}
+
+// terminate sends the named processes' groups SIGTERM, waits for them until
+// deadline, then SIGKILLs them.
+func (r *podRun) terminate(names []string, deadline time.Time) {
+	var procs []*proc
+	r.mu.Lock()
+	for _, n := range names {
+		if p := r.procs[n]; p != nil {
+			procs = append(procs, p)
+		}
+	}
+	r.mu.Unlock()
+	for _, p := range procs {
+		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
+	}
 	for _, p := range procs {
 		select {
 		case <-p.done:
@@ -681,10 +939,6 @@ func (r *podRun) stop() {
 		}
 		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
 		<-p.done
-	}
-	if r.netns != "" {
-		r.k.net.delPod(r.netns)
-		r.k.net.release(r.addr)
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 )
@@ -14,11 +15,17 @@ import (
 // a veth on the bridge. Pods get a route for the test range only — no
 // default route — so nothing they send can leave the machine.
 const (
-	Bridge     = "trellis-e2e0"
-	PodCIDR    = "10.250.0.0/16"
-	GatewayIP  = "10.250.0.1"
-	nsPrefix   = "trellis-e2e-"
-	vethPrefix = "te2e"
+	Bridge    = "trellis-e2e0"
+	PodCIDR   = "10.250.0.0/16"
+	GatewayIP = "10.250.0.1"
+	// ServiceCIDR is the apiserver's service-cluster-ip-range (envtest's
+	// default). Pods route it to the bridge so that connecting to a cluster
+	// IP reaches the OUTPUT chain, where trellis-init's rules hand it to the
+	// sidecar; there is no kube-proxy, so an unmeshed pod cannot use cluster
+	// IPs (it calls pod IPs).
+	ServiceCIDR = "10.0.0.0/24"
+	nsPrefix    = "trellis-e2e-"
+	vethPrefix  = "te2e"
 )
 
 func ip(args ...string) error {
@@ -58,6 +65,7 @@ func cleanupNetwork() {
 	for _, line := range strings.Split(string(out), "\n") {
 		if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], nsPrefix) {
 			_ = ip("netns", "del", f[0])
+			_ = os.RemoveAll(filepath.Join("/etc/netns", f[0]))
 		}
 	}
 	_ = ip("link", "del", Bridge)
@@ -99,9 +107,16 @@ func (n *network) release(a netip.Addr) {
 	n.free = append(n.free, a)
 }
 
-// addPod creates the namespace of a pod with address a on eth0.
-func (n *network) addPod(id string, a netip.Addr) (string, error) {
+// addPod creates the network namespace of a pod with address a on eth0, and
+// its resolv.conf (the search path of a pod in podNamespace).
+func (n *network) addPod(id string, a netip.Addr, podNamespace string) (string, error) {
 	ns := nsPrefix + id
+	if err := os.MkdirAll(filepath.Join("/etc/netns", ns), 0o755); err != nil {
+		return "", err
+	}
+	if err := os.WriteFile(filepath.Join("/etc/netns", ns, "resolv.conf"), []byte(resolvConf(podNamespace)), 0o644); err != nil {
+		return "", err
+	}
 	host := vethPrefix + id
 	steps := [][]string{
 		{"netns", "add", ns},
@@ -111,6 +126,7 @@ func (n *network) addPod(id string, a netip.Addr) (string, error) {
 		{"-n", ns, "link", "set", "lo", "up"},
 		{"-n", ns, "addr", "add", a.String() + "/16", "dev", "eth0"},
 		{"-n", ns, "link", "set", "eth0", "up"},
+		{"-n", ns, "route", "add", ServiceCIDR, "via", GatewayIP},
 	}
 	for _, s := range steps {
 		if err := ip(s...); err != nil {
@@ -123,4 +139,5 @@ func (n *network) addPod(id string, a netip.Addr) (string, error) {
 
 func (n *network) delPod(ns string) {
 	_ = ip("netns", "del", ns) // the veth pair goes with it
+	_ = os.RemoveAll(filepath.Join("/etc/netns", ns))
 }
