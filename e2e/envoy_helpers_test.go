@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -222,4 +223,9 @@ func clusterIP(t *testing.T, ns, svc string) string {
 		t.Fatal(err)
 	}
 	return s.Spec.ClusterIP
+}
+
+func readFile(path string) string {
+	b, _ := os.ReadFile(path)
+	return string(b)
 }
