@@ -161,17 +161,12 @@ func TestHeaderAndMethodMatching(t *testing.T) {
 	}
 }
 
-func backendPolicy(ns string, spec meshv1alpha1.BackendPolicySpec) *meshv1alpha1.BackendPolicy {
-	spec.TargetRefs = echoRef()
-	return &meshv1alpha1.BackendPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "echo"}, Spec: spec}
-}
-
 // TestRetries: a backend failing every other call with UNAVAILABLE; with
 // retries off about half the calls fail, with one retry ≥ 99 % succeed.
 func TestRetries(t *testing.T) {
 	requireEnv(t)
 	ns := setupEcho(t, 1, "--fail-every=2")
-	bp := backendPolicy(ns, meshv1alpha1.BackendPolicySpec{Retries: &meshv1alpha1.Retries{Attempts: 0}})
+	bp := backendPolicy(ns, "echo", meshv1alpha1.BackendPolicySpec{Retries: &meshv1alpha1.Retries{Attempts: 0}})
 	create(t, bp)
 	eventually(t, "retries off", func() (bool, string) {
 		ok, _, _ := summarize(call(t, ns, "client", target(ns, "echo"), "--n=20"))
@@ -196,7 +191,7 @@ func TestRetries(t *testing.T) {
 func TestFaultInjection(t *testing.T) {
 	requireEnv(t)
 	ns := setupEcho(t, 1)
-	bp := backendPolicy(ns, meshv1alpha1.BackendPolicySpec{FaultInjection: &meshv1alpha1.FaultInjection{
+	bp := backendPolicy(ns, "echo", meshv1alpha1.BackendPolicySpec{FaultInjection: &meshv1alpha1.FaultInjection{
 		Abort: &meshv1alpha1.FaultAbort{GRPCStatus: ptr.To[int32](8), Percent: 100},
 	}})
 	create(t, bp)
@@ -223,7 +218,7 @@ func TestFaultInjection(t *testing.T) {
 func TestRequestTimeout(t *testing.T) {
 	requireEnv(t)
 	ns := setupEcho(t, 1, "--delay=3s")
-	create(t, backendPolicy(ns, meshv1alpha1.BackendPolicySpec{Timeout: ptr.To(meshv1alpha1.Duration("500ms"))}))
+	create(t, backendPolicy(ns, "echo", meshv1alpha1.BackendPolicySpec{Timeout: ptr.To(meshv1alpha1.Duration("500ms"))}))
 	eventually(t, "timeout", func() (bool, string) {
 		rs := call(t, ns, "client", target(ns, "echo"), "--n=3")
 		for _, r := range rs {
@@ -241,7 +236,7 @@ func TestRequestTimeout(t *testing.T) {
 func TestOutlierDetection(t *testing.T) {
 	requireEnv(t)
 	ns := setupVersions(t, "--fail-every=1")
-	create(t, backendPolicy(ns, meshv1alpha1.BackendPolicySpec{
+	create(t, backendPolicy(ns, "echo", meshv1alpha1.BackendPolicySpec{
 		Retries:          &meshv1alpha1.Retries{Attempts: 0},
 		OutlierDetection: &meshv1alpha1.OutlierDetection{Consecutive5xxErrors: 5, Interval: "1s", BaseEjectionTime: "5m", MaxEjectionPercent: 50},
 	}))

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"io"
 	"maps"
 	"net"
 	"net/http"
@@ -12,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -19,6 +21,7 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -948,4 +951,60 @@ func writeAtomic(path string, b []byte) error {
 		return err
 	}
 	return os.Rename(tmp, path)
+}
+
+// DialPod opens a TCP connection from inside a pod's network namespace (as
+// a process in the pod would, e.g. to Envoy's admin on 127.0.0.1:15000).
+// The dialling thread enters the namespace and is discarded afterwards.
+func (k *Kubelet) DialPod(ctx context.Context, ns, pod, addr string) (net.Conn, error) {
+	r := k.pod(ns, pod)
+	if r == nil || r.netns == "" {
+		return nil, fmt.Errorf("pod %s/%s is not running here", ns, pod)
+	}
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		// Never unlocked: the thread ends with the goroutine, so no other
+		// goroutine runs in the pod's namespace.
+		runtime.LockOSThread()
+		f, err := os.Open(filepath.Join("/run/netns", r.netns))
+		if err != nil {
+			ch <- result{err: err}
+			return
+		}
+		defer f.Close()
+		if err := unix.Setns(int(f.Fd()), unix.CLONE_NEWNET); err != nil {
+			ch <- result{err: fmt.Errorf("setns %s: %w", r.netns, err)}
+			return
+		}
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "tcp", addr)
+		ch <- result{c, err}
+	}()
+	res := <-ch
+	return res.c, res.err
+}
+
+// EnvoyAdmin GETs a path of the pod's sidecar admin (127.0.0.1:15000).
+func (k *Kubelet) EnvoyAdmin(ctx context.Context, ns, pod, path string) ([]byte, error) {
+	hc := http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) { return k.DialPod(ctx, ns, pod, "127.0.0.1:15000") },
+	}}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://127.0.0.1:15000"+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err == nil && resp.StatusCode != http.StatusOK {
+		err = fmt.Errorf("admin %s: %d", path, resp.StatusCode)
+	}
+	return b, err
 }

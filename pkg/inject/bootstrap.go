@@ -8,10 +8,12 @@ import (
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	grpccredv3 "github.com/envoyproxy/go-control-plane/envoy/config/grpc_credential/v3"
+	metricsv3 "github.com/envoyproxy/go-control-plane/envoy/config/metrics/v3"
 	httpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/durationpb"
+	"google.golang.org/protobuf/types/known/wrapperspb"
 	"sigs.k8s.io/yaml"
 )
 
@@ -67,6 +69,19 @@ func EnvoyBootstrap(cfg Config) (string, error) {
 			Address: "127.0.0.1", PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: 15000},
 		}}}},
 		DynamicResources: &bootstrapv3.Bootstrap_DynamicResources{AdsConfig: ads, CdsConfig: adsSource, LdsConfig: adsSource},
+		// Envoy's default cluster_name tag ends at the first dot, so a cluster
+		// named outbound|80||web.shop.svc.cluster.local became the metric
+		// envoy_cluster_shop_svc_cluster_local_upstream_rq{envoy_cluster_name="outbound|80||web"}:
+		// one metric family per namespace. This tag takes the whole Service
+		// FQDN (Istio's bootstrap does the same); names without one keep the
+		// default behaviour.
+		StatsConfig: &metricsv3.StatsConfig{
+			AllowDefaultTagOverrides: wrapperspb.Bool(true),
+			StatsTags: []*metricsv3.TagSpecifier{{
+				TagName:  "envoy.cluster_name",
+				TagValue: &metricsv3.TagSpecifier_Regex{Regex: `^cluster\.((.+?(\..+?\.svc\.cluster\.local)?)\.)`},
+			}},
+		},
 		// The control plane cluster is only needed by name for stats and
 		// when envoy_grpc is used; google_grpc dials the target itself. It is
 		// declared so `xds-grpc` exists for operators' tooling.
