@@ -991,7 +991,9 @@ func (k *Kubelet) DialPod(ctx context.Context, ns, pod, addr string) (net.Conn, 
 // EnvoyAdmin GETs a path of the pod's sidecar admin (127.0.0.1:15000).
 func (k *Kubelet) EnvoyAdmin(ctx context.Context, ns, pod, path string) ([]byte, error) {
 	hc := http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) { return k.DialPod(ctx, ns, pod, "127.0.0.1:15000") },
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return k.DialPod(ctx, ns, pod, "127.0.0.1:15000")
+		},
 	}}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://127.0.0.1:15000"+path, nil)
 	if err != nil {
