@@ -138,7 +138,7 @@ func TestEnvoyHTTPRoute(t *testing.T) {
 		share := float64(by["v1"]) / 2000
 		t.Logf("%v: v1 share %.1f %% (want 80 ± 5)", by, share*100)
 		if by["v1"]+by["v2"] != 2000 || math.Abs(share-0.8) > 0.05 {
-			t.Errorf("split %v", by)
+			t.Errorf("split %v (%s)", by, firstHTTPError(rs, 200))
 		}
 	})
 	for _, m := range []struct {

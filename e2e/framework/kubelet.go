@@ -237,7 +237,8 @@ func (k *Kubelet) Exec(ctx context.Context, ns, pod, container string, args ...s
 				return nil, fmt.Errorf("no binary for image %s", c.Image)
 			}
 			env := r.env(c)
-			cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", r.netns, bin}, r.rewrite(c, env, args)...)...)
+			// As kubectl exec: the container's user and capabilities apply.
+			cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", r.netns}, containerCommand(c, bin, r.rewrite(c, env, args))...)...)
 			cmd.Env = env
 			return cmd, nil
 		}

@@ -40,7 +40,7 @@ const (
 	AnnotationCPU      = "trellis.dev/proxy-cpu"
 	AnnotationMemory   = "trellis.dev/proxy-memory"
 	AnnotationLogLevel = "trellis.dev/log-level"
-	AnnotationExclIn   = "trellis.dev/exclude-inbound-ports"
+	AnnotationExclIn   = model.AnnotationExcludeInboundPorts
 	AnnotationExclOut  = "trellis.dev/exclude-outbound-ports"
 	AnnotationExclCIDR = "trellis.dev/exclude-outbound-cidrs"
 	// AnnotationNativeSidecar "false" injects the proxy as a regular

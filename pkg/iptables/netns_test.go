@@ -86,7 +86,11 @@ func dial(addr, uid string) {
 			os.Exit(1)
 		}
 	}
-	c, err := net.DialTimeout("tcp4", addr, 3*time.Second)
+	d := net.Dialer{Timeout: 3 * time.Second}
+	if src, dst, ok := strings.Cut(addr, ">"); ok { // source>destination
+		d.LocalAddr, addr = &net.TCPAddr{IP: net.ParseIP(src)}, dst
+	}
+	c, err := d.Dial("tcp4", addr)
 	if err != nil {
 		fmt.Println("dial error:", err)
 		os.Exit(0)
@@ -200,7 +204,11 @@ func TestRedirectionInANetworkNamespace(t *testing.T) {
 		// Not redirected: it reaches the 15021 listener itself (conntrack,
 		// active in this namespace, reports the unchanged destination).
 		{"the sidecar's readiness port is not captured inbound", peer, 0, "10.250.0.2:15021", "pod:15021 10.250.0.2:15021"},
-		{"an application calling its own pod IP goes through the inbound side", pod, 1000, "10.250.0.2:8080", "pod:15006 10.250.0.2:8080"},
+		// Both land on 8080 itself, not redirected (conntrack reports the
+		// unchanged destination, as for 15021).
+		{"an application calling its own pod IP reaches itself directly", pod, 1000, "10.250.0.2:8080", "pod:8080 10.250.0.2:8080"},
+		{"the sidecar calling its own pod IP goes through the inbound side", pod, 1337, "10.250.0.2:8080", "pod:15006 10.250.0.2:8080"},
+		{"the sidecar's inbound side reaches the application from 127.0.0.6", pod, 1337, "127.0.0.6>10.250.0.2:8080", "pod:8080 10.250.0.2:8080"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			if got := tt.from.dial(t, tt.addr, tt.uid); got != tt.want {

@@ -30,6 +30,14 @@ type Config struct {
 	ExcludeOutboundCIDRs []netip.Prefix
 }
 
+// The source addresses of the sidecar's connections from its inbound side
+// to the application (the translator's inbound clusters bind them), told
+// apart by these rules from the sidecar calling its own pod IP.
+const (
+	InboundBindIPv4 = "127.0.0.6"
+	InboundBindIPv6 = "::1"
+)
+
 // Defaults are the ports of the design: 15001 out, 15006 in, UID 1337.
 func Defaults() Config {
 	return Config{ProxyUID: 1337, InboundPort: 15006, OutboundPort: 15001}
@@ -48,9 +56,9 @@ func ports(ps []uint16) []uint16 {
 func Rules(c Config, ipv6 bool) string {
 	var b strings.Builder
 	w := func(format string, args ...any) { fmt.Fprintf(&b, format+"\n", args...) }
-	loopback := "127.0.0.1/32"
+	loopback, bind := "127.0.0.1/32", InboundBindIPv4+"/32"
 	if ipv6 {
-		loopback = "::1/128"
+		loopback, bind = "::1/128", InboundBindIPv6+"/128"
 	}
 	w("*nat")
 	for _, ch := range []string{ChainInbound, ChainInRedirect, ChainOutput, ChainRedirect} {
@@ -64,11 +72,17 @@ func Rules(c Config, ipv6 bool) string {
 		w("-A %s -p tcp --dport %d -j RETURN", ChainInbound, p)
 	}
 	w("-A %s -p tcp -j %s", ChainInbound, ChainInRedirect)
-	// Outbound: the sidecar's own connections leave as they are.
+	// Outbound, in Istio's order. The inbound side's connection to the
+	// application comes from InboundBindIPv4/IPv6 over lo: it reaches the
+	// application. The sidecar's own connection to its own pod IP (a call
+	// through a Service whose endpoint is this pod) goes through the inbound
+	// side, so inbound mTLS and policy apply to it too. The application
+	// calling its own pod IP reaches itself directly. Every other connection
+	// of the sidecar leaves as it is.
+	w("-A %s -s %s -o lo -j RETURN", ChainOutput, bind)
+	w("-A %s -o lo ! -d %s -p tcp -m owner --uid-owner %d -j %s", ChainOutput, loopback, c.ProxyUID, ChainInRedirect)
+	w("-A %s -o lo -m owner ! --uid-owner %d -j RETURN", ChainOutput, c.ProxyUID)
 	w("-A %s -m owner --uid-owner %d -j RETURN", ChainOutput, c.ProxyUID)
-	// An application calling its own pod IP goes through the inbound side
-	// (it travels over lo to a non-loopback address).
-	w("-A %s -o lo ! -d %s -p tcp -j %s", ChainOutput, loopback, ChainInRedirect)
 	w("-A %s -d %s -j RETURN", ChainOutput, loopback)
 	for _, p := range ports(c.ExcludeOutboundPorts) {
 		w("-A %s -p tcp --dport %d -j RETURN", ChainOutput, p)

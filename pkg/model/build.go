@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strconv"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -19,6 +21,8 @@ const (
 	// AnnotationProxy selects the proxy mode of a pod: "envoy" (set by the
 	// injector) or "grpc" (set by the user for proxyless gRPC).
 	AnnotationProxy = "trellis.dev/proxy"
+	// AnnotationExcludeInboundPorts lists ports trellis-init does not capture.
+	AnnotationExcludeInboundPorts = "trellis.dev/exclude-inbound-ports"
 )
 
 // Input is the cluster state the model is built from: plain Kubernetes
@@ -160,6 +164,13 @@ func workloadFromPod(p *corev1.Pod) *Workload {
 			}
 		}
 	}
+	// Ports trellis-init leaves uncaptured take plaintext from clients
+	// (the injector ignores values that are not ports; so does this).
+	for _, f := range strings.Split(p.Annotations[AnnotationExcludeInboundPorts], ",") {
+		if n, err := strconv.Atoi(strings.TrimSpace(f)); err == nil && n > 0 && n < 65536 {
+			w.ExcludedInboundPorts = append(w.ExcludedInboundPorts, int32(n))
+		}
+	}
 	return w
 }
 
@@ -229,6 +240,9 @@ func (m *Mesh) addEndpoints(slices_ []*discoveryv1.EndpointSlice) {
 					if w := m.Workload(es.Namespace, e.TargetRef.Name); w != nil {
 						ep.ServiceAccount = w.ServiceAccount
 						ep.Mesh = w.Mode
+						if slices.Contains(w.ExcludedInboundPorts, port) {
+							ep.Mesh = ProxyNone // its sidecar does not see this port
+						}
 						if w.Zone == "" {
 							w.Zone = ep.Zone
 						}

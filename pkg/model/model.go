@@ -225,6 +225,9 @@ type Workload struct {
 	Mode           ProxyMode
 	// ContainerPorts by name, for Services with named target ports.
 	ContainerPorts map[string]int32
+	// ExcludedInboundPorts bypass the pod's sidecar (annotation
+	// trellis.dev/exclude-inbound-ports): clients reach them in plaintext.
+	ExcludedInboundPorts []int32
 	// Zone of the pod, from the EndpointSlices that list it ("" if none do).
 	Zone string
 	// Probes the sidecar answers on the kubelet's behalf, by path on the

@@ -97,6 +97,13 @@ func (t *translator) inboundListener() *listenerv3.Listener {
 	for _, ip := range t.inboundPorts() {
 		cluster := InboundClusterName(ip.port)
 		c := originalDstCluster(cluster)
+		// From an address trellis-init lets through to the application, so
+		// that the sidecar's own calls to its pod IP can be sent through the
+		// inbound side without looping (pkg/iptables).
+		c.UpstreamBindConfig = &corev3.BindConfig{
+			SourceAddress:        &corev3.SocketAddress{Address: InboundBindIPv4, PortSpecifier: &corev3.SocketAddress_PortValue{}},
+			ExtraSourceAddresses: []*corev3.ExtraSourceAddress{{Address: &corev3.SocketAddress{Address: InboundBindIPv6, PortSpecifier: &corev3.SocketAddress_PortValue{}}}},
+		}
 		if ip.protocol.IsHTTP2() {
 			c.TypedExtensionProtocolOptions = map[string]*anypb.Any{httpProtocolOptionsKey: http2Options()}
 		}
