@@ -108,7 +108,7 @@ func TestEnvoyStrictMTLSAndCapture(t *testing.T) {
 			bypass bool
 		}{
 			{"bypass", []string{"--url", "http://web/"}, false},
-			{"bypass", []string{"--tcp", openIP + ":9000"}, true},                // excluded port 9000
+			{"bypass", []string{"--tcp", openIP + ":9000"}, true},             // excluded port 9000
 			{"bypass", []string{"--url", "http://" + webIP + ":8080/"}, true}, // excluded CIDR (refused by web's Strict sidecar)
 			{"as-proxy-uid", []string{"--tcp", openIP + ":9000"}, true},
 			{"client", []string{"--tcp", openIP + ":9000"}, false},
