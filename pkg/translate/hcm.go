@@ -79,9 +79,14 @@ func (t *translator) baseHCM(statPrefix string, inbound bool) *hcmv3.HttpConnect
 		NormalizePath:                wrapperspb.Bool(true),
 		MergeSlashes:                 true,
 		PathWithEscapedSlashesAction: hcmv3.HttpConnectionManager_KEEP_UNCHANGED,
+		// WebSocket (HTTP/1.1 Upgrade) passes through; without this Envoy
+		// answers an upgrade request 403.
+		UpgradeConfigs: []*hcmv3.HttpConnectionManager_UpgradeConfig{{UpgradeType: "websocket"}},
 	}
 	if inbound {
-		h.ForwardClientCertDetails = hcmv3.HttpConnectionManager_APPEND_FORWARD
+		// The application sees exactly its peer's identity: a header a
+		// plaintext (Permissive) client sent is replaced, never forwarded.
+		h.ForwardClientCertDetails = hcmv3.HttpConnectionManager_SANITIZE_SET
 		h.SetCurrentClientCertDetails = &hcmv3.HttpConnectionManager_SetCurrentClientCertDetails{Uri: true}
 	}
 	if tr := t.mesh.Config.Tracing; tr != nil {
