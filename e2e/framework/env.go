@@ -153,6 +153,20 @@ func Start(ctx context.Context, opts Options) (_ *Env, err error) {
 	return e, nil
 }
 
+// SetImageFile makes containers of image find hostFile at path (the image
+// "carries" it), for containers started from now on.
+func (e *Env) SetImageFile(image, path, hostFile string) {
+	e.Kubelet.mu.Lock()
+	defer e.Kubelet.mu.Unlock()
+	if e.Kubelet.ImageFiles == nil {
+		e.Kubelet.ImageFiles = map[string]map[string]string{}
+	}
+	if e.Kubelet.ImageFiles[image] == nil {
+		e.Kubelet.ImageFiles[image] = map[string]string{}
+	}
+	e.Kubelet.ImageFiles[image][path] = hostFile
+}
+
 // ControllerNamespace is where the chart is installed.
 const ControllerNamespace = "trellis-system"
 

@@ -49,6 +49,10 @@ type Kubelet struct {
 	Dir    string
 	// Images maps an image name (without tag) to a binary.
 	Images map[string]string
+	// ImageFiles are files an image carries, by image name: container path
+	// → host file, bind-mounted over the path in the container's private
+	// mount namespace (e.g. the CA bundle of the Envoy image).
+	ImageFiles map[string]map[string]string
 	// SVIDWriter is the svid-writer binary, which provides the
 	// spiffe.csi.cert-manager.io volumes; XDSAddr is what it dials.
 	SVIDWriter, XDSAddr string
@@ -238,7 +242,7 @@ func (k *Kubelet) Exec(ctx context.Context, ns, pod, container string, args ...s
 			}
 			env := r.env(c)
 			// As kubectl exec: the container's user and capabilities apply.
-			cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", r.netns}, containerCommand(c, bin, r.rewrite(c, env, args))...)...)
+			cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", r.netns}, containerCommand(c, bin, r.rewrite(c, env, args), k.imageFiles(c.Image))...)...)
 			cmd.Env = env
 			return cmd, nil
 		}
@@ -473,7 +477,13 @@ func (r *podRun) start(c corev1.Container) (*proc, error) {
 	if err != nil {
 		return nil, err
 	}
-	cmd := exec.Command("ip", append([]string{"netns", "exec", r.netns}, containerCommand(c, bin, args)...)...)
+	// runc gives the container's user its stdio (fixStdioPermissions), so a
+	// process running as another user can open /dev/stdout, as Envoy's
+	// access log does.
+	if sc := c.SecurityContext; sc != nil && sc.RunAsUser != nil {
+		_ = log.Chown(int(*sc.RunAsUser), int(ptr.Deref(sc.RunAsGroup, *sc.RunAsUser)))
+	}
+	cmd := exec.Command("ip", append([]string{"netns", "exec", r.netns}, containerCommand(c, bin, args, r.k.imageFiles(c.Image))...)...)
 	cmd.Env = env
 	return r.launch(c.Name, cmd, log)
 }
@@ -486,8 +496,12 @@ func (r *podRun) start(c corev1.Container) (*proc, error) {
 // bounding set (Kubernetes' default set minus drop plus add; for trellis-init
 // only NET_ADMIN and NET_RAW). `ip netns exec` gives each command its own
 // mount namespace, so the tmpfs is private to it.
-func containerCommand(c corev1.Container, bin string, args []string) []string {
-	cmd := []string{"sh", "-c", `mount -t tmpfs -o size=64m,mode=1777 shm /dev/shm && exec "$@"`, "sh"}
+func containerCommand(c corev1.Container, bin string, args []string, files map[string]string) []string {
+	script := `mount -t tmpfs -o size=64m,mode=1777 shm /dev/shm`
+	for _, path := range slices.Sorted(maps.Keys(files)) {
+		script += fmt.Sprintf(" && mount --bind %q %q", files[path], path)
+	}
+	cmd := []string{"sh", "-c", script + ` && exec "$@"`, "sh"}
 	if sc := c.SecurityContext; sc != nil {
 		priv := []string{"setpriv"}
 		if sc.RunAsUser != nil {
@@ -952,6 +966,12 @@ func writeAtomic(path string, b []byte) error {
 		return err
 	}
 	return os.Rename(tmp, path)
+}
+
+func (k *Kubelet) imageFiles(image string) map[string]string {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return maps.Clone(k.ImageFiles[imageName(image)])
 }
 
 // DialPod opens a TCP connection from inside a pod's network namespace (as
