@@ -6,7 +6,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -228,4 +231,72 @@ func clusterIP(t *testing.T, ns, svc string) string {
 func readFile(path string) string {
 	b, _ := os.ReadFile(path)
 	return string(b)
+}
+
+// httpTraffic is `httpecho client` running in the background.
+type httpTraffic struct {
+	cmd  *exec.Cmd
+	mu   sync.Mutex
+	out  bytes.Buffer
+	done chan struct{}
+}
+
+func (h *httpTraffic) Write(p []byte) (int, error) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.out.Write(p)
+}
+
+// startHTTPTraffic runs the client with args (add --qps and so on) until stop.
+func startHTTPTraffic(t *testing.T, ns, pod string, args ...string) *httpTraffic {
+	t.Helper()
+	cmd, err := env.Kubelet.Exec(ctxT(t), ns, pod, "app", append([]string{"client", "--duration=30m"}, args...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &httpTraffic{cmd: cmd, done: make(chan struct{})}
+	cmd.Stdout, cmd.Stderr = h, os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = cmd.Wait(); close(h.done) }()
+	t.Cleanup(func() { _ = cmd.Process.Kill() })
+	return h
+}
+
+// stop ends the traffic and returns every complete result.
+func (h *httpTraffic) stop(t *testing.T) []httpResult {
+	t.Helper()
+	_ = h.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-h.done:
+	case <-time.After(10 * time.Second):
+		_ = h.cmd.Process.Kill()
+		<-h.done
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var rs []httpResult
+	sc := bufio.NewScanner(bytes.NewReader(h.out.Bytes()))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		var r httpResult
+		// A request cut by stop itself is not a result.
+		if json.Unmarshal(sc.Bytes(), &r) == nil && !strings.Contains(r.Error, "context canceled") && !strings.Contains(r.Error, "terminated signal received") {
+			rs = append(rs, r)
+		}
+	}
+	return rs
+}
+
+func (h *httpTraffic) raw() string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	var b strings.Builder
+	for _, l := range strings.Split(h.out.String(), "\n") {
+		if !strings.Contains(l, `"code":200`) {
+			b.WriteString(l + "\n")
+		}
+	}
+	return b.String()
 }

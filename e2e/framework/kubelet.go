@@ -83,6 +83,9 @@ type podRun struct {
 	exited   map[string]error
 	// liveFails counts consecutive liveness failures per container.
 	liveFails map[string]int
+	// readyFails and readyOK are the readiness probes' state per container.
+	readyFails map[string]int
+	readyOK    map[string]bool
 	// stopOnce makes the ordered shutdown run once (deletion or completion).
 	stopOnce sync.Once
 }
@@ -163,7 +166,7 @@ func (k *Kubelet) sync(ctx context.Context) {
 		if r == nil && p.DeletionTimestamp == nil && p.Status.Phase != corev1.PodSucceeded && p.Status.Phase != corev1.PodFailed {
 			k.seq++
 			r = &podRun{k: k, pod: p.DeepCopy(), id: "p" + strconv.Itoa(k.seq), procs: map[string]*proc{}, stopped: make(chan struct{}),
-				restarts: map[string]int{}, exited: map[string]error{}, liveFails: map[string]int{}}
+				restarts: map[string]int{}, exited: map[string]error{}, liveFails: map[string]int{}, readyFails: map[string]int{}, readyOK: map[string]bool{}}
 			r.ctx, r.cancel = context.WithCancel(ctx)
 			k.pods[p.UID] = r
 			go r.run()
@@ -771,11 +774,24 @@ func (r *podRun) probe() bool {
 		if pr == nil || pr.exited() {
 			return false
 		}
-		if c.ReadinessProbe != nil && !r.check(c.ReadinessProbe) {
+		if p := c.ReadinessProbe; p != nil && !r.readyByProbe(c.Name, p) {
 			return false
 		}
 	}
 	return true
+}
+
+// readyByProbe applies a readiness probe as the kubelet does: ready after
+// a success, unready only after failureThreshold (default 3) failures in a
+// row, so one slow answer on a loaded machine does not pull the endpoint.
+func (r *podRun) readyByProbe(name string, p *corev1.Probe) bool {
+	if r.check(p) {
+		r.readyFails[name] = 0
+		r.readyOK[name] = true
+	} else if r.readyFails[name]++; r.readyFails[name] >= int(cmp.Or(p.FailureThreshold, 3)) {
+		r.readyOK[name] = false
+	}
+	return r.readyOK[name]
 }
 
 // liveness restarts a container whose liveness probe failed

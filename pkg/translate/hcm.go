@@ -88,6 +88,15 @@ func (t *translator) baseHCM(statPrefix string, inbound bool) *hcmv3.HttpConnect
 		// plaintext (Permissive) client sent is replaced, never forwarded.
 		h.ForwardClientCertDetails = hcmv3.HttpConnectionManager_SANITIZE_SET
 		h.SetCurrentClientCertDetails = &hcmv3.HttpConnectionManager_SetCurrentClientCertDetails{Uri: true}
+		// The app refused the connection (not listening: starting or
+		// shutting down): say the request was not delivered, so the client's
+		// sidecar retries it elsewhere (routes.go, NotDeliveredHeader).
+		h.LocalReplyConfig = &hcmv3.LocalReplyConfig{Mappers: []*hcmv3.ResponseMapper{{
+			Filter: &accesslogv3.AccessLogFilter{FilterSpecifier: &accesslogv3.AccessLogFilter_ResponseFlagFilter{
+				ResponseFlagFilter: &accesslogv3.ResponseFlagFilter{Flags: []string{"UF"}},
+			}},
+			HeadersToAdd: []*corev3.HeaderValueOption{{Header: &corev3.HeaderValue{Key: NotDeliveredHeader, Value: "upstream-connect-failure"}}},
+		}}}
 	}
 	if tr := t.mesh.Config.Tracing; tr != nil {
 		h.Tracing = &hcmv3.HttpConnectionManager_Tracing{

@@ -10,6 +10,7 @@ import (
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	previoushostsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/retry/host/previous_hosts/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -18,8 +19,14 @@ import (
 	"github.com/trellis-mesh/trellis/pkg/model"
 )
 
+// NotDeliveredHeader marks a server sidecar's own 503 when it could not
+// connect to its application: the request never reached it, so clients
+// may retry it on another endpoint whatever its method.
+const NotDeliveredHeader = "x-trellis-not-delivered"
+
 // defaultRetryOn applies when no BackendPolicy sets retries: failures where
-// the request surely did not reach the application.
+// the request surely did not reach the application (with the server
+// sidecar's NotDeliveredHeader, added to every policy).
 const defaultRetryOn = "connect-failure,refused-stream,unavailable,cancelled"
 
 // rankedRoute is an Envoy route with its Gateway API precedence.
@@ -99,7 +106,13 @@ func cmpBool(a, b bool) int {
 // timeouts and retry) win over the BackendPolicy of the parent Service.
 func (t *translator) applyRoutePolicy(a *routev3.RouteAction, svc *model.Service, timeouts *gwv1.HTTPRouteTimeouts, retry *gwv1.HTTPRouteRetry) {
 	a.Timeout = dur(0) // Envoy's 15 s default would cut long calls; no timeout unless asked.
-	rp := &routev3.RetryPolicy{RetryOn: defaultRetryOn, NumRetries: wrapperspb.UInt32(2)}
+	rp := &routev3.RetryPolicy{
+		RetryOn: defaultRetryOn, NumRetries: wrapperspb.UInt32(2),
+		// A retry goes to another endpoint when there is one (Istio's
+		// default): the endpoint that failed is likely going away.
+		RetryHostPredicate:            []*routev3.RetryPolicy_RetryHostPredicate{{Name: "envoy.retry_host_predicates.previous_hosts", ConfigType: &routev3.RetryPolicy_RetryHostPredicate_TypedConfig{TypedConfig: mustAny(&previoushostsv3.PreviousHostsPredicate{})}}},
+		HostSelectionRetryMaxAttempts: 5,
+	}
 	if svc.Policy != nil {
 		spec := svc.Policy.Spec
 		if spec.Timeout != nil {
@@ -154,6 +167,17 @@ func (t *translator) applyRoutePolicy(a *routev3.RouteAction, svc *model.Service
 				rp.RetryBackOff = &routev3.RetryPolicy_RetryBackOff{BaseInterval: dur(d)}
 			}
 		}
+	}
+	// Whatever else is retried, so is a request the server's sidecar could
+	// not deliver to its application (it says so in NotDeliveredHeader):
+	// e.g. an endpoint whose app is shutting down before its EDS removal
+	// reached this client.
+	// gRPC's xDS client has neither (gRFC A44): proxyless routes keep codes.
+	if t.proxyless {
+		rp.RetryHostPredicate, rp.HostSelectionRetryMaxAttempts = nil, 0
+	} else if !strings.Contains(rp.RetryOn, "retriable-headers") {
+		rp.RetryOn += ",retriable-headers"
+		rp.RetriableHeaders = []*routev3.HeaderMatcher{{Name: NotDeliveredHeader, HeaderMatchSpecifier: &routev3.HeaderMatcher_PresentMatch{PresentMatch: true}}}
 	}
 	if rp.NumRetries.GetValue() > 0 || rp.PerTryTimeout != nil {
 		a.RetryPolicy = rp

@@ -264,7 +264,7 @@ func TestRetriesAndTimeoutsReachTheRoute(t *testing.T) {
 		t.Errorf("timeout %v, want 10s", a.GetTimeout().AsDuration())
 	}
 	rp := a.GetRetryPolicy()
-	if rp.GetNumRetries().GetValue() != 3 || rp.GetPerTryTimeout().AsDuration().String() != "2s" || rp.GetRetryOn() != "5xx,reset,unavailable" {
+	if rp.GetNumRetries().GetValue() != 3 || rp.GetPerTryTimeout().AsDuration().String() != "2s" || rp.GetRetryOn() != "5xx,reset,unavailable,retriable-headers" {
 		t.Errorf("retry policy %v", rp)
 	}
 	s, p = world(t, "httproute-timeouts-retry")
