@@ -93,7 +93,7 @@ func TestEnvoyMeshConfigModes(t *testing.T) {
 		}
 		create(t, &meshv1alpha1.ExternalService{
 			ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "example"},
-			Spec: meshv1alpha1.ExternalServiceSpec{Hosts: []string{"plain.example.test"}, Ports: []meshv1alpha1.ExternalPort{{Number: 8080, Protocol: meshv1alpha1.ExternalHTTP}}},
+			Spec:       meshv1alpha1.ExternalServiceSpec{Hosts: []string{"plain.example.test"}, Ports: []meshv1alpha1.ExternalPort{{Number: 8080, Protocol: meshv1alpha1.ExternalHTTP}}},
 		}, &meshv1alpha1.ExternalService{
 			ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "secure"},
 			Spec: meshv1alpha1.ExternalServiceSpec{Hosts: []string{"secure.example.test"}, Ports: []meshv1alpha1.ExternalPort{{
@@ -155,7 +155,9 @@ func TestEnvoyMeshConfigModes(t *testing.T) {
 	t.Run("Strict with defaultAccess Deny: nothing reaches web until an AccessPolicy allows it", func(t *testing.T) {
 		mc.Spec = meshv1alpha1.MeshConfigSpec{MTLS: meshv1alpha1.MTLS{Mode: meshv1alpha1.MTLSStrict}, DefaultAccess: meshv1alpha1.DefaultAccessDeny}
 		update(t, mc)
-		eventuallyHTTP(t, "denied", func() []httpResult { return httpCall(t, ns, "client", "--url", "http://web/", "--count", "3", "--timeout", "2s") },
+		eventuallyHTTP(t, "denied", func() []httpResult {
+			return httpCall(t, ns, "client", "--url", "http://web/", "--count", "3", "--timeout", "2s")
+		},
 			func(rs []httpResult) (bool, string) { c := codes(rs); return c[200] == 0, fmt.Sprint(c) })
 		rs := httpCall(t, ns, "outside", "--url", "http://"+webIP+":8080/", "--count", "3", "--timeout", "2s")
 		if c := codes(rs); c[0] != 3 {
