@@ -300,3 +300,40 @@ func (h *httpTraffic) raw() string {
 	}
 	return b.String()
 }
+
+// podNames are the names of the pods whose name starts with prefix.
+func podNames(t *testing.T, ns, prefix string) []string {
+	t.Helper()
+	var pods corev1.PodList
+	if err := env.Cluster.Client().List(ctxT(t), &pods, client.InNamespace(ns)); err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, p := range pods.Items {
+		if strings.HasPrefix(p.Name, prefix) && p.DeletionTimestamp == nil {
+			out = append(out, p.Name)
+		}
+	}
+	return out
+}
+
+// serialNumbers are the certificate serial numbers in an Envoy /certs answer.
+func serialNumbers(certs string) string {
+	var d struct {
+		Certificates []struct {
+			CertChain []struct {
+				SerialNumber string `json:"serial_number"`
+			} `json:"cert_chain"`
+		} `json:"certificates"`
+	}
+	if json.Unmarshal([]byte(certs), &d) != nil {
+		return ""
+	}
+	var out []string
+	for _, c := range d.Certificates {
+		for _, x := range c.CertChain {
+			out = append(out, x.SerialNumber)
+		}
+	}
+	return strings.Join(out, ",")
+}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -85,6 +86,13 @@ func meshNamespace(t *testing.T) string {
 	if len(name) > 50 {
 		name = name[:50]
 	}
+	// A second namespace of the same test gets a suffix.
+	nsCountMu.Lock()
+	nsCount[name]++
+	if n := nsCount[name]; n > 1 {
+		name = fmt.Sprintf("%s-%d", strings.TrimRight(name, "-"), n)
+	}
+	nsCountMu.Unlock()
 	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: strings.TrimRight(name, "-"), Labels: map[string]string{"trellis.dev/inject": "enabled"}}}
 	create(t, ns)
 	t.Cleanup(func() {
@@ -92,6 +100,11 @@ func meshNamespace(t *testing.T) string {
 	})
 	return ns.Name
 }
+
+var (
+	nsCountMu sync.Mutex
+	nsCount   = map[string]int{}
+)
 
 func create(t *testing.T, objs ...client.Object) {
 	t.Helper()

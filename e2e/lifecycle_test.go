@@ -153,6 +153,12 @@ func TestControllerRestart(t *testing.T) {
 	ns := setupEcho(t, 2)
 	create(t, clientPod(ns, "client-2", "client"))
 	waitRunning(t, ns, "client-2")
+	// The same through Envoy sidecars: keep-alive connections and a new
+	// connection per request.
+	hns := setupHTTP(t, "web", 2)
+	eventuallyHTTP(t, "web reachable", func() []httpResult { return httpCall(t, hns, "client", "--url", "http://web/", "--count", "5") }, allCode(200))
+	envoySteady := startHTTPTraffic(t, hns, "client", "--url", "http://web/", "--qps", "50", "--timeout", "5s")
+	envoyFresh := startHTTPTraffic(t, hns, "client", "--url", "http://web/", "--qps", "20", "--new-conn", "--timeout", "5s")
 	steady := startTraffic(t, ns, "client", target(ns, "echo"), "--interval=20ms", "--timeout=5s")
 	fresh := startTraffic(t, ns, "client-2", target(ns, "echo"), "--interval=50ms", "--reconnect", "--timeout=5s")
 	time.Sleep(2 * time.Second)
@@ -163,15 +169,22 @@ func TestControllerRestart(t *testing.T) {
 	}
 	time.Sleep(5 * time.Second)
 	rs, rf := steady.stop(t), fresh.stop(t)
-	ok, codes, _ := summarize(rs)
+	ok, grpcCodes, _ := summarize(rs)
 	okf, codesf, _ := summarize(rf)
 	t.Logf("open channel: %d/%d calls succeeded across a controller restart (3 s down); new channel per call: %d/%d %v",
 		ok, len(rs), okf, len(rf), codesf)
 	if ok != len(rs) || len(rs) < 200 {
-		t.Errorf("%d/%d succeeded (%v): %s", ok, len(rs), codes, firstError(rs))
+		t.Errorf("%d/%d succeeded (%v): %s", ok, len(rs), grpcCodes, firstError(rs))
 	}
 	if okf < len(rf)*9/10 {
 		t.Errorf("new channels: only %d/%d succeeded: %s", okf, len(rf), firstError(rf))
+	}
+	es, ef := envoySteady.stop(t), envoyFresh.stop(t)
+	t.Logf("Envoy sidecars: keep-alive %v over %d requests, new connection per request %v over %d", codes(es), len(es), codes(ef), len(ef))
+	for _, rs := range [][]httpResult{es, ef} {
+		if c := codes(rs); c[200] != len(rs) || len(rs) < 50 {
+			t.Errorf("through Envoy across the restart: %v (%s)", c, firstHTTPError(rs, 200))
+		}
 	}
 }
 
@@ -189,6 +202,17 @@ func TestCertificateRotation(t *testing.T) {
 	create(t, mc)
 	t.Cleanup(func() { _ = env.Cluster.Client().Delete(ctxT(t), mc) })
 	ns := setupEcho(t, 1)
+	hns := setupHTTP(t, "web", 1)
+	webCert := func() string {
+		for _, p := range podNames(t, hns, "web-v1") {
+			b, _ := env.Kubelet.EnvoyAdmin(ctxT(t), hns, p, "/certs")
+			return string(b)
+		}
+		return ""
+	}
+	eventuallyHTTP(t, "web reachable", func() []httpResult { return httpCall(t, hns, "client", "--url", "http://web/", "--count", "5") }, allCode(200))
+	firstWeb := serialNumbers(webCert())
+	envoyTraffic := startHTTPTraffic(t, hns, "client", "--url", "http://web/", "--qps", "4", "--new-conn", "--timeout", "5s")
 	certOf := func(prefix string) string {
 		for _, d := range podDirs(ns, prefix) {
 			b, _ := os.ReadFile(d + "/volumes/trellis-spiffe/tls.crt")
@@ -200,11 +224,20 @@ func TestCertificateRotation(t *testing.T) {
 	tr := startTraffic(t, ns, "client", target(ns, "echo"), "--interval=250ms", "--reconnect", "--timeout=5s")
 	time.Sleep(150 * time.Second)
 	rs := tr.stop(t)
-	ok, codes, _ := summarize(rs)
+	ers := envoyTraffic.stop(t)
+	lastWeb := serialNumbers(webCert())
+	t.Logf("Envoy sidecars: %v over %d requests (a new connection and TLS handshake each) over 150 s; web's sidecar certificates %v → %v", codes(ers), len(ers), firstWeb, lastWeb)
+	if c := codes(ers); c[200] != len(ers) || len(ers) < 300 {
+		t.Errorf("through Envoy: %v (%s)", c, firstHTTPError(ers, 200))
+	}
+	if firstWeb == "" || firstWeb == lastWeb {
+		t.Errorf("web's sidecar certificate was not replaced (%q → %q)", firstWeb, lastWeb)
+	}
+	ok, grpcCodes, _ := summarize(rs)
 	rotated := certOf("echo-v1") != first
 	t.Logf("%d/%d calls (one handshake each) succeeded over 150 s with 2-minute certificates; server certificate replaced: %v", ok, len(rs), rotated)
 	if ok != len(rs) || len(rs) < 300 {
-		t.Errorf("%d/%d succeeded (%v): %s", ok, len(rs), codes, firstError(rs))
+		t.Errorf("%d/%d succeeded (%v): %s", ok, len(rs), grpcCodes, firstError(rs))
 	}
 	if !rotated {
 		t.Error("the server's certificate was not replaced")
