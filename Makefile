@@ -134,16 +134,18 @@ test: kube-binaries envoy test-deps
 ## End to end: real traffic between pods in network namespaces (needs root;
 ## part of make test too). -run selects scenarios: make e2e E2E_RUN=TestTrafficSplit
 E2E_RUN ?= .
+# E2E_BENCH runs e2e benchmarks too, e.g. make e2e E2E_RUN=X E2E_BENCH=DataPlaneOverhead
+E2E_BENCH ?=
 .PHONY: e2e
 e2e: kube-binaries envoy test-deps
-	KUBEBUILDER_ASSETS="$${KUBEBUILDER_ASSETS:-$(BIN)/k8s}" $(GO) test -count=1 -v -timeout 20m -run '$(E2E_RUN)' ./e2e/ 2>&1 | grep -v '^[IWE][0-9]\{4\} '
+	KUBEBUILDER_ASSETS="$${KUBEBUILDER_ASSETS:-$(BIN)/k8s}" $(GO) test -count=1 -v -timeout 20m -run '$(E2E_RUN)' $(if $(E2E_BENCH),-bench '$(E2E_BENCH)' -benchtime 1x) ./e2e/ 2>&1 | grep -v '^[IWE][0-9]\{4\} '
 
 ## Demo: a local control plane with the CRDs and samples; stays up until Ctrl-C.
 .PHONY: demo
 demo: kube-binaries envoy
 	@mkdir -p $(BIN)
 	$(GO) build -o $(BIN)/ ./hack/demo
-	KUBEBUILDER_ASSETS="$${KUBEBUILDER_ASSETS:-$(BIN)/k8s}" $(BIN)/demo
+	KUBEBUILDER_ASSETS="$${KUBEBUILDER_ASSETS:-$(BIN)/k8s}" $(BIN)/demo $(DEMO_FLAGS)
 
 .PHONY: clean
 clean:

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -332,8 +333,11 @@ func serialNumbers(certs string) string {
 	var out []string
 	for _, c := range d.Certificates {
 		for _, x := range c.CertChain {
-			out = append(out, x.SerialNumber)
+			if !slices.Contains(out, x.SerialNumber) {
+				out = append(out, x.SerialNumber)
+			}
 		}
 	}
+	slices.Sort(out)
 	return strings.Join(out, ",")
 }

@@ -21,8 +21,9 @@ func outboundConnections(t *testing.T, ns, pod string) float64 {
 //   - a meshed call's server app sees the caller's SPIFFE ID (XFCC) — in
 //     TestEnvoyReachability; here: an unmeshed pod's plaintext call to a
 //     meshed pod IP is refused by the server's sidecar;
-//   - a meshed client calling a meshed pod IP directly (not a Service)
-//     gets through, over mTLS;
+//   - a meshed client calling a meshed pod IP directly (not a Service) is
+//     passed through in plaintext and refused (a documented limit);
+//   - a pod calling its own Service goes through its sidecar's inbound side;
 //   - an app calling its own pod IP reaches itself;
 //   - capture: an excluded inbound port takes plaintext directly; excluded
 //     outbound ports and CIDRs and UID 1337's traffic bypass the client's
@@ -56,15 +57,15 @@ func TestEnvoyStrictMTLSAndCapture(t *testing.T) {
 			}
 		}
 	})
-	t.Run("a meshed client reaches a pod IP over mTLS", func(t *testing.T) {
-		rs := eventuallyHTTP(t, "pod IP", func() []httpResult {
-			return httpCall(t, ns, "client", "--url", "http://"+webIP+":8080/direct", "--count", "5")
-		}, allCode(200))
-		if xfcc := rs[0].Body.header("x-forwarded-client-cert"); !strings.Contains(xfcc, "/sa/client") {
-			t.Errorf("server saw x-forwarded-client-cert %q, want the client's identity", xfcc)
+	t.Run("a meshed client's call to a meshed pod IP (no Service) is plaintext and refused under Strict", func(t *testing.T) {
+		// Documented limit (as in Istio): a pod IP names no Service, so the
+		// client's sidecar passes it through unencrypted. Putting pod IPs in
+		// the listener would make every endpoint change an LDS push
+		// (docs/translator.md, Decisions).
+		rs := httpCall(t, ns, "client", "--url", "http://"+webIP+":8080/direct", "--count", "3", "--timeout", "2s")
+		if c := codes(rs); c[0] != 3 {
+			t.Errorf("pod IP under Strict: %v; if this now works, update the docs", c)
 		}
-		rs = eventuallyHTTP(t, "pod IP tcp", func() []httpResult { return httpCall(t, ns, "client", "--tcp", webIP+":9000", "--count", "5") }, allCode(1))
-		t.Logf("http and tcp to %s: 5/5 each", webIP)
 	})
 	t.Run("an app reaches its own pod IP", func(t *testing.T) {
 		rs := httpCall(t, ns, "client", "--url", "http://"+podIP(t, ns, "client")+":8080/self", "--count", "3")

@@ -1047,3 +1047,18 @@ func (k *Kubelet) EnvoyAdmin(ctx context.Context, ns, pod, path string) ([]byte,
 	}
 	return b, err
 }
+
+// PID is the process id of a running container (its process group leader:
+// the container's own binary once the wrappers have exec'd it), or 0.
+func (k *Kubelet) PID(ns, pod, container string) int {
+	r := k.pod(ns, pod)
+	if r == nil {
+		return 0
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if p := r.procs[container]; p != nil && !p.exited() {
+		return p.cmd.Process.Pid
+	}
+	return 0
+}

@@ -1,8 +1,11 @@
 // Command demo is `make demo`: the e2e environment (etcd, kube-apiserver,
 // kube-controller-manager, trellis-controller as its own process, pods run
-// in network namespaces) with the demo app of config/samples/demo — a
-// frontend calling reviews v1/v2 split 80/20 under Strict mTLS and an
-// AccessPolicy — and a live table of the frontend→reviews traffic for 30 s.
+// in network namespaces) with the demo app of config/samples/demo — a plain
+// HTTP frontend calling reviews v1/v2 split 80/20 by an HTTPRoute, through
+// injected stock Envoy sidecars, under Strict mTLS and an AccessPolicy —
+// and a live table of the frontend→reviews traffic for 30 s, read from the
+// frontend sidecar's Prometheus stats. With -proxyless it runs the proxyless
+// gRPC variant (config/samples/demo-proxyless) and reads the client's log.
 // It stays up until Ctrl-C and then removes every process, namespace and
 // interface it made. Needs root (network namespaces).
 package main
@@ -11,6 +14,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -38,6 +42,12 @@ func main() {
 }
 
 func run() error {
+	proxyless := flag.Bool("proxyless", false, "run the proxyless gRPC demo (config/samples/demo-proxyless) instead of the Envoy-sidecar one")
+	flag.Parse()
+	samples, logName := "demo", "frontend.log"
+	if *proxyless {
+		samples = "demo-proxyless"
+	}
 	if err := framework.CheckPrivileges(); err != nil {
 		return fmt.Errorf("%v; the demo runs pods in network namespaces", err)
 	}
@@ -62,22 +72,28 @@ func run() error {
 	if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: demoNamespace, Labels: map[string]string{"trellis.dev/inject": "enabled"}}}); err != nil {
 		return err
 	}
-	created, err := env.Cluster.Apply(ctx, filepath.Join(env.Root, "config", "samples", "demo"), demoNamespace)
+	created, err := env.Cluster.Apply(ctx, filepath.Join(env.Root, "config", "samples", samples), demoNamespace)
 	if err != nil {
 		return err
 	}
 	fmt.Printf("demo: control plane up and %d objects applied in %s: %s\n", len(created), time.Since(start).Round(100*time.Millisecond), strings.Join(created, " "))
-	frontend, err := waitFrontend(ctx, c, env)
+	frontend, podIP, err := waitFrontend(ctx, c, env, logName)
 	if err != nil {
 		return err
 	}
-	fmt.Printf("demo: pods running; frontend → reviews traffic for 30 s (frontend log: %s)\n\n", frontend)
-	if err := table(ctx, frontend, 30*time.Second); err != nil {
+	if *proxyless {
+		fmt.Printf("demo: pods running; frontend → reviews traffic for 30 s (frontend log: %s)\n\n", frontend)
+		err = table(ctx, frontend, 30*time.Second)
+	} else {
+		fmt.Printf("demo: pods running; frontend → reviews traffic for 30 s, from the frontend sidecar's stats (http://%s:15020/stats/prometheus)\n\n", podIP)
+		err = envoyTable(ctx, podIP, frontend, 30*time.Second)
+	}
+	if err != nil {
 		return err
 	}
 	fmt.Printf(`
   kubeconfig:  %[1]s
-  try:         %[2]s --kubeconfig %[1]s -n demo get pods,endpointslices,grpcroutes,accesspolicies -o wide
+  try:         %[2]s --kubeconfig %[1]s -n demo get pods,endpointslices,httproutes,grpcroutes,accesspolicies -o wide
                %[2]s --kubeconfig %[1]s -n demo scale deployment reviews-v2 --replicas=3
                %[2]s --kubeconfig %[1]s -n demo patch accesspolicy reviews-from-frontend --type=merge -p '{"spec":{"action":"Deny"}}'
                tail -f %[3]s     (the frontend's calls, one JSON line each)
@@ -89,23 +105,24 @@ func run() error {
 	return nil
 }
 
-// waitFrontend waits until the frontend pod runs and returns its log.
-func waitFrontend(ctx context.Context, c client.Client, env *framework.Env) (string, error) {
+// waitFrontend waits until the frontend pod's app runs and returns its log
+// and the pod's IP.
+func waitFrontend(ctx context.Context, c client.Client, env *framework.Env, logName string) (string, string, error) {
 	deadline := time.Now().Add(2 * time.Minute)
 	for time.Now().Before(deadline) && ctx.Err() == nil {
 		var pods corev1.PodList
 		if err := c.List(ctx, &pods, client.InNamespace(demoNamespace), client.MatchingLabels{"app": "frontend"}); err == nil {
 			for _, p := range pods.Items {
-				if d := env.Kubelet.PodDir(demoNamespace, p.Name); d != "" {
-					if _, err := os.Stat(filepath.Join(d, "frontend.log")); err == nil {
-						return filepath.Join(d, "frontend.log"), nil
+				if d := env.Kubelet.PodDir(demoNamespace, p.Name); d != "" && p.Status.PodIP != "" {
+					if _, err := os.Stat(filepath.Join(d, logName)); err == nil {
+						return filepath.Join(d, logName), p.Status.PodIP, nil
 					}
 				}
 			}
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	return "", fmt.Errorf("the frontend pod did not start; logs in %s", env.Dir)
+	return "", "", fmt.Errorf("the frontend pod did not start; logs in %s", env.Dir)
 }
 
 type call struct {

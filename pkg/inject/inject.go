@@ -208,8 +208,11 @@ func injectEnvoy(p *corev1.Pod, cfg Config, mc meshv1alpha1.MeshConfigSpec) ([]s
 	proxy := corev1.Container{
 		Name: ProxyContainer, Image: mc.Sidecar.Image,
 		// Native sidecar: starts before and stops after the application.
+		// Two worker threads whatever the node's size (Istio's default): a
+		// sidecar serves one pod, and Envoy's default of one per core would
+		// grow its memory and connections with the node.
 		RestartPolicy: ptr.To(corev1.ContainerRestartPolicyAlways),
-		Args:          []string{"--config-yaml", bootstrap, "--log-level", logLevel, "--drain-time-s", "5"},
+		Args:          []string{"--config-yaml", bootstrap, "--log-level", logLevel, "--drain-time-s", "5", "--concurrency", "2"},
 		Env:           downward(),
 		Ports: []corev1.ContainerPort{
 			{Name: "trellis-stats", ContainerPort: 15020, Protocol: corev1.ProtocolTCP},

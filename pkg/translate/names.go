@@ -52,12 +52,6 @@ func OutboundClusterName(host string, port int32) string {
 	return "outbound|" + strconv.Itoa(int(port)) + "||" + host
 }
 
-// PodIPClusterName is the cluster of calls to the IPs of the pods running
-// as a ServiceAccount, on one port (an mTLS tunnel to the address dialled).
-func PodIPClusterName(port int32, namespace, serviceAccount string) string {
-	return "podip|" + strconv.Itoa(int(port)) + "||" + serviceAccount + "." + namespace
-}
-
 // InboundClusterName is the cluster forwarding to the local application port.
 func InboundClusterName(port int32) string {
 	return "inbound|" + strconv.Itoa(int(port)) + "||"

@@ -3,8 +3,6 @@ package translate
 import (
 	"cmp"
 	"fmt"
-	"maps"
-	"net"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -16,8 +14,6 @@ import (
 	tlsinspectorv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
-	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
-	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
@@ -98,8 +94,6 @@ func (t *translator) outboundListener() *listenerv3.Listener {
 			add(ref, fc)
 		}
 	}
-
-	t.podIPChains(add)
 
 	needTLSInspector := false
 	for _, es := range t.mesh.External {
@@ -190,74 +184,6 @@ func (t *translator) outboundListener() *listenerv3.Listener {
 		l.ContinueOnListenerFiltersTimeout = true
 	}
 	return l
-}
-
-// podIPChains carry calls to a meshed pod's IP (not a Service's): an L4
-// mTLS tunnel to the address dialled, verified against that pod's own
-// identity, so they work under Strict mTLS. Service routes and policies do
-// not apply: a pod IP names no Service. One chain per target port and
-// identity, matching the IPs of the pods running as it; endpoints of
-// headless Services keep their own chains.
-func (t *translator) podIPChains(add func(model.Ref, *listenerv3.FilterChain)) {
-	type key struct {
-		port      int32
-		namespace string
-		sa        string
-	}
-	ips := map[key]map[string]bool{}
-	claimed := map[string]bool{}
-	for _, svc := range t.visibleServices() {
-		for _, eps := range svc.Endpoints {
-			for _, e := range eps {
-				if svc.Headless() {
-					claimed[net.JoinHostPort(e.IP, strconv.Itoa(int(e.Port)))] = true
-					continue
-				}
-				if e.Mesh == model.ProxyNone || e.ServiceAccount == "" {
-					continue
-				}
-				k := key{e.Port, svc.Namespace, e.ServiceAccount}
-				if ips[k] == nil {
-					ips[k] = map[string]bool{}
-				}
-				ips[k][e.IP] = true
-			}
-		}
-	}
-	keys := slices.SortedFunc(maps.Keys(ips), func(a, b key) int {
-		return cmp.Or(cmp.Compare(a.port, b.port), cmp.Compare(a.namespace, b.namespace), cmp.Compare(a.sa, b.sa))
-	})
-	for _, k := range keys {
-		var pfxs []netip.Prefix
-		for _, ip := range slices.Sorted(maps.Keys(ips[k])) {
-			if claimed[net.JoinHostPort(ip, strconv.Itoa(int(k.port)))] {
-				continue
-			}
-			if p, err := hostPrefix(ip); err == nil {
-				pfxs = append(pfxs, p)
-			}
-		}
-		if len(pfxs) == 0 {
-			continue
-		}
-		name := PodIPClusterName(k.port, k.namespace, k.sa)
-		if _, ok := t.clusters[name]; !ok {
-			c := originalDstCluster(name)
-			sans := []*tlsv3.SubjectAltNameMatcher{{
-				SanType: tlsv3.SubjectAltNameMatcher_URI,
-				Matcher: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: t.mesh.SPIFFEID(k.namespace, k.sa)}},
-			}}
-			c.TransportSocket = &corev3.TransportSocket{Name: "envoy.transport_sockets.tls", ConfigType: &corev3.TransportSocket_TypedConfig{
-				TypedConfig: mustAny(&tlsv3.UpstreamTlsContext{CommonTlsContext: t.commonTLS(sans, nil)}),
-			}}
-			t.clusters[name] = c
-		}
-		add(model.Ref{Kind: "ServiceAccount", Namespace: k.namespace, Name: k.sa}, &listenerv3.FilterChain{
-			Name:             name,
-			FilterChainMatch: &listenerv3.FilterChainMatch{PrefixRanges: cidrs(pfxs...), DestinationPort: wrapperspb.UInt32(uint32(k.port))},
-			Filters:          []*listenerv3.Filter{t.tcpProxy(name, name)},
-		})
-	}
 }
 
 func findChain(chains []*listenerv3.FilterChain, name string) (*listenerv3.FilterChain, bool) {

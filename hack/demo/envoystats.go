@@ -1,0 +1,193 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"net/http"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// sample is what the frontend's sidecar reports for the reviews clusters.
+type sample struct {
+	byVersion map[string]float64 // 2xx answers per version (v1, v2)
+	total     float64            // answers of any class
+	ok        float64            // 2xx
+	buckets   map[float64]float64
+}
+
+// scrape reads the sidecar's merged stats as a Prometheus server would.
+func scrape(ctx context.Context, podIP string) (*sample, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+net.JoinHostPort(podIP, "15020")+"/stats/prometheus", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := (&http.Client{Timeout: 2 * time.Second}).Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	s := &sample{byVersion: map[string]float64{}, buckets: map[float64]float64{}}
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		name, labels, value, ok := parseSeries(sc.Text())
+		if !ok {
+			continue
+		}
+		cluster := labels["envoy_cluster_name"]
+		version := ""
+		switch {
+		case strings.Contains(cluster, "||reviews-v1."):
+			version = "v1"
+		case strings.Contains(cluster, "||reviews-v2."):
+			version = "v2"
+		default:
+			continue
+		}
+		switch name {
+		case "envoy_cluster_upstream_rq_xx":
+			s.total += value
+			if labels["envoy_response_code_class"] == "2" {
+				s.ok += value
+				s.byVersion[version] += value
+			}
+		case "envoy_cluster_upstream_rq_time_bucket":
+			le := math.Inf(1)
+			if labels["le"] != "+Inf" {
+				le, _ = strconv.ParseFloat(labels["le"], 64)
+			}
+			s.buckets[le] += value
+		}
+	}
+	return s, sc.Err()
+}
+
+// parseSeries splits `name{a="b",c="d"} value`.
+func parseSeries(line string) (string, map[string]string, float64, bool) {
+	if line == "" || line[0] == '#' {
+		return "", nil, 0, false
+	}
+	i := strings.IndexByte(line, '{')
+	j := strings.LastIndexByte(line, '}')
+	if i < 0 || j < i {
+		return "", nil, 0, false
+	}
+	v, err := strconv.ParseFloat(strings.TrimSpace(line[j+1:]), 64)
+	if err != nil {
+		return "", nil, 0, false
+	}
+	labels := map[string]string{}
+	for _, kv := range strings.Split(line[i+1:j], `",`) {
+		k, val, ok := strings.Cut(kv, `="`)
+		if ok {
+			labels[k] = strings.TrimSuffix(val, `"`)
+		}
+	}
+	return line[:i], labels, v, true
+}
+
+// quantile of the latency histogram delta (cumulative buckets, ms).
+func quantile(cur, prev map[float64]float64, q float64) float64 {
+	les := slices.Sorted(func(yield func(float64) bool) {
+		for le := range cur {
+			if !yield(le) {
+				return
+			}
+		}
+	})
+	if len(les) == 0 {
+		return 0
+	}
+	total := cur[les[len(les)-1]] - prev[les[len(les)-1]]
+	if total <= 0 {
+		return 0
+	}
+	for _, le := range les {
+		if cur[le]-prev[le] >= q*total {
+			return le
+		}
+	}
+	return les[len(les)-1]
+}
+
+// envoyTable prints one line per second from the frontend sidecar's stats;
+// the caller's identity is what the reviews app saw (its sidecar's XFCC,
+// echoed into the frontend's log).
+func envoyTable(ctx context.Context, podIP, frontendLog string, d time.Duration) error {
+	fmt.Printf("%-6s %-20s %8s %8s %8s %8s %11s  %s\n", "t", "edge", "req/s", "success", "p50 ms", "p99 ms", "v1/v2 %", "server sees caller as")
+	prev, err := scrape(ctx, podIP)
+	if err != nil {
+		return err
+	}
+	end := time.After(d)
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for i := 1; ; i++ {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-end:
+			return nil
+		case <-tick.C:
+		}
+		cur, err := scrape(ctx, podIP)
+		if err != nil {
+			fmt.Printf("%-6s scrape: %v\n", fmt.Sprintf("%ds", i), err)
+			continue
+		}
+		n, ok := cur.total-prev.total, cur.ok-prev.ok
+		v1, v2 := cur.byVersion["v1"]-prev.byVersion["v1"], cur.byVersion["v2"]-prev.byVersion["v2"]
+		success, split := "-", "-"
+		if n > 0 {
+			success = fmt.Sprintf("%.1f%%", 100*ok/n)
+		}
+		if ok > 0 {
+			split = fmt.Sprintf("%.0f/%.0f", 100*v1/ok, 100*v2/ok)
+		}
+		fmt.Printf("%-6s %-20s %8.0f %8s %8.1f %8.1f %11s  %s\n", fmt.Sprintf("%ds", i), "frontend→reviews", n, success,
+			quantile(cur.buckets, prev.buckets, 0.5), quantile(cur.buckets, prev.buckets, 0.99), split, callerIdentity(frontendLog))
+		prev = cur
+	}
+}
+
+// callerIdentity is the URI in the x-forwarded-client-cert the reviews app
+// received on the frontend's latest call.
+func callerIdentity(path string) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return "-"
+	}
+	defer f.Close()
+	if st, err := f.Stat(); err == nil && st.Size() > 16<<10 {
+		_, _ = f.Seek(-16<<10, io.SeekEnd)
+	}
+	b, _ := io.ReadAll(f)
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	for i := len(lines) - 1; i >= 0; i-- {
+		var r struct {
+			Body struct {
+				Headers map[string][]string `json:"headers"`
+			} `json:"body"`
+		}
+		if json.Unmarshal([]byte(lines[i]), &r) != nil {
+			continue
+		}
+		for _, xfcc := range r.Body.Headers["x-forwarded-client-cert"] {
+			for _, part := range strings.Split(xfcc, ";") {
+				if uri, ok := strings.CutPrefix(part, "URI="); ok {
+					return uri
+				}
+			}
+		}
+	}
+	return "-"
+}
