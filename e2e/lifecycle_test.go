@@ -245,7 +245,6 @@ func TestCertificateRotation(t *testing.T) {
 	}
 }
 
-
 // TestDemoApp applies config/samples/demo (what make demo runs: plain HTTP
 // apps with Envoy sidecars) and checks the frontend's own traffic — every
 // request succeeds under the AccessPolicy and the 80/20 split shows — and
