@@ -150,17 +150,7 @@ func httpCall(t *testing.T, ns, pod string, args ...string) []httpResult {
 	if err != nil {
 		t.Fatalf("httpecho client %s: %v\n%s", strings.Join(args, " "), err, stderr.String())
 	}
-	var rs []httpResult
-	sc := bufio.NewScanner(bytes.NewReader(out))
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		var r httpResult
-		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
-			t.Fatalf("client output %q: %v", sc.Text(), err)
-		}
-		rs = append(rs, r)
-	}
-	return rs
+	return jsonLines[httpResult](t, out)
 }
 
 // codes counts results by status code (0: transport error).

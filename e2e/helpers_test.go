@@ -244,11 +244,17 @@ func call(t *testing.T, ns, pod string, args ...string) []result {
 
 func parse(t *testing.T, out []byte) []result {
 	t.Helper()
-	var rs []result
+	return jsonLines[result](t, out)
+}
+
+// jsonLines decodes a client's output, one JSON object a line.
+func jsonLines[T any](t *testing.T, out []byte) []T {
+	t.Helper()
+	var rs []T
 	sc := bufio.NewScanner(bytes.NewReader(out))
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
-		var r result
+		var r T
 		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
 			t.Fatalf("client output %q: %v", sc.Text(), err)
 		}
