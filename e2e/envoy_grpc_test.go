@@ -5,6 +5,9 @@ import (
 	"strings"
 	"testing"
 
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 )
 
@@ -21,12 +24,31 @@ func TestEnvoyGRPCRoute(t *testing.T) {
 	v2.Spec.Selector = map[string]string{"app": "echo", "version": "v2"}
 	d1, d2 := echoDeployment(ns, "echo", "v1", 1), echoDeployment(ns, "echo", "v2", 1)
 	client := clientPod(ns, "client", "client")
-	for _, a := range []map[string]string{d1.Spec.Template.Annotations, d2.Spec.Template.Annotations, client.Annotations} {
+	// v1 is ready by a gRPC probe (grpc.health.v1 through the sidecar's
+	// 15020 health-check cluster); "unhealthy" probes a service the app
+	// does not serve and must never become ready.
+	grpcProbe := func(service string) *corev1.Probe {
+		return &corev1.Probe{ProbeHandler: corev1.ProbeHandler{GRPC: &corev1.GRPCAction{Port: 50051, Service: ptrTo(service)}}, PeriodSeconds: 1}
+	}
+	d1.Spec.Template.Spec.Containers[0].ReadinessProbe = grpcProbe("echo.Echo")
+	bad := echoDeployment(ns, "unhealthy", "v1", 1)
+	bad.Spec.Template.Spec.Containers[0].ReadinessProbe = grpcProbe("no.such.Service")
+	for _, a := range []map[string]string{d1.Spec.Template.Annotations, d2.Spec.Template.Annotations, bad.Spec.Template.Annotations, client.Annotations} {
 		delete(a, "trellis.dev/proxy") // an ordinary gRPC app: the injector gives it Envoy
 	}
-	create(t, serviceAccount(ns, "echo"), serviceAccount(ns, "client"), echoService(ns, "echo"), v1, v2, d1, d2, client)
+	create(t, serviceAccount(ns, "echo"), serviceAccount(ns, "client"), serviceAccount(ns, "unhealthy"), echoService(ns, "echo"), echoService(ns, "unhealthy"), v1, v2, d1, d2, bad, client)
 	waitEndpoints(t, ns, "echo", 2)
 	waitRunning(t, ns, "client")
+	for _, name := range podNames(t, ns, "echo-v1") {
+		var p corev1.Pod
+		if err := env.Cluster.Client().Get(ctxT(t), clientKey(ns, name), &p); err != nil {
+			t.Fatal(err)
+		}
+		if rp := p.Spec.Containers[0].ReadinessProbe; rp.HTTPGet == nil || rp.HTTPGet.Port.IntValue() != 15020 {
+			t.Fatalf("the gRPC probe was not moved to the sidecar: %+v", rp)
+		}
+		t.Logf("gRPC readiness probe served through %s:15020%s: pod ready", name, p.Spec.Containers[0].ReadinessProbe.HTTPGet.Path)
+	}
 	method := gwv1.GRPCRouteRule{
 		Matches:     []gwv1.GRPCRouteMatch{{Method: &gwv1.GRPCMethodMatch{Service: ptrTo("echo.Echo"), Method: ptrTo("Other")}}},
 		BackendRefs: []gwv1.GRPCBackendRef{backend("echo-v2", 1)},
@@ -44,10 +66,13 @@ func TestEnvoyGRPCRoute(t *testing.T) {
 	if ok != 1000 || share < 0.75 || share > 0.85 {
 		t.Errorf("Echo: %d/1000 ok (%v), v1 share %.3f", ok, codes, share)
 	}
-	for _, r := range rs[:1] {
-		if r.Headers["x-forwarded-client-cert"] == "" && !strings.Contains(fmt.Sprint(r.Headers), "spiffe://") {
-			t.Logf("server metadata: %v", r.Headers)
+	for _, name := range podNames(t, ns, "unhealthy-v1") {
+		if env.Kubelet.PID(ns, name, "echo") == 0 {
+			t.Errorf("the unhealthy pod's app is not running, so its probe proves nothing")
 		}
+	}
+	if n := readyEndpoints(t, ns, "unhealthy"); n != 0 {
+		t.Errorf("a pod whose gRPC probe names a service the app does not serve has %d ready endpoints", n)
 	}
 }
 
@@ -65,3 +90,22 @@ func TestEnvoyWebSocket(t *testing.T) {
 }
 
 func ptrTo[T any](v T) *T { return &v }
+
+
+// readyEndpoints counts a Service's ready endpoints now.
+func readyEndpoints(t *testing.T, ns, svc string) int {
+	t.Helper()
+	var slices discoveryv1.EndpointSliceList
+	if err := env.Cluster.Client().List(ctxT(t), &slices, client.InNamespace(ns), client.MatchingLabels{"kubernetes.io/service-name": svc}); err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, s := range slices.Items {
+		for _, e := range s.Endpoints {
+			if e.Conditions.Ready != nil && *e.Conditions.Ready {
+				n++
+			}
+		}
+	}
+	return n
+}

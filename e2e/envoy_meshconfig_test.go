@@ -58,7 +58,7 @@ func TestEnvoyMeshConfigModes(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	env.SetImageFile(framework.EnvoyImage, translate.SystemCABundle, bundle)
+	t.Cleanup(env.SetImageFile(framework.EnvoyImage, translate.SystemCABundle, bundle))
 
 	ns := setupHTTP(t, "web", 1)
 	outside := httpClientPod(ns, "outside", "client", false)

@@ -154,17 +154,24 @@ func Start(ctx context.Context, opts Options) (_ *Env, err error) {
 }
 
 // SetImageFile makes containers of image find hostFile at path (the image
-// "carries" it), for containers started from now on.
-func (e *Env) SetImageFile(image, path, hostFile string) {
-	e.Kubelet.mu.Lock()
-	defer e.Kubelet.mu.Unlock()
-	if e.Kubelet.ImageFiles == nil {
-		e.Kubelet.ImageFiles = map[string]map[string]string{}
+// "carries" it), for containers started from now on; the returned func
+// takes the overlay away again (a test's t.Cleanup).
+func (e *Env) SetImageFile(image, path, hostFile string) (undo func()) {
+	k := e.Kubelet
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.ImageFiles == nil {
+		k.ImageFiles = map[string]map[string]string{}
 	}
-	if e.Kubelet.ImageFiles[image] == nil {
-		e.Kubelet.ImageFiles[image] = map[string]string{}
+	if k.ImageFiles[image] == nil {
+		k.ImageFiles[image] = map[string]string{}
 	}
-	e.Kubelet.ImageFiles[image][path] = hostFile
+	k.ImageFiles[image][path] = hostFile
+	return func() {
+		k.mu.Lock()
+		defer k.mu.Unlock()
+		delete(k.ImageFiles[image], path)
+	}
 }
 
 // ControllerNamespace is where the chart is installed.

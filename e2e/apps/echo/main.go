@@ -27,6 +27,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	xdscreds "google.golang.org/grpc/credentials/xds"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/peer"
@@ -155,6 +157,10 @@ func serve(args []string) error {
 		g = grpc.NewServer()
 	}
 	g.RegisterService(&serviceDesc, &server{pod: *pod, version: *version, failEvery: *failEvery, delay: *delay})
+	// grpc.health.v1, for gRPC probes: SERVING for "" and "echo.Echo".
+	hs := health.NewServer()
+	hs.SetServingStatus(serviceDesc.ServiceName, healthpb.HealthCheckResponse_SERVING)
+	healthpb.RegisterHealthServer(g, hs)
 	fmt.Printf("LISTENING %s\n", lis.Addr())
 	go func() { <-ctx.Done(); g.GracefulStop() }()
 	return g.Serve(lis)
