@@ -16,7 +16,7 @@ CONTROLLER_GEN := $(BIN)/controller-gen
 HELM := $(BIN)/helm
 # The ServiceMonitor CRD the chart's tests install (a module download, pinned).
 PROMETHEUS_OPERATOR_VERSION := v0.85.0
-GOTEST_FLAGS ?= -count=1 -timeout 20m
+GOTEST_FLAGS ?= -count=1 -timeout 30m
 
 .PHONY: all
 all: build
