@@ -138,7 +138,7 @@ E2E_RUN ?= .
 E2E_BENCH ?=
 .PHONY: e2e
 e2e: kube-binaries envoy test-deps
-	KUBEBUILDER_ASSETS="$${KUBEBUILDER_ASSETS:-$(BIN)/k8s}" $(GO) test -count=1 -v -timeout 20m -run '$(E2E_RUN)' $(if $(E2E_BENCH),-bench '$(E2E_BENCH)' -benchtime 1x) ./e2e/ 2>&1 | grep -v '^[IWE][0-9]\{4\} '
+	KUBEBUILDER_ASSETS="$${KUBEBUILDER_ASSETS:-$(BIN)/k8s}" $(GO) test -count=1 -v -timeout 30m -run '$(E2E_RUN)' $(if $(E2E_BENCH),-bench '$(E2E_BENCH)' -benchtime 1x) ./e2e/ 2>&1 | grep -v '^[IWE][0-9]\{4\} '
 
 ## Demo: a local control plane with the CRDs and samples; stays up until Ctrl-C.
 .PHONY: demo
