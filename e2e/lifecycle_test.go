@@ -212,7 +212,8 @@ func TestCertificateRotation(t *testing.T) {
 		return ""
 	}
 	eventuallyHTTP(t, "web reachable", func() []httpResult { return httpCall(t, hns, "client", "--url", "http://web/", "--count", "5") }, allCode(200))
-	firstWeb := serialNumbers(webCert())
+	var firstWeb string
+	eventually(t, "web's sidecar certificate", func() (bool, string) { firstWeb = serialNumbers(webCert()); return firstWeb != "", "no certificate in /certs" })
 	envoyTraffic := startHTTPTraffic(t, hns, "client", "--url", "http://web/", "--qps", "4", "--new-conn", "--timeout", "5s")
 	certOf := func(prefix string) string {
 		for _, d := range podDirs(ns, prefix) {
@@ -259,9 +260,13 @@ func TestDemoApp(t *testing.T) {
 	if _, err := env.Cluster.Apply(ctxT(t), filepath.Join(env.Root, "config", "samples", "demo"), ns); err != nil {
 		t.Fatal(err)
 	}
-	var rs []httpResult
-	eventually(t, "frontend traffic", func() (bool, string) {
-		rs = nil
+	// The frontend starts calling as soon as its sidecar is ready, maybe
+	// before reviews has endpoints (503 no healthy upstream, as in any
+	// cluster): count from the moment all three reviews pods are ready.
+	waitEndpoints(t, ns, "reviews", 3)
+	time.Sleep(time.Second) // the frontend sidecar's EDS
+	requests := func() []httpResult {
+		var rs []httpResult
 		for _, d := range podDirs(ns, "frontend") {
 			for _, l := range strings.Split(readFile(filepath.Join(d, "frontend.log")), "\n") {
 				var r httpResult
@@ -270,6 +275,12 @@ func TestDemoApp(t *testing.T) {
 				}
 			}
 		}
+		return rs
+	}
+	skip := len(requests())
+	var rs []httpResult
+	eventually(t, "frontend traffic", func() (bool, string) {
+		rs = requests()[skip:]
 		return len(rs) >= 1000, fmt.Sprintf("%d requests so far", len(rs))
 	})
 	by := map[string]int{}

@@ -441,6 +441,10 @@ type proc struct {
 	cmd  *exec.Cmd
 	done chan struct{}
 	err  error
+	// reaped is set (under mu) once Wait returned: from then on the PID
+	// may name another process.
+	mu     sync.Mutex
+	reaped bool
 }
 
 func (p *proc) exited() bool {
@@ -462,7 +466,23 @@ func (r *podRun) launch(name string, cmd *exec.Cmd, log *os.File) (*proc, error)
 		return nil, err
 	}
 	p := &proc{cmd: cmd, done: make(chan struct{})}
-	go func() { p.err = cmd.Wait(); log.Close(); close(p.done) }()
+	go func() {
+		// Wait for the exit without reaping (the zombie keeps the PID),
+		// then mark it reaped under the lock before reaping, so signal never
+		// hits a reused PID.
+		var info unix.Siginfo
+		for {
+			if err := unix.Waitid(unix.P_PID, cmd.Process.Pid, &info, unix.WEXITED|unix.WNOWAIT, nil); err != unix.EINTR {
+				break
+			}
+		}
+		p.mu.Lock()
+		p.reaped = true
+		p.mu.Unlock()
+		p.err = cmd.Wait()
+		log.Close()
+		close(p.done)
+	}()
 	r.mu.Lock()
 	r.procs[name] = p
 	r.mu.Unlock()
@@ -817,7 +837,7 @@ func (r *podRun) liveness() {
 		if r.liveFails[c.Name] >= int(max(p.FailureThreshold, 1)) {
 			r.logf("container %s failed its liveness probe %d times: restarting it", c.Name, r.liveFails[c.Name])
 			r.liveFails[c.Name] = 0
-			_ = syscall.Kill(-pr.cmd.Process.Pid, syscall.SIGKILL)
+			pr.signal(syscall.SIGKILL)
 		}
 	}
 }
@@ -953,7 +973,9 @@ func (r *podRun) shutdown() {
 }
 
 // terminate sends the named processes' groups SIGTERM, waits for them until
-// deadline, then SIGKILLs them.
+// deadline, then SIGKILLs them. A process that has already exited is left
+// alone: its PID (and group id) may already belong to another pod's
+// process.
 func (r *podRun) terminate(names []string, deadline time.Time) {
 	var procs []*proc
 	r.mu.Lock()
@@ -964,15 +986,25 @@ func (r *podRun) terminate(names []string, deadline time.Time) {
 	}
 	r.mu.Unlock()
 	for _, p := range procs {
-		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
+		p.signal(syscall.SIGTERM)
 	}
 	for _, p := range procs {
 		select {
 		case <-p.done:
 		case <-time.After(time.Until(deadline)):
 		}
-		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		p.signal(syscall.SIGKILL)
 		<-p.done
+	}
+}
+
+// signal sends sig to the process's group while the process runs. Wait
+// has not reaped it then, so its PID cannot have been reused.
+func (p *proc) signal(sig syscall.Signal) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.reaped {
+		_ = syscall.Kill(-p.cmd.Process.Pid, sig)
 	}
 }
 
