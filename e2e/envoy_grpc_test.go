@@ -91,7 +91,6 @@ func TestEnvoyWebSocket(t *testing.T) {
 
 func ptrTo[T any](v T) *T { return &v }
 
-
 // readyEndpoints counts a Service's ready endpoints now.
 func readyEndpoints(t *testing.T, ns, svc string) int {
 	t.Helper()

@@ -213,7 +213,10 @@ func TestCertificateRotation(t *testing.T) {
 	}
 	eventuallyHTTP(t, "web reachable", func() []httpResult { return httpCall(t, hns, "client", "--url", "http://web/", "--count", "5") }, allCode(200))
 	var firstWeb string
-	eventually(t, "web's sidecar certificate", func() (bool, string) { firstWeb = serialNumbers(webCert()); return firstWeb != "", "no certificate in /certs" })
+	eventually(t, "web's sidecar certificate", func() (bool, string) {
+		firstWeb = serialNumbers(webCert())
+		return firstWeb != "", "no certificate in /certs"
+	})
 	envoyTraffic := startHTTPTraffic(t, hns, "client", "--url", "http://web/", "--qps", "4", "--new-conn", "--timeout", "5s")
 	certOf := func(prefix string) string {
 		for _, d := range podDirs(ns, prefix) {
