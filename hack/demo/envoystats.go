@@ -95,8 +95,10 @@ func parseSeries(line string) (string, map[string]string, float64, bool) {
 	return line[:i], labels, v, true
 }
 
-// quantile of the latency histogram delta (cumulative buckets, ms).
-func quantile(cur, prev map[float64]float64, q float64) float64 {
+// quantile of the latency histogram delta (cumulative buckets, ms),
+// interpolated within the bucket that holds it; ok is false when the
+// histogram did not move (Envoy refreshes histograms every stats flush, 5 s).
+func quantile(cur, prev map[float64]float64, q float64) (float64, bool) {
 	les := slices.Sorted(func(yield func(float64) bool) {
 		for le := range cur {
 			if !yield(le) {
@@ -105,18 +107,24 @@ func quantile(cur, prev map[float64]float64, q float64) float64 {
 		}
 	})
 	if len(les) == 0 {
-		return 0
+		return 0, false
 	}
 	total := cur[les[len(les)-1]] - prev[les[len(les)-1]]
 	if total <= 0 {
-		return 0
+		return 0, false
 	}
+	lower, below := 0.0, 0.0
 	for _, le := range les {
-		if cur[le]-prev[le] >= q*total {
-			return le
+		n := cur[le] - prev[le]
+		if n >= q*total {
+			if math.IsInf(le, 1) {
+				return lower, true
+			}
+			return lower + (le-lower)*(q*total-below)/max(n-below, 1), true
 		}
+		lower, below = le, n
 	}
-	return les[len(les)-1]
+	return lower, true
 }
 
 // envoyTable prints one line per second from the frontend sidecar's stats;
@@ -124,10 +132,20 @@ func quantile(cur, prev map[float64]float64, q float64) float64 {
 // echoed into the frontend's log).
 func envoyTable(ctx context.Context, podIP, frontendLog string, d time.Duration) error {
 	fmt.Printf("%-6s %-20s %8s %8s %8s %8s %11s  %s\n", "t", "edge", "req/s", "success", "p50 ms", "p99 ms", "v1/v2 %", "server sees caller as")
-	prev, err := scrape(ctx, podIP)
-	if err != nil {
-		return err
+	// Start once reviews answers (the frontend calls from its first second,
+	// before reviews may have ready endpoints).
+	var prev *sample
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(200 * time.Millisecond) {
+		var err error
+		if prev, err = scrape(ctx, podIP); err == nil && prev.ok > 0 {
+			break
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("no answer from reviews in the frontend sidecar's stats after a minute: %v", err)
+		}
 	}
+	hist := prev.buckets
+	lat50, lat99 := "-", "-" // until the first histogram refresh
 	end := time.After(d)
 	tick := time.NewTicker(time.Second)
 	defer tick.Stop()
@@ -153,8 +171,14 @@ func envoyTable(ctx context.Context, podIP, frontendLog string, d time.Duration)
 		if ok > 0 {
 			split = fmt.Sprintf("%.0f/%.0f", 100*v1/ok, 100*v2/ok)
 		}
-		fmt.Printf("%-6s %-20s %8.0f %8s %8.1f %8.1f %11s  %s\n", fmt.Sprintf("%ds", i), "frontend→reviews", n, success,
-			quantile(cur.buckets, prev.buckets, 0.5), quantile(cur.buckets, prev.buckets, 0.99), split, callerIdentity(frontendLog))
+		// Latency over the last histogram refresh, kept until the next one.
+		if q50, ok := quantile(cur.buckets, hist, 0.5); ok {
+			q99, _ := quantile(cur.buckets, hist, 0.99)
+			lat50, lat99 = fmt.Sprintf("%.2f", q50), fmt.Sprintf("%.2f", q99)
+			hist = cur.buckets
+		}
+		fmt.Printf("%-6s %-20s %8.0f %8s %8s %8s %11s  %s\n", fmt.Sprintf("%ds", i), "frontend→reviews", n, success,
+			lat50, lat99, split, callerIdentity(frontendLog))
 		prev = cur
 	}
 }
