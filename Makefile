@@ -113,16 +113,22 @@ build:
 	@mkdir -p $(BIN)
 	$(GO) build -o $(BIN)/ ./cmd/...
 
-## iptables and iproute2 for trellis-init's network-namespace tests: installed
-## when missing and running as root (CI), otherwise those tests say SKIP.
+## iptables and iproute2 for trellis-init's network-namespace tests, and the
+## system CA bundle the e2e TLS-origination scenario builds the Envoy image's
+## bundle from: installed when missing and running as root (CI), otherwise
+## those tests say SKIP (or fail, for the bundle, saying what to install).
 .PHONY: test-deps
 test-deps:
-	@if command -v iptables-restore >/dev/null && command -v ip >/dev/null; then :; \
+	@pkgs=""; \
+	command -v iptables-restore >/dev/null || pkgs="$$pkgs iptables"; \
+	command -v ip >/dev/null || pkgs="$$pkgs iproute2"; \
+	[ -f /etc/ssl/certs/ca-certificates.crt ] || pkgs="$$pkgs ca-certificates"; \
+	if [ -z "$$pkgs" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo ">> installing iptables and iproute2 for the network-namespace tests"; \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q iptables iproute2 >/dev/null || \
-		{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q iptables iproute2 >/dev/null; }; \
-	else echo ">> iptables-restore or ip missing and not root: the network-namespace tests will SKIP"; fi
+		echo ">> installing$$pkgs for the network-namespace and e2e tests"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$pkgs >/dev/null || \
+		{ apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$pkgs >/dev/null; }; \
+	else echo ">> missing$$pkgs and not root: the network-namespace tests will SKIP"; fi
 
 ## Tests: unit and integration (real kube-apiserver + etcd through envtest).
 .PHONY: test

@@ -158,8 +158,10 @@ func TestControllerRestart(t *testing.T) {
 	// connection per request.
 	hns := setupHTTP(t, "web", 2)
 	eventuallyHTTP(t, "web reachable", func() []httpResult { return httpCall(t, hns, "client", "--url", "http://web/", "--count", "5") }, allCode(200))
-	envoySteady := startHTTPTraffic(t, hns, "client", "--url", "http://web/", "--qps", "50", "--timeout", "5s")
-	envoyFresh := startHTTPTraffic(t, hns, "client", "--url", "http://web/", "--qps", "20", "--new-conn", "--timeout", "5s")
+	envoySteady := startHTTPTraffic(t, hns, "client", 12*time.Second, "--url", "http://web/", "--qps", "50", "--timeout", "5s")
+	// By cluster IP: a name lookup per connection would measure the test's
+	// DNS server, not the data plane.
+	envoyFresh := startHTTPTraffic(t, hns, "client", 12*time.Second, "--url", "http://"+clusterIP(t, hns, "web")+"/", "--qps", "20", "--new-conn", "--timeout", "5s")
 	steady := startTraffic(t, ns, "client", target(ns, "echo"), "--interval=20ms", "--timeout=5s")
 	fresh := startTraffic(t, ns, "client-2", target(ns, "echo"), "--interval=50ms", "--reconnect", "--timeout=5s")
 	time.Sleep(2 * time.Second)
@@ -217,7 +219,7 @@ func TestCertificateRotation(t *testing.T) {
 		firstWeb = serialNumbers(webCert())
 		return firstWeb != "", "no certificate in /certs"
 	})
-	envoyTraffic := startHTTPTraffic(t, hns, "client", "--url", "http://web/", "--qps", "4", "--new-conn", "--timeout", "5s")
+	envoyTraffic := startHTTPTraffic(t, hns, "client", 150*time.Second, "--url", "http://web/", "--qps", "4", "--new-conn", "--timeout", "5s")
 	certOf := func(prefix string) string {
 		for _, d := range podDirs(ns, prefix) {
 			b, _ := os.ReadFile(d + "/volumes/trellis-spiffe/tls.crt")

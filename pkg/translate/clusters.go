@@ -21,7 +21,14 @@ import (
 )
 
 const (
-	defaultConnectTimeout      = 5 * time.Second
+	defaultConnectTimeout = 5 * time.Second
+	// serviceConnectTimeout bounds a connection to a mesh endpoint (a pod
+	// on the cluster network; Linkerd's default too): an endpoint whose pod
+	// just went away black-holes the SYN, and the default retry on
+	// connect-failure then moves to another endpoint within a second
+	// instead of hanging for five. BackendPolicy connection.connectTimeout
+	// overrides it.
+	serviceConnectTimeout      = time.Second
 	httpProtocolOptionsKey     = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 	transportSocketMatchFilter = "envoy.transport_socket_match"
 )
@@ -35,7 +42,7 @@ func (t *translator) serviceCluster(svc *model.Service, port *model.ServicePort)
 	}
 	c := &clusterv3.Cluster{
 		Name:           name,
-		ConnectTimeout: dur(defaultConnectTimeout),
+		ConnectTimeout: dur(serviceConnectTimeout),
 		AltStatName:    name,
 	}
 	if svc.Headless() {

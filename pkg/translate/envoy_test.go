@@ -40,9 +40,6 @@ import (
 // Proxyless cases are for gRPC: their API listeners are not LDS resources
 // Envoy takes, so only their clusters and endpoints are served.
 func TestEnvoyAcceptsEveryGolden(t *testing.T) {
-	if testing.Short() {
-		t.Skip("SKIP: -short; runs in make test (stock Envoy, ~1 s per golden case)")
-	}
 	if _, err := envoy.Binary(); err != nil {
 		t.Fatal(err)
 	}
