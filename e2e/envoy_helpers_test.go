@@ -140,17 +140,7 @@ func (b *echoBody) header(name string) string {
 // httpCall runs `httpecho client args...` in the pod's app container.
 func httpCall(t *testing.T, ns, pod string, args ...string) []httpResult {
 	t.Helper()
-	cmd, err := env.Kubelet.Exec(ctxT(t), ns, pod, "app", append([]string{"client"}, args...)...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.Output()
-	if err != nil {
-		t.Fatalf("httpecho client %s: %v\n%s", strings.Join(args, " "), err, stderr.String())
-	}
-	return jsonLines[httpResult](t, out)
+	return jsonLines[httpResult](t, execClient(t, ns, pod, "app", args...))
 }
 
 // codes counts results by status code (0: transport error).

@@ -19,7 +19,16 @@ func TestEnvoyReachability(t *testing.T) {
 		fmt.Sprintf("http://web.%s.svc.cluster.local/hello?x=1", ns),
 		fmt.Sprintf("http://%s/hello?x=1", svc),
 	} {
-		rs := eventuallyHTTP(t, url, func() []httpResult { return httpCall(t, ns, "client", "--url", url, "--count", "20") }, allCode(200))
+		// Until both replicas answer: the client's sidecar may know only the
+		// first endpoint right after the EndpointSlice lists both.
+		rs := eventuallyHTTP(t, url, func() []httpResult { return httpCall(t, ns, "client", "--url", url, "--count", "20") }, func(rs []httpResult) (bool, string) {
+			ok, why := allCode(200)(rs)
+			pods := map[string]bool{}
+			for _, r := range rs {
+				pods[r.Pod] = true
+			}
+			return ok && len(pods) == 2, fmt.Sprintf("%s, answered by %d pods", why, len(pods))
+		})
 		pods := map[string]int{}
 		for _, r := range rs {
 			pods[r.Pod]++

@@ -229,7 +229,14 @@ func (r result) ok() bool { return r.Error == "" }
 // call runs the echo client in a pod and returns every call's result.
 func call(t *testing.T, ns, pod string, args ...string) []result {
 	t.Helper()
-	cmd, err := env.Kubelet.Exec(ctxT(t), ns, pod, "client", append([]string{"client"}, args...)...)
+	return parse(t, execClient(t, ns, pod, "client", args...))
+}
+
+// execClient runs `<binary> client args...` in a pod's container (kubectl
+// exec) and returns its output; it fails the test if the client fails.
+func execClient(t *testing.T, ns, pod, container string, args ...string) []byte {
+	t.Helper()
+	cmd, err := env.Kubelet.Exec(ctxT(t), ns, pod, container, append([]string{"client"}, args...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -237,9 +244,9 @@ func call(t *testing.T, ns, pod string, args ...string) []result {
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
 	if err != nil {
-		t.Fatalf("echo client: %v\n%s", err, stderr.String())
+		t.Fatalf("client %s in %s/%s: %v\n%s", strings.Join(args, " "), ns, pod, err, stderr.String())
 	}
-	return parse(t, out)
+	return out
 }
 
 func parse(t *testing.T, out []byte) []result {
