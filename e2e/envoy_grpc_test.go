@@ -6,8 +6,6 @@ import (
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
-	discoveryv1 "k8s.io/api/discovery/v1"
-	"sigs.k8s.io/controller-runtime/pkg/client"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 )
 
@@ -90,21 +88,3 @@ func TestEnvoyWebSocket(t *testing.T) {
 }
 
 func ptrTo[T any](v T) *T { return &v }
-
-// readyEndpoints counts a Service's ready endpoints now.
-func readyEndpoints(t *testing.T, ns, svc string) int {
-	t.Helper()
-	var slices discoveryv1.EndpointSliceList
-	if err := env.Cluster.Client().List(ctxT(t), &slices, client.InNamespace(ns), client.MatchingLabels{"kubernetes.io/service-name": svc}); err != nil {
-		t.Fatal(err)
-	}
-	n := 0
-	for _, s := range slices.Items {
-		for _, e := range s.Endpoints {
-			if e.Conditions.Ready != nil && *e.Conditions.Ready {
-				n++
-			}
-		}
-	}
-	return n
-}

@@ -175,23 +175,39 @@ func waitEndpoints(t *testing.T, ns, svc string, n int) {
 	deadline := time.Now().Add(2 * time.Minute)
 	got := -1
 	for time.Now().Before(deadline) {
-		var slices discoveryv1.EndpointSliceList
-		if err := env.Cluster.Client().List(ctxT(t), &slices, client.InNamespace(ns), client.MatchingLabels{"kubernetes.io/service-name": svc}); err == nil {
-			got = 0
-			for _, s := range slices.Items {
-				for _, e := range s.Endpoints {
-					if ptr.Deref(e.Conditions.Ready, false) {
-						got++
-					}
-				}
-			}
-			if got == n {
-				return
-			}
+		if got = readyEndpoints(t, ns, svc); got == n {
+			return
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
 	t.Fatalf("service %s/%s has %d ready endpoints, want %d", ns, svc, got, n)
+}
+
+// readyEndpoints counts a Service's ready endpoints now.
+func readyEndpoints(t *testing.T, ns, svc string) int {
+	t.Helper()
+	var slices discoveryv1.EndpointSliceList
+	if err := env.Cluster.Client().List(ctxT(t), &slices, client.InNamespace(ns), client.MatchingLabels{"kubernetes.io/service-name": svc}); err != nil {
+		t.Fatal(err)
+	}
+	n := 0
+	for _, s := range slices.Items {
+		for _, e := range s.Endpoints {
+			if ptr.Deref(e.Conditions.Ready, false) {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+func podReady(p *corev1.Pod) bool {
+	for _, c := range p.Status.Conditions {
+		if c.Type == corev1.PodReady && c.Status == corev1.ConditionTrue {
+			return true
+		}
+	}
+	return false
 }
 
 // waitRunning waits until the kubelet runs the pod.
@@ -200,12 +216,8 @@ func waitRunning(t *testing.T, ns, pod string) {
 	deadline := time.Now().Add(2 * time.Minute)
 	for time.Now().Before(deadline) {
 		var p corev1.Pod
-		if err := env.Cluster.Client().Get(ctxT(t), client.ObjectKey{Namespace: ns, Name: pod}, &p); err == nil {
-			for _, c := range p.Status.Conditions {
-				if c.Type == corev1.PodReady && c.Status == corev1.ConditionTrue {
-					return
-				}
-			}
+		if err := env.Cluster.Client().Get(ctxT(t), client.ObjectKey{Namespace: ns, Name: pod}, &p); err == nil && podReady(&p) {
+			return
 		}
 		time.Sleep(200 * time.Millisecond)
 	}

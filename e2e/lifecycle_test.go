@@ -219,7 +219,8 @@ func TestCertificateRotation(t *testing.T) {
 		firstWeb = serialNumbers(webCert())
 		return firstWeb != "", "no certificate in /certs"
 	})
-	envoyTraffic := startHTTPTraffic(t, hns, "client", 150*time.Second, "--url", "http://web/", "--qps", "4", "--new-conn", "--timeout", "5s")
+	// By cluster IP, as in TestControllerRestart: the handshakes are measured, not name lookups.
+	envoyTraffic := startHTTPTraffic(t, hns, "client", 150*time.Second, "--url", "http://"+clusterIP(t, hns, "web")+"/", "--qps", "4", "--new-conn", "--timeout", "5s")
 	certOf := func(prefix string) string {
 		for _, d := range podDirs(ns, prefix) {
 			b, _ := os.ReadFile(d + "/volumes/trellis-spiffe/tls.crt")

@@ -2,6 +2,7 @@ package e2e_test
 
 import (
 	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"slices"
@@ -58,35 +59,30 @@ func benchNamespace(b *testing.B, name string, meshed bool) string {
 		labels["trellis.dev/inject"] = "enabled"
 	}
 	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels}}
-	c := env.Cluster.Client()
-	if err := c.Create(b.Context(), ns); err != nil {
-		b.Fatal(err)
-	}
-	b.Cleanup(func() { _ = c.Delete(b.Context(), ns) })
 	server := httpClientPod(name, "server", "default", true)
 	server.Labels["app"] = "server"
-	client := httpClientPod(name, "client", "default", true)
-	svc := httpService(name, "server")
-	for _, o := range []any{svc, server, client} {
-		var err error
-		switch o := o.(type) {
-		case *corev1.Service:
-			err = c.Create(b.Context(), o)
-		case *corev1.Pod:
-			err = c.Create(b.Context(), o)
-		}
-		if err != nil {
+	c := env.Cluster.Client()
+	for _, o := range []client.Object{ns, httpService(name, "server"), server, httpClientPod(name, "client", "default", true)} {
+		if err := c.Create(b.Context(), o); err != nil {
 			b.Fatal(err)
 		}
 	}
+	// b.Context is over when cleanups run.
+	b.Cleanup(func() { _ = c.Delete(context.Background(), ns) })
+	// Ready: the app runs and, when meshed, its sidecar has its configuration.
 	deadline := time.Now().Add(2 * time.Minute)
-	for time.Now().Before(deadline) {
-		if env.Kubelet.PID(name, "client", "app") != 0 && env.Kubelet.PID(name, "server", "app") != 0 {
-			break
+	for _, pod := range []string{"server", "client"} {
+		for {
+			var p corev1.Pod
+			if err := c.Get(b.Context(), clientKey(name, pod), &p); err == nil && podReady(&p) {
+				break
+			}
+			if time.Now().After(deadline) {
+				b.Fatalf("pod %s/%s not ready after 2 minutes", name, pod)
+			}
+			time.Sleep(200 * time.Millisecond)
 		}
-		time.Sleep(200 * time.Millisecond)
 	}
-	time.Sleep(3 * time.Second) // sidecars configured
 	return name
 }
 

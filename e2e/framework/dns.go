@@ -48,15 +48,19 @@ func (d *dnsServer) add(name string, a netip.Addr) {
 }
 
 func (d *dnsServer) serve() {
-	buf := make([]byte, 1500)
 	for {
+		buf := make([]byte, 1500)
 		n, from, err := d.conn.ReadFrom(buf)
 		if err != nil {
 			return
 		}
-		if resp, ok := d.answer(buf[:n]); ok {
-			_, _ = d.conn.WriteTo(resp, from)
-		}
+		// Each query on its own: one slow apiserver read must not hold up
+		// the others (a resolver waits 5 s before it asks again).
+		go func() {
+			if resp, ok := d.answer(buf[:n]); ok {
+				_, _ = d.conn.WriteTo(resp, from)
+			}
+		}()
 	}
 }
 

@@ -346,10 +346,7 @@ func restartable(c corev1.Container) bool {
 // waitStarted waits until a sidecar's process runs and its startup probe
 // (if any) passes; false when the pod stops first.
 func (r *podRun) waitStarted(c corev1.Container) bool {
-	period := time.Second
-	if c.StartupProbe != nil && c.StartupProbe.PeriodSeconds > 0 {
-		period = time.Duration(c.StartupProbe.PeriodSeconds) * time.Second
-	}
+	// Polled faster than the probe's period: the app waits on it.
 	for {
 		r.mu.Lock()
 		p := r.procs[c.Name]
@@ -360,7 +357,7 @@ func (r *podRun) waitStarted(c corev1.Container) bool {
 		select {
 		case <-r.ctx.Done():
 			return false
-		case <-time.After(min(period, 200*time.Millisecond)):
+		case <-time.After(200 * time.Millisecond):
 		}
 	}
 }

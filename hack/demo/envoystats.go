@@ -131,7 +131,6 @@ func quantile(cur, prev map[float64]float64, q float64) (float64, bool) {
 // the caller's identity is what the reviews app saw (its sidecar's XFCC,
 // echoed into the frontend's log).
 func envoyTable(ctx context.Context, podIP, frontendLog string, d time.Duration) error {
-	fmt.Printf("%-6s %-20s %8s %8s %8s %8s %11s  %s\n", "t", "edge", "req/s", "success", "p50 ms", "p99 ms", "v1/v2 %", "server sees caller as")
 	// Start once reviews answers (the frontend calls from its first second,
 	// before reviews may have ready endpoints).
 	var prev *sample
@@ -146,30 +145,10 @@ func envoyTable(ctx context.Context, podIP, frontendLog string, d time.Duration)
 	}
 	hist := prev.buckets
 	lat50, lat99 := "-", "-" // until the first histogram refresh
-	end := time.After(d)
-	tick := time.NewTicker(time.Second)
-	defer tick.Stop()
-	for i := 1; ; i++ {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-end:
-			return nil
-		case <-tick.C:
-		}
+	printTable(ctx, d, func() (row, error) {
 		cur, err := scrape(ctx, podIP)
 		if err != nil {
-			fmt.Printf("%-6s scrape: %v\n", fmt.Sprintf("%ds", i), err)
-			continue
-		}
-		n, ok := cur.total-prev.total, cur.ok-prev.ok
-		v1, v2 := cur.byVersion["v1"]-prev.byVersion["v1"], cur.byVersion["v2"]-prev.byVersion["v2"]
-		success, split := "-", "-"
-		if n > 0 {
-			success = fmt.Sprintf("%.1f%%", 100*ok/n)
-		}
-		if ok > 0 {
-			split = fmt.Sprintf("%.0f/%.0f", 100*v1/ok, 100*v2/ok)
+			return row{}, fmt.Errorf("scrape: %w", err)
 		}
 		// Latency over the last histogram refresh, kept until the next one.
 		if q50, ok := quantile(cur.buckets, hist, 0.5); ok {
@@ -177,10 +156,15 @@ func envoyTable(ctx context.Context, podIP, frontendLog string, d time.Duration)
 			lat50, lat99 = fmt.Sprintf("%.2f", q50), fmt.Sprintf("%.2f", q99)
 			hist = cur.buckets
 		}
-		fmt.Printf("%-6s %-20s %8.0f %8s %8s %8s %11s  %s\n", fmt.Sprintf("%ds", i), "frontend→reviews", n, success,
-			lat50, lat99, split, callerIdentity(frontendLog))
+		r := row{
+			requests: cur.total - prev.total, ok: cur.ok - prev.ok,
+			v1: cur.byVersion["v1"] - prev.byVersion["v1"], v2: cur.byVersion["v2"] - prev.byVersion["v2"],
+			p50: lat50, p99: lat99, caller: callerIdentity(frontendLog),
+		}
 		prev = cur
-	}
+		return r, nil
+	})
+	return nil
 }
 
 // callerIdentity is the URI in the x-forwarded-client-cert the reviews app

@@ -134,7 +134,46 @@ type call struct {
 	MS       float64 `json:"ms"`
 }
 
-// table follows the frontend's log and prints one line per second.
+// row is one second of the frontend→reviews edge.
+type row struct {
+	requests, ok, v1, v2 float64
+	p50, p99             string // "-" when unknown
+	caller               string
+}
+
+// printTable prints a header, then one row a second for d, from next;
+// an error from next is printed in place of that row.
+func printTable(ctx context.Context, d time.Duration, next func() (row, error)) {
+	fmt.Printf("%-6s %-20s %8s %8s %8s %8s %11s  %s\n", "t", "edge", "req/s", "success", "p50 ms", "p99 ms", "v1/v2 %", "server sees caller as")
+	end := time.After(d)
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for i := 1; ; i++ {
+		select {
+		case <-ctx.Done():
+			return
+		case <-end:
+			return
+		case <-tick.C:
+		}
+		t := fmt.Sprintf("%ds", i)
+		r, err := next()
+		if err != nil {
+			fmt.Printf("%-6s %v\n", t, err)
+			continue
+		}
+		success, split := "-", "-"
+		if r.requests > 0 {
+			success = fmt.Sprintf("%.1f%%", 100*r.ok/r.requests)
+		}
+		if r.ok > 0 {
+			split = fmt.Sprintf("%.0f/%.0f", 100*r.v1/r.ok, 100*r.v2/r.ok)
+		}
+		fmt.Printf("%-6s %-20s %8.0f %8s %8s %8s %11s  %s\n", t, "frontend→reviews", r.requests, success, r.p50, r.p99, split, r.caller)
+	}
+}
+
+// table follows the proxyless frontend's log: one JSON line per call.
 func table(ctx context.Context, path string, d time.Duration) error {
 	f, err := os.Open(path)
 	if err != nil {
@@ -142,19 +181,8 @@ func table(ctx context.Context, path string, d time.Duration) error {
 	}
 	defer f.Close()
 	r := bufio.NewReader(f)
-	fmt.Printf("%-6s %-20s %8s %8s %8s %8s %11s  %s\n", "t", "edge", "req/s", "success", "p50 ms", "p99 ms", "v1/v2 %", "server sees caller as")
 	var pending string
-	end := time.After(d)
-	tick := time.NewTicker(time.Second)
-	defer tick.Stop()
-	for i := 1; ; i++ {
-		select {
-		case <-ctx.Done():
-			return nil
-		case <-end:
-			return nil
-		case <-tick.C:
-		}
+	printTable(ctx, d, func() (row, error) {
 		var calls []call
 		for {
 			line, err := r.ReadString('\n')
@@ -163,7 +191,7 @@ func table(ctx context.Context, path string, d time.Duration) error {
 				break
 			}
 			if err != nil {
-				return err
+				return row{}, err
 			}
 			var c call
 			if json.Unmarshal([]byte(pending), &c) == nil {
@@ -171,7 +199,7 @@ func table(ctx context.Context, path string, d time.Duration) error {
 			}
 			pending = ""
 		}
-		ok, v1, v2 := 0, 0, 0
+		out := row{requests: float64(len(calls)), p50: "-", p99: "-"}
 		var lat []float64
 		ids := map[string]bool{}
 		for _, c := range calls {
@@ -179,31 +207,23 @@ func table(ctx context.Context, path string, d time.Duration) error {
 			if c.Error != "" {
 				continue
 			}
-			ok++
+			out.ok++
 			ids[c.SPIFFEID] = true
 			if c.Version == "v1" {
-				v1++
+				out.v1++
 			} else {
-				v2++
+				out.v2++
 			}
 		}
-		slices.Sort(lat)
-		pct := func(p float64) float64 {
-			if len(lat) == 0 {
-				return 0
-			}
-			return lat[min(len(lat)-1, int(p*float64(len(lat))))]
+		if len(lat) > 0 {
+			slices.Sort(lat)
+			pct := func(p float64) string { return fmt.Sprintf("%.2f", lat[min(len(lat)-1, int(p*float64(len(lat))))]) }
+			out.p50, out.p99 = pct(0.5), pct(0.99)
 		}
-		success, split := "-", "-"
-		if len(calls) > 0 {
-			success = fmt.Sprintf("%.1f%%", 100*float64(ok)/float64(len(calls)))
-		}
-		if ok > 0 {
-			split = fmt.Sprintf("%.0f/%.0f", 100*float64(v1)/float64(ok), 100*float64(v2)/float64(ok))
-		}
-		id := strings.Join(mapKeys(ids), ",")
-		fmt.Printf("%-6s %-20s %8d %8s %8.2f %8.2f %11s  %s\n", fmt.Sprintf("%ds", i), "frontend→reviews", len(calls), success, pct(0.5), pct(0.99), split, id)
-	}
+		out.caller = strings.Join(mapKeys(ids), ",")
+		return out, nil
+	})
+	return nil
 }
 
 func mapKeys(m map[string]bool) []string {

@@ -3,6 +3,7 @@
 // cached by version, or ENVOY_BINARY), Start runs one Envoy process with a
 // bootstrap and an admin endpoint on a Unix socket, and the admin helpers
 // read what Envoy accepted (config_dump, stats). It is test support shared
-// by pkg/translate's Envoy-ACKs-every-golden test, the e2e framework and the
-// data-plane benchmark; production code never imports it.
+// by pkg/translate's Envoy-ACKs-every-golden test and the e2e framework
+// (whose sidecars run the binary Binary returns); production code never
+// imports it.
 package envoy

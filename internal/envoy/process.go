@@ -169,12 +169,6 @@ func (p *Proxy) Stop() {
 	}
 }
 
-// ShortTempDir is a fresh directory with a path short enough for Unix
-// socket names (108 bytes), which t.TempDir's long names can exceed.
-func ShortTempDir(prefix string) (string, error) {
-	return os.MkdirTemp("", prefix)
-}
-
 // SocketPath joins dir and name, checking the Unix socket path limit.
 func SocketPath(dir, name string) (string, error) {
 	p := filepath.Join(dir, name)

@@ -12,7 +12,6 @@ package main
 
 import (
 	"bufio"
-	"cmp"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -101,8 +100,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	var cfg config
 	fs.StringVar(&cfg.pod, "pod", defaultPod(), "pod name reported in responses; defaults to $POD_NAME, else the hostname")
 	fs.StringVar(&cfg.version, "version", envOr("VERSION", "v1"), "version reported in responses; defaults to $VERSION, else v1")
-	fs.Int64Var(&cfg.failEvery, "fail-every", 0, "answer every n-th echo request with --fail-status; 0 never")
-	fs.IntVar(&cfg.failStatus, "fail-status", http.StatusServiceUnavailable, "the status --fail-every answers")
+	fs.Int64Var(&cfg.failEvery, "fail-every", 0, "answer every n-th echo request with 503; 0 never")
 	fs.DurationVar(&cfg.delay, "delay", 0, "wait this long before answering each echo request")
 	fs.DurationVar(&cfg.unhealthyAfter, "unhealthy-after", 0, "/healthz answers 500 once this long has passed since start; 0 never")
 	if err := parseFlags(fs, args); err != nil {
@@ -217,7 +215,6 @@ func envOr(name, def string) string {
 type config struct {
 	pod, version   string
 	failEvery      int64
-	failStatus     int
 	delay          time.Duration
 	unhealthyAfter time.Duration
 }
@@ -391,7 +388,7 @@ func (s *server) echo(w http.ResponseWriter, r *http.Request) {
 	}
 	// An injected failure wins over ?status=: it stands for a broken server.
 	if s.failEvery > 0 && n%s.failEvery == 0 {
-		code, resp.Failed = cmp.Or(s.failStatus, http.StatusServiceUnavailable), true
+		code, resp.Failed = http.StatusServiceUnavailable, true
 	}
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(code)
