@@ -201,7 +201,7 @@ func TestEnvoyBackendPolicy(t *testing.T) {
 			last = codes(httpCall(t, ns, "client", "--url", "http://outlier/", "--count", "50"))
 			if last[200] != 50 {
 				b, _ := env.Kubelet.EnvoyAdmin(ctxT(t), ns, "client", "/clusters")
-				return false, fmt.Sprintf("%v\n%s", last, grepLines(string(b), "outlier."))
+				return false, fmt.Sprintf("%v\n%s", last, grepLines(string(b), "outbound|80||outlier."))
 			}
 			return true, ""
 		})

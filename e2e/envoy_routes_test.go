@@ -133,6 +133,11 @@ func TestEnvoyHTTPRoute(t *testing.T) {
 		return by
 	}
 	t.Run("80/20 split over 2000 requests", func(t *testing.T) {
+		// As TestTrafficSplit: in place once 200 requests look like it.
+		eventually(t, "split programmed", func() (bool, string) {
+			by := versions(httpCall(t, ns, "client", "--url", url("/split"), "--count", "200", "--concurrency", "4"))
+			return by["v1"] > 120 && by["v1"] < 190, fmt.Sprint(by)
+		})
 		rs := httpCall(t, ns, "client", "--url", url("/split"), "--count", "2000", "--concurrency", "4")
 		by := versions(rs)
 		share := float64(by["v1"]) / 2000
