@@ -300,25 +300,32 @@ func podNames(t *testing.T, ns, prefix string) []string {
 }
 
 // serialNumbers are the certificate serial numbers in an Envoy /certs answer.
-func serialNumbers(certs string) string {
+// certSerials lists the serial numbers (lower-case hex) of a sidecar's
+// certificate chains and of its trusted CAs from the admin /certs page.
+func certSerials(certs string) (chain, cas string) {
+	type cert struct {
+		SerialNumber string `json:"serial_number"`
+	}
 	var d struct {
 		Certificates []struct {
-			CertChain []struct {
-				SerialNumber string `json:"serial_number"`
-			} `json:"cert_chain"`
+			CACert    []cert `json:"ca_cert"`
+			CertChain []cert `json:"cert_chain"`
 		} `json:"certificates"`
 	}
 	if json.Unmarshal([]byte(certs), &d) != nil {
-		return ""
+		return "", ""
 	}
-	var out []string
-	for _, c := range d.Certificates {
-		for _, x := range c.CertChain {
-			if !slices.Contains(out, x.SerialNumber) {
-				out = append(out, x.SerialNumber)
+	join := func(pick func(int) []cert) string {
+		var out []string
+		for i := range d.Certificates {
+			for _, x := range pick(i) {
+				if sn := strings.TrimLeft(strings.ToLower(x.SerialNumber), "0"); !slices.Contains(out, sn) {
+					out = append(out, sn)
+				}
 			}
 		}
+		slices.Sort(out)
+		return strings.Join(out, ",")
 	}
-	slices.Sort(out)
-	return strings.Join(out, ",")
+	return join(func(i int) []cert { return d.Certificates[i].CertChain }), join(func(i int) []cert { return d.Certificates[i].CACert })
 }

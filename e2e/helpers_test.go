@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-logr/logr/funcr"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -21,6 +22,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
 
 	"github.com/trellis-mesh/trellis/e2e/framework"
 )
@@ -31,6 +33,9 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	// The API server's warnings to the tests' client (e.g. a field the
+	// installed CRDs prune) are printed instead of a missing-logger stack.
+	ctrllog.SetLogger(funcr.New(func(prefix, args string) { fmt.Println("client:", prefix, args) }, funcr.Options{}))
 	if err := framework.CheckPrivileges(); err != nil {
 		skipWhy = "SKIP: e2e " + err.Error() + "; the suite runs as root with iproute2 (make test and make e2e in CI)"
 		fmt.Println(skipWhy)

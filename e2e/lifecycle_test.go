@@ -17,10 +17,13 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/clock"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
+	"github.com/trellis-mesh/trellis/e2e/framework"
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
+	"github.com/trellis-mesh/trellis/pkg/ca"
 )
 
 // traffic is an echo client running in the background.
@@ -206,19 +209,20 @@ func TestCertificateRotation(t *testing.T) {
 	t.Cleanup(func() { _ = env.Cluster.Client().Delete(ctxT(t), mc) })
 	ns := setupEcho(t, 1)
 	hns := setupHTTP(t, "web", 1)
-	webCert := func() string {
+	webCerts := func() (chain, cas string) {
 		for _, p := range podNames(t, hns, "web-v1") {
 			b, _ := env.Kubelet.EnvoyAdmin(ctxT(t), hns, p, "/certs")
-			return string(b)
+			return certSerials(string(b))
 		}
-		return ""
+		return "", ""
 	}
 	eventuallyHTTP(t, "web reachable", func() []httpResult { return httpCall(t, hns, "client", "--url", "http://web/", "--count", "5") }, allCode(200))
-	var firstWeb string
+	var firstWeb, firstCAs string
 	eventually(t, "web's sidecar certificate", func() (bool, string) {
-		firstWeb = serialNumbers(webCert())
+		firstWeb, firstCAs = webCerts()
 		return firstWeb != "", "no certificate in /certs"
 	})
+	start := time.Now()
 	// By cluster IP, as in TestControllerRestart: the handshakes are measured, not name lookups.
 	envoyTraffic := startHTTPTraffic(t, hns, "client", 150*time.Second, "--url", "http://"+clusterIP(t, hns, "web")+"/", "--qps", "4", "--new-conn", "--timeout", "5s")
 	certOf := func(prefix string) string {
@@ -230,26 +234,97 @@ func TestCertificateRotation(t *testing.T) {
 	}
 	first := certOf("echo-v1")
 	tr := startTraffic(t, ns, "client", target(ns, "echo"), "--interval=250ms", "--reconnect", "--timeout=5s")
-	time.Sleep(150 * time.Second)
+
+	// Under that traffic, the operator rotates the root: every phase
+	// (the e2e controller holds each for 15 s) with workload certificates
+	// that also expire every 2 minutes.
+	time.Sleep(20 * time.Second)
+	newRoot := rotateRoot(t)
+	time.Sleep(time.Until(start.Add(150 * time.Second)))
 	rs := tr.stop(t)
 	ers := envoyTraffic.stop(t)
-	lastWeb := serialNumbers(webCert())
-	t.Logf("Envoy sidecars: %v over %d requests (a new connection and TLS handshake each) over 150 s; web's sidecar certificates %v → %v", codes(ers), len(ers), firstWeb, lastWeb)
+	lastWeb, lastCAs := webCerts()
+	t.Logf("Envoy sidecars: %v over %d requests (a new connection and TLS handshake each) over 150 s with a root rotation; web's sidecar certificates %v → %v, trusted roots %v → %v", codes(ers), len(ers), firstWeb, lastWeb, firstCAs, lastCAs)
 	if c := codes(ers); c[200] != len(ers) || len(ers) < 300 {
 		t.Errorf("through Envoy: %v (%s)", c, firstHTTPError(ers, 200))
 	}
 	if firstWeb == "" || firstWeb == lastWeb {
 		t.Errorf("web's sidecar certificate was not replaced (%q → %q)", firstWeb, lastWeb)
 	}
+	if want := newRoot.Root().SerialNumber.Text(16); lastCAs != want {
+		t.Errorf("web's sidecar trusts %q after the rotation, want only the new root %q", lastCAs, want)
+	}
 	ok, grpcCodes, _ := summarize(rs)
 	rotated := certOf("echo-v1") != first
-	t.Logf("%d/%d calls (one handshake each) succeeded over 150 s with 2-minute certificates; server certificate replaced: %v", ok, len(rs), rotated)
+	t.Logf("%d/%d calls (one handshake each) succeeded over 150 s with 2-minute certificates and a root rotation; server certificate replaced: %v", ok, len(rs), rotated)
 	if ok != len(rs) || len(rs) < 300 {
 		t.Errorf("%d/%d succeeded (%v): %s", ok, len(rs), grpcCodes, firstError(rs))
 	}
 	if !rotated {
 		t.Error("the server's certificate was not replaced")
 	}
+
+	// web's Envoy started before the rotation: its xDS channel trusts only
+	// the old root (Envoy reads it once). After a controller restart it
+	// must reconnect to a control plane whose serving certificate comes
+	// from the new root, and receive new configuration.
+	env.StopController()
+	if err := env.StartController(ctxT(t)); err != nil {
+		t.Fatal(err)
+	}
+	create(t, backendPolicy(hns, "web", meshv1alpha1.BackendPolicySpec{FaultInjection: &meshv1alpha1.FaultInjection{
+		Abort: &meshv1alpha1.FaultAbort{HTTPStatus: ptr.To[int32](418), Percent: 100},
+	}}))
+	eventuallyHTTP(t, "configuration after the restart reaches a sidecar started before the rotation",
+		func() []httpResult { return httpCall(t, hns, "client", "--url", "http://web/", "--count", "5") }, allCode(418))
+	var connected string
+	eventually(t, "web's sidecar connected to the restarted control plane", func() (bool, string) {
+		connected = ""
+		for _, l := range strings.Split(scrape(t, hns, podNames(t, hns, "web-v1")[0]), "\n") {
+			if strings.HasPrefix(l, "envoy_control_plane_connected_state") {
+				connected = l
+			}
+		}
+		return strings.HasSuffix(connected, " 1"), connected
+	})
+	t.Logf("after the rotation and a controller restart: new configuration applied, %s", connected)
+}
+
+// rotateRoot starts a root rotation with a new root made here (as an
+// operator would bring one) and waits until it went through every phase.
+func rotateRoot(t *testing.T) *ca.Authority {
+	t.Helper()
+	next, err := ca.NewSelfSigned("cluster.local", 24*time.Hour, clock.RealClock{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := next.SecretData()
+	if err != nil {
+		t.Fatal(err)
+	}
+	create(t, &corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: framework.ControllerNamespace, Name: "trellis-ca-next"}, Type: corev1.SecretTypeTLS, Data: data})
+	seen := map[meshv1alpha1.RootRotationPhase]time.Time{}
+	begin := time.Now()
+	eventually(t, "root rotation completed", func() (bool, string) {
+		var mc meshv1alpha1.MeshConfig
+		if err := env.Cluster.Client().Get(ctxT(t), client.ObjectKey{Name: "default"}, &mc); err != nil {
+			return false, err.Error()
+		}
+		if r := mc.Status.RootRotation; r != nil && r.To == ca.Fingerprint(next) {
+			if _, ok := seen[r.Phase]; !ok {
+				seen[r.Phase] = time.Now()
+			}
+		}
+		return seen[meshv1alpha1.RootComplete] != (time.Time{}), fmt.Sprint(seen)
+	})
+	for _, ph := range []meshv1alpha1.RootRotationPhase{meshv1alpha1.RootOverlap, meshv1alpha1.RootReissue, meshv1alpha1.RootComplete} {
+		if _, ok := seen[ph]; !ok {
+			t.Errorf("root rotation: phase %s not observed", ph)
+		} else {
+			t.Logf("root rotation: %s after %.0f s", ph, seen[ph].Sub(begin).Seconds())
+		}
+	}
+	return next
 }
 
 // TestDemoApp applies config/samples/demo (what make demo runs: plain HTTP

@@ -266,6 +266,10 @@ func (e *Env) StartController(ctx context.Context) error {
 		"--webhook-port":              fmt.Sprint(WebhookPort),
 		"--webhook-dns-names":         "127.0.0.1",
 		"--xds-root-ca-out":           filepath.Join(e.Dir, "root-ca.pem"),
+		// TestCertificateRotation goes through a root rotation's phases
+		// in under a minute.
+		"--root-rotation-overlap":        "15s",
+		"--root-rotation-check-interval": "2s",
 	})
 	if err != nil {
 		log.Close()

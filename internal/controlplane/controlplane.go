@@ -390,6 +390,7 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 	if o.Authority == nil {
 		rr := &controller.RootRotation{
 			Client: direct, Namespace: o.Namespace, Backend: rotating, Clock: o.Clock, Overlap: o.RootRotationOverlap,
+			Recorder: mgr.GetEventRecorderFor("trellis-controller"),
 			OnChange: func() {
 				if err := cp.reissueServing(); err != nil {
 					o.Log.Error(err, "re-issue the xDS serving certificate")

@@ -5,9 +5,11 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"fmt"
 	"math/big"
 	"sync"
 	"sync/atomic"
@@ -39,6 +41,7 @@ func TestRootRotationKeepsConnectionsWorking(t *testing.T) {
 	t.Cleanup(func() {
 		_ = env.Client.Delete(context.Background(), &meshv1alpha1.MeshConfig{ObjectMeta: metav1.ObjectMeta{Name: meshv1alpha1.MeshConfigName}})
 	})
+	oldRoot := p.Authority
 	w := newWorld(t, 97)
 	server := p.connect(t, w.frontend, token(t, w.frontend, "frontend"), nodeID(w.frontend), false)
 	cli := p.connect(t, w.other, token(t, w.other, "other"), nodeID(w.other), true)
@@ -122,6 +125,27 @@ func TestRootRotationKeepsConnectionsWorking(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 		}
 	}
+	// A sidecar started before the rotation trusts only the old root for its
+	// xDS channel (Envoy reads those roots once): it must still verify the
+	// control plane — through the cross-signed root the serving chain
+	// carries —, now and after a restart; a new sidecar trusts the new root.
+	handshake := func(what string, root *ca.Authority) {
+		t.Helper()
+		pool := x509.NewCertPool()
+		pool.AddCert(root.Root())
+		conn, err := tls.Dial("tcp", p.XDSAddr, &tls.Config{RootCAs: pool, ServerName: "localhost", NextProtos: []string{"h2"}})
+		if err != nil {
+			t.Errorf("%s: a client trusting only the %s root: %v", what, map[bool]string{true: "old", false: "new"}[root == oldRoot], err)
+			return
+		}
+		conn.Close()
+	}
+	handshake("after completion", oldRoot)
+	handshake("after completion", newRoot)
+	p.stop()
+	p = startPlane(t, nil, func(o *controlplane.Options) { o.RootRotationTick = 100 * time.Millisecond })
+	handshake("after a restart", oldRoot)
+	handshake("after a restart", newRoot)
 }
 
 func selfSignedRoot(t *testing.T) ([]byte, []byte) {
@@ -130,7 +154,7 @@ func selfSignedRoot(t *testing.T) ([]byte, []byte) {
 		t.Fatal(err)
 	}
 	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: "next root"},
+		SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: fmt.Sprintf("next root %d", time.Now().UnixNano())},
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
 		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
 	}

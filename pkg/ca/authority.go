@@ -1,6 +1,7 @@
 package ca
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -22,6 +23,10 @@ type Authority struct {
 	cert  *x509.Certificate
 	key   *ecdsa.PrivateKey
 	clock clock.PassiveClock
+	// cross is this root cross-signed by the root it replaced (see
+	// CrossSign); serving certificates carry it so that clients which
+	// still trust only the previous root can verify them.
+	cross *x509.Certificate
 }
 
 // NewSelfSigned creates a root for the trust domain, valid for validity.
@@ -31,9 +36,13 @@ func NewSelfSigned(trustDomain string, validity time.Duration, clk clock.Passive
 		return nil, err
 	}
 	now := clk.Now()
+	sn := serial()
 	tmpl := &x509.Certificate{
-		SerialNumber:          serial(),
-		Subject:               pkix.Name{Organization: []string{"trellis"}, CommonName: "Trellis root CA " + trustDomain},
+		SerialNumber: sn,
+		// Each root has its own subject (the serial's first digits): after
+		// a root rotation OpenSSL and BoringSSL clients pick issuers by
+		// name, and two roots of one name break the cross-signed chain.
+		Subject:               pkix.Name{Organization: []string{"trellis"}, CommonName: fmt.Sprintf("Trellis root CA %s %.8x", trustDomain, sn)},
 		NotBefore:             now.Add(-time.Minute),
 		NotAfter:              now.Add(validity),
 		IsCA:                  true,
@@ -97,6 +106,11 @@ func (a *Authority) IssueWorkload(spiffeID string, ttl time.Duration) (*Issued, 
 
 // IssueServing issues a server certificate for the names, each a DNS name
 // or an IP address.
+//
+// While the root has a valid cross-signed certificate from its
+// predecessor, the chain carries it: a client that read its trust bundle
+// before a root rotation (Envoy reads its xDS channel's roots once, at
+// start) still verifies the control plane after the rotation.
 func (a *Authority) IssueServing(names []string, ttl time.Duration) (*Issued, error) {
 	var dnsNames []string
 	var ips []net.IP
@@ -107,13 +121,54 @@ func (a *Authority) IssueServing(names []string, ttl time.Duration) (*Issued, er
 			dnsNames = append(dnsNames, n)
 		}
 	}
-	return a.issue(&x509.Certificate{
+	issued, err := a.issue(&x509.Certificate{
 		Subject:     pkix.Name{CommonName: first(names)},
 		DNSNames:    dnsNames,
 		IPAddresses: ips,
 		KeyUsage:    x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}, ttl)
+	if err == nil && a.cross != nil && a.clock.Now().Before(a.cross.NotAfter) {
+		issued.CertPEM = append(issued.CertPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: a.cross.Raw})...)
+	}
+	return issued, err
+}
+
+// SameSubject reports whether two roots have one subject name. A rotation
+// between them cannot be made seamless: OpenSSL and BoringSSL (Envoy,
+// gRPC C++) find issuers by name, so a cross-signed certificate from one to
+// the other looks self-issued and chains through it fail to verify.
+func SameSubject(a, b *Authority) bool { return bytes.Equal(a.cert.RawSubject, b.cert.RawSubject) }
+
+// CrossSign certifies next's root key with this root: a CA certificate
+// with next's subject, key and key identifier, issued by this root and
+// valid until either root expires. Served after a serving certificate from
+// next, it links that certificate to this root for clients that trust only
+// this one; clients that trust next build the shorter path.
+func (a *Authority) CrossSign(next *Authority) ([]byte, error) {
+	n := next.cert
+	if SameSubject(a, next) {
+		return nil, fmt.Errorf("the new root's subject %q is the current root's: give it another subject", n.Subject)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial(),
+		Subject:               n.Subject,
+		SubjectKeyId:          n.SubjectKeyId,
+		NotBefore:             a.clock.Now().Add(-time.Minute),
+		NotAfter:              n.NotAfter,
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		URIs:                  n.URIs,
+	}
+	if tmpl.NotAfter.After(a.cert.NotAfter) {
+		tmpl.NotAfter = a.cert.NotAfter
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.cert, n.PublicKey, a.key)
+	if err != nil {
+		return nil, fmt.Errorf("cross-sign the next root: %w", err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), nil
 }
 
 func first(s []string) string {

@@ -8,8 +8,10 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
+	"math/big"
 	"net/url"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -174,4 +176,103 @@ func BenchmarkIssue(b *testing.B) {
 	slices.Sort(lat)
 	b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
 	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-ms")
+}
+
+// TestCrossSignedServingChain: after a root rotation a serving certificate
+// from the new root verifies against the old root alone (through the
+// cross-signed certificate it carries) and against the new root alone; a
+// Secret whose cross-signed certificate certifies another key is refused.
+func TestCrossSignedServingChain(t *testing.T) {
+	clk := clock.RealClock{}
+	old, err := ca.NewSelfSigned("cluster.local", time.Hour, clk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	next, err := ca.NewSelfSigned("cluster.local", 2*time.Hour, clk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cross, err := old.CrossSign(next)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, err := next.SecretData()
+	if err != nil {
+		t.Fatal(err)
+	}
+	data[ca.CrossSignedKey] = cross
+	loaded, err := ca.LoadSecret(data, clk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	issued, err := loaded.IssueServing([]string{"trellis-xds.trellis-system.svc"}, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var chain []*x509.Certificate
+	for rest := issued.CertPEM; ; {
+		var b *pem.Block
+		if b, rest = pem.Decode(rest); b == nil {
+			break
+		}
+		c, err := x509.ParseCertificate(b.Bytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		chain = append(chain, c)
+	}
+	if len(chain) != 2 {
+		t.Fatalf("serving chain has %d certificates, want leaf + cross-signed root", len(chain))
+	}
+	inter := x509.NewCertPool()
+	inter.AddCert(chain[1])
+	for name, root := range map[string]*ca.Authority{"old": old, "next": next} {
+		pool := x509.NewCertPool()
+		pool.AddCert(root.Root())
+		if _, err := chain[0].Verify(x509.VerifyOptions{Roots: pool, Intermediates: inter, DNSName: "trellis-xds.trellis-system.svc"}); err != nil {
+			t.Errorf("a client trusting only the %s root: %v", name, err)
+		}
+	}
+	other, err := ca.NewSelfSigned("cluster.local", time.Hour, clk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrong, err := old.CrossSign(other)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data[ca.CrossSignedKey] = wrong
+	if _, err := ca.LoadSecret(data, clk); err == nil {
+		t.Error("a cross-signed certificate for another key was accepted")
+	}
+	// A new root named like the current one cannot be linked to it.
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(7), Subject: old.Root().Subject, NotBefore: time.Now().Add(-time.Minute), NotAfter: time.Now().Add(time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, _ := x509.MarshalPKCS8PrivateKey(key)
+	twin, err := ca.Load(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), clk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ca.SameSubject(old, twin) || ca.SameSubject(old, next) {
+		t.Errorf("SameSubject: twin %v, next %v", ca.SameSubject(old, twin), ca.SameSubject(old, next))
+	}
+	if _, err := old.CrossSign(twin); err == nil {
+		t.Error("cross-signed a root with the current root's subject")
+	}
+	// Without a cross-signed certificate the chain is the leaf alone.
+	plain, err := next.IssueServing([]string{"x"}, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(string(plain.CertPEM), "BEGIN CERTIFICATE"); n != 1 {
+		t.Errorf("%d certificates without a rotation", n)
+	}
 }

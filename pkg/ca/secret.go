@@ -1,7 +1,9 @@
 package ca
 
 import (
+	"bytes"
 	"context"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/x509"
 	"encoding/pem"
@@ -22,6 +24,32 @@ const RootSecretName = "trellis-ca"
 
 // RootValidity is how long a root created by the controller is valid.
 const RootValidity = 10 * 365 * 24 * time.Hour
+
+// CrossSignedKey is the Secret key holding the root cross-signed by the
+// root it replaced (PEM); written by a root rotation, optional.
+const CrossSignedKey = "cross-signed.crt"
+
+// LoadSecret builds an authority from a root Secret's data: tls.crt,
+// tls.key and, when present, the cross-signed root.
+func LoadSecret(data map[string][]byte, clk clock.PassiveClock) (*Authority, error) {
+	a, err := Load(data[corev1.TLSCertKey], data[corev1.TLSPrivateKeyKey], clk)
+	if err != nil || len(data[CrossSignedKey]) == 0 {
+		return a, err
+	}
+	b, _ := pem.Decode(data[CrossSignedKey])
+	if b == nil {
+		return nil, fmt.Errorf("%s is not PEM", CrossSignedKey)
+	}
+	cross, err := x509.ParseCertificate(b.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", CrossSignedKey, err)
+	}
+	if !bytes.Equal(cross.RawSubject, a.cert.RawSubject) || !cross.PublicKey.(interface{ Equal(crypto.PublicKey) bool }).Equal(a.cert.PublicKey) {
+		return nil, fmt.Errorf("%s does not certify this root's key", CrossSignedKey)
+	}
+	a.cross = cross
+	return a, nil
+}
 
 // Load builds an authority from a PEM certificate and PKCS#8 or EC key.
 func Load(certPEM, keyPEM []byte, clk clock.PassiveClock) (*Authority, error) {
@@ -60,7 +88,7 @@ func LoadOrCreate(ctx context.Context, c client.Client, namespace, name, trustDo
 		var s corev1.Secret
 		err := c.Get(ctx, key, &s)
 		if err == nil {
-			a, err := Load(s.Data[corev1.TLSCertKey], s.Data[corev1.TLSPrivateKeyKey], clk)
+			a, err := LoadSecret(s.Data, clk)
 			if err != nil {
 				return nil, fmt.Errorf("secret %s/%s: %w", namespace, name, err)
 			}
@@ -73,14 +101,14 @@ func LoadOrCreate(ctx context.Context, c client.Client, namespace, name, trustDo
 		if err != nil {
 			return nil, err
 		}
-		keyPEM, err := a.keyPEM()
+		data, err := a.SecretData()
 		if err != nil {
 			return nil, err
 		}
 		s = corev1.Secret{
 			ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name, Labels: map[string]string{"app.kubernetes.io/managed-by": "trellis"}},
 			Type:       corev1.SecretTypeTLS,
-			Data:       map[string][]byte{corev1.TLSCertKey: a.RootPEM(), corev1.TLSPrivateKeyKey: keyPEM},
+			Data:       data,
 		}
 		err = c.Create(ctx, &s)
 		if err == nil {
@@ -94,10 +122,17 @@ func LoadOrCreate(ctx context.Context, c client.Client, namespace, name, trustDo
 	return nil, fmt.Errorf("CA secret %s/%s: could not read or create it", namespace, name)
 }
 
-func (a *Authority) keyPEM() ([]byte, error) {
+// SecretData is the authority as a kubernetes.io/tls Secret's data (what
+// LoadSecret reads): root certificate, PKCS#8 key and, after a rotation,
+// the cross-signed root.
+func (a *Authority) SecretData() (map[string][]byte, error) {
 	der, err := x509.MarshalPKCS8PrivateKey(a.key)
 	if err != nil {
 		return nil, err
 	}
-	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), nil
+	data := map[string][]byte{corev1.TLSCertKey: a.RootPEM(), corev1.TLSPrivateKeyKey: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})}
+	if a.cross != nil {
+		data[CrossSignedKey] = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: a.cross.Raw})
+	}
+	return data, nil
 }

@@ -2,11 +2,13 @@ package controller
 
 import (
 	"context"
+	"fmt"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/tools/record"
 	"k8s.io/utils/clock"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/log"
@@ -33,6 +35,9 @@ type RootRotation struct {
 	Backend   *ca.Rotating
 	Clock     clock.PassiveClock
 	Overlap   time.Duration
+	// Recorder, when set, reports a refused rotation as an Event on the
+	// trellis-ca-next Secret.
+	Recorder record.EventRecorder
 	// OnChange runs after the signer or the trust bundle changed: re-issue
 	// workload and serving certificates, republish the bundle.
 	OnChange func()
@@ -46,7 +51,7 @@ func (r *RootRotation) secretRoot(ctx context.Context, name string) (*ca.Authori
 	if err := r.Client.Get(ctx, client.ObjectKey{Namespace: r.Namespace, Name: name}, &s); err != nil {
 		return nil, nil, err
 	}
-	a, err := ca.Load(s.Data[corev1.TLSCertKey], s.Data[corev1.TLSPrivateKeyKey], r.Clock)
+	a, err := ca.LoadSecret(s.Data, r.Clock)
 	return a, &s, err
 }
 
@@ -119,8 +124,32 @@ func (r *RootRotation) Step(ctx context.Context) error {
 	}
 	switch {
 	case rr == nil || rr.To != to:
+		if ca.SameSubject(cur, next) {
+			err := fmt.Errorf("secret %s: the new root's subject %q is the current root's; sidecars could not verify the control plane after the rotation. Create it with another subject (e.g. a year or generation in its CN); the rotation does not start", NextRootSecretName, next.Root().Subject)
+			if r.Recorder != nil {
+				r.Recorder.Event(nextSecret, corev1.EventTypeWarning, "RootRotationRefused", err.Error())
+			}
+			return err
+		}
 		return set(meshv1alpha1.RootOverlap)
 	case rr.Phase == meshv1alpha1.RootOverlap && now.Sub(rr.Since.Time) >= r.Overlap:
+		// The new root signs from now on. Envoy reads the roots of its
+		// xDS channel once, at start: sidecars started before the
+		// rotation trust only the old root and would fail every
+		// reconnection to a control plane serving a certificate of the new
+		// one. The old root cross-signs the new one; serving certificates
+		// carry that link (kept in trellis-ca after completion).
+		cross, err := cur.CrossSign(next)
+		if err != nil {
+			return err
+		}
+		if nextSecret.Data == nil {
+			nextSecret.Data = map[string][]byte{}
+		}
+		nextSecret.Data[ca.CrossSignedKey] = cross
+		if err := r.Client.Update(ctx, nextSecret); err != nil {
+			return err
+		}
 		return set(meshv1alpha1.RootReissue)
 	case rr.Phase == meshv1alpha1.RootReissue && now.Sub(rr.Since.Time) >= r.Overlap:
 		curSecret.Data = nextSecret.Data

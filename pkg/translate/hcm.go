@@ -14,6 +14,7 @@ import (
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	httpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
+	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/structpb"
@@ -88,15 +89,7 @@ func (t *translator) baseHCM(statPrefix string, inbound bool) *hcmv3.HttpConnect
 		// plaintext (Permissive) client sent is replaced, never forwarded.
 		h.ForwardClientCertDetails = hcmv3.HttpConnectionManager_SANITIZE_SET
 		h.SetCurrentClientCertDetails = &hcmv3.HttpConnectionManager_SetCurrentClientCertDetails{Uri: true}
-		// The app refused the connection (not listening: starting or
-		// shutting down): say the request was not delivered, so the client's
-		// sidecar retries it elsewhere (routes.go, NotDeliveredHeader).
-		h.LocalReplyConfig = &hcmv3.LocalReplyConfig{Mappers: []*hcmv3.ResponseMapper{{
-			Filter: &accesslogv3.AccessLogFilter{FilterSpecifier: &accesslogv3.AccessLogFilter_ResponseFlagFilter{
-				ResponseFlagFilter: &accesslogv3.ResponseFlagFilter{Flags: []string{"UF"}},
-			}},
-			HeadersToAdd: []*corev3.HeaderValueOption{{Header: &corev3.HeaderValue{Key: NotDeliveredHeader, Value: "upstream-connect-failure"}}},
-		}}}
+		h.LocalReplyConfig = inboundLocalReply
 	}
 	if tr := t.mesh.Config.Tracing; tr != nil {
 		h.Tracing = &hcmv3.HttpConnectionManager_Tracing{
@@ -185,3 +178,34 @@ func (t *translator) readinessListener() *listenerv3.Listener {
 func percent(p int32) *typev3.FractionalPercent {
 	return &typev3.FractionalPercent{Numerator: uint32(min(max(p, 0), 100)), Denominator: typev3.FractionalPercent_HUNDRED}
 }
+
+// inboundLocalReply marks the server sidecar's own 503s that its client's
+// sidecar may retry on another endpoint (routes.go, NotDeliveredHeader):
+//   - the app refused the connection (not listening: starting or shutting
+//     down): the request never reached it, whatever its method;
+//   - the app closed or reset the connection before answering a safe
+//     request (GET, HEAD, OPTIONS, TRACE): typically a keep-alive
+//     connection an app closes as it shuts down, raced by a new request;
+//     a safe method may be repeated (RFC 9110 9.2.1; Go's HTTP client
+//     retries them the same way).
+//
+// One value shared by every inbound HTTP connection manager: it is
+// immutable once built.
+var inboundLocalReply = &hcmv3.LocalReplyConfig{Mappers: []*hcmv3.ResponseMapper{
+	{
+		Filter: &accesslogv3.AccessLogFilter{FilterSpecifier: &accesslogv3.AccessLogFilter_ResponseFlagFilter{
+			ResponseFlagFilter: &accesslogv3.ResponseFlagFilter{Flags: []string{"UF"}},
+		}},
+		HeadersToAdd: []*corev3.HeaderValueOption{{Header: &corev3.HeaderValue{Key: NotDeliveredHeader, Value: "upstream-connect-failure"}}},
+	},
+	{
+		Filter: &accesslogv3.AccessLogFilter{FilterSpecifier: &accesslogv3.AccessLogFilter_AndFilter{AndFilter: &accesslogv3.AndFilter{Filters: []*accesslogv3.AccessLogFilter{
+			{FilterSpecifier: &accesslogv3.AccessLogFilter_ResponseFlagFilter{ResponseFlagFilter: &accesslogv3.ResponseFlagFilter{Flags: []string{"UC", "UR"}}}},
+			{FilterSpecifier: &accesslogv3.AccessLogFilter_HeaderFilter{HeaderFilter: &accesslogv3.HeaderFilter{Header: &routev3.HeaderMatcher{
+				Name:                 ":method",
+				HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{StringMatch: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{Regex: "GET|HEAD|OPTIONS|TRACE"}}}},
+			}}}},
+		}}}},
+		HeadersToAdd: []*corev3.HeaderValueOption{{Header: &corev3.HeaderValue{Key: NotDeliveredHeader, Value: "upstream-closed-safe-method"}}},
+	},
+}}

@@ -19,9 +19,10 @@ import (
 	"github.com/trellis-mesh/trellis/pkg/model"
 )
 
-// NotDeliveredHeader marks a server sidecar's own 503 when it could not
-// connect to its application: the request never reached it, so clients
-// may retry it on another endpoint whatever its method.
+// NotDeliveredHeader marks a server sidecar's own 503 that clients may
+// retry on another endpoint: it could not connect to its application (the
+// request never reached it, whatever its method), or the application
+// closed the connection before answering a safe method (hcm.go).
 const NotDeliveredHeader = "x-trellis-not-delivered"
 
 // defaultRetryOn applies when no BackendPolicy sets retries: failures where
@@ -157,7 +158,10 @@ func (t *translator) applyRoutePolicy(a *routev3.RouteAction, svc *model.Service
 	if retry != nil {
 		rp.NumRetries = wrapperspb.UInt32(uint32(max(ptrOr(retry.Attempts, 1), 0)))
 		if len(retry.Codes) > 0 {
-			rp.RetryOn = "retriable-status-codes"
+			// The codes are retried as well as the connection failures
+			// every route retries (Gateway API lets implementations retry
+			// connection errors; Istio does the same).
+			rp.RetryOn = defaultRetryOn + ",retriable-status-codes"
 			for _, c := range retry.Codes {
 				rp.RetriableStatusCodes = append(rp.RetriableStatusCodes, uint32(c))
 			}

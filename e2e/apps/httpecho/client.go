@@ -11,6 +11,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/url"
 	"strings"
 	"sync"
@@ -281,9 +282,32 @@ func (p *httpProber) probe(ctx context.Context, i int) any {
 		req.Host = p.o.host
 	}
 	start := time.Now()
+	// Where a failed request spent its time (name lookup, connection,
+	// waiting for the answer) goes into its error.
+	var mu sync.Mutex
+	var phases []string
+	mark := func(what string) {
+		mu.Lock()
+		phases = append(phases, fmt.Sprintf("%s %.0f ms", what, msSince(start)))
+		mu.Unlock()
+	}
+	req = req.WithContext(httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
+		DNSDone:     func(httptrace.DNSDoneInfo) { mark("looked up") },
+		ConnectDone: func(string, string, error) { mark("connected") },
+		GotConn: func(i httptrace.GotConnInfo) {
+			mark(map[bool]string{true: "reused a connection", false: "got a connection"}[i.Reused])
+		},
+		WroteRequest:         func(httptrace.WroteRequestInfo) { mark("wrote the request") },
+		GotFirstResponseByte: func() { mark("first byte") },
+	}))
 	resp, err := p.client.Do(req)
 	if err != nil {
 		res.MS, res.Error = msSince(start), err.Error()
+		mu.Lock()
+		if len(phases) > 0 {
+			res.Error += " (" + strings.Join(phases, ", ") + ")"
+		}
+		mu.Unlock()
 		return res
 	}
 	defer resp.Body.Close()
