@@ -26,12 +26,17 @@ $(CONTROLLER_GEN): $(TOOLS_MOD) hack/tools/go.sum
 	@mkdir -p $(BIN)
 	$(GO) build -modfile=$(TOOLS_MOD) -o $@ sigs.k8s.io/controller-tools/cmd/controller-gen
 
+# Stamped with the pinned module's version (helm's own build does the same;
+# a plain go build reports only the minor version).
 $(HELM): $(TOOLS_MOD) hack/tools/go.sum
 	@mkdir -p $(BIN)
-	$(GO) build -modfile=$(TOOLS_MOD) -o $@ helm.sh/helm/v4/cmd/helm
+	$(GO) build -modfile=$(TOOLS_MOD) -ldflags "-X helm.sh/helm/v4/internal/version.version=$$($(GO) list -modfile=$(TOOLS_MOD) -m -f '{{.Version}}' helm.sh/helm/v4)" -o $@ helm.sh/helm/v4/cmd/helm
 
 .PHONY: tools
 tools: $(CONTROLLER_GEN) $(HELM)
+# The same files by their relative names: make bin/helm, make bin/controller-gen.
+bin/helm: $(HELM)
+bin/controller-gen: $(CONTROLLER_GEN)
 
 ## Kubernetes binaries for envtest, e2e and demo (built from Go modules, cached).
 .PHONY: kube-binaries

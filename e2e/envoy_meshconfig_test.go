@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -153,7 +154,8 @@ func TestEnvoyMeshConfigModes(t *testing.T) {
 		})
 	})
 	t.Run("Strict with defaultAccess Deny: nothing reaches web until an AccessPolicy allows it", func(t *testing.T) {
-		mc.Spec = meshv1alpha1.MeshConfigSpec{MTLS: meshv1alpha1.MTLS{Mode: meshv1alpha1.MTLSStrict}, DefaultAccess: meshv1alpha1.DefaultAccessDeny}
+		mc.Spec = meshv1alpha1.MeshConfigSpec{MTLS: meshv1alpha1.MTLS{Mode: meshv1alpha1.MTLSStrict}, DefaultAccess: meshv1alpha1.DefaultAccessDeny,
+			AccessLog: &meshv1alpha1.AccessLog{Encoding: "Text"}}
 		update(t, mc)
 		eventuallyHTTP(t, "denied", func() []httpResult {
 			return httpCall(t, ns, "client", "--url", "http://web/", "--count", "3", "--timeout", "2s")
@@ -170,5 +172,25 @@ func TestEnvoyMeshConfigModes(t *testing.T) {
 			}}},
 		})
 		eventuallyHTTP(t, "allowed", func() []httpResult { return httpCall(t, ns, "client", "--url", "http://web/", "--count", "5") }, allCode(200))
+	})
+	t.Run("access log: text lines in the documented format on the sidecar's stdout", func(t *testing.T) {
+		httpCall(t, ns, "client", "--url", "http://web/text-logged", "--count", "3")
+		// translate.AccessLogTextFormat: [start] "METHOD PATH PROTOCOL" code flags
+		// received sent duration "authority" "upstream host" cluster "peer" "request id"
+		line := regexp.MustCompile(`^\[[0-9T:.Z-]+\] "GET /text-logged HTTP/1\.1" 200 - \d+ \d+ \d+ "web" "[0-9.]+:8080" inbound\|8080\|\|\S* "spiffe://cluster\.local/ns/` + ns + `/sa/client" "[0-9a-f-]+"$`)
+		eventually(t, "text access log lines", func() (bool, string) {
+			n, last := 0, ""
+			for _, d := range podDirs(ns, "web-v1") {
+				for _, l := range strings.Split(readFile(filepath.Join(d, "trellis-proxy.log")), "\n") {
+					if strings.Contains(l, "/text-logged") {
+						last = l
+						if line.MatchString(l) {
+							n++
+						}
+					}
+				}
+			}
+			return n >= 3, fmt.Sprintf("%d matching lines; last: %s", n, last)
+		})
 	})
 }

@@ -1,7 +1,8 @@
 // Command trellis-init is the init container Trellis injects: it programs
 // the pod's network namespace so inbound TCP reaches the sidecar on 15006
 // and outbound TCP on 15001 (pkg/iptables). It needs the NET_ADMIN and
-// NET_RAW capabilities, not privileged mode. --dry-run prints the rules.
+// NET_RAW capabilities, not privileged mode. --dry-run prints the
+// iptables-restore input it would apply in a new pod.
 package main
 
 import (
@@ -42,6 +43,9 @@ func run(args []string) error {
 	dry := fs.Bool("dry-run", false, "print the rules instead of applying them")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil // the usage was printed; asking for it is no failure
+		}
 		return err
 	}
 	if *showVersion {
@@ -65,9 +69,10 @@ func run(args []string) error {
 	}
 	v6 := *ipv6 == "true" || *ipv6 == "auto" && hasIPv6()
 	if *dry {
-		fmt.Print(iptables.Rules(c, false))
+		// What apply feeds iptables-restore in a new pod's namespace.
+		fmt.Print(iptables.RestoreInput(c, false, ""))
 		if v6 {
-			fmt.Print(iptables.Rules(c, true))
+			fmt.Print(iptables.RestoreInput(c, true, ""))
 		}
 		return nil
 	}

@@ -16,9 +16,11 @@ import (
 	"google.golang.org/protobuf/proto"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	clocktesting "k8s.io/utils/clock/testing"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
+	"github.com/trellis-mesh/trellis/internal/controlplane"
 	"github.com/trellis-mesh/trellis/pkg/ca"
 )
 
@@ -155,4 +157,66 @@ func TestNoWorkloadKeyIsStored(t *testing.T) {
 	if found == 0 {
 		t.Error("not even the CA root key was found: the scan does not work")
 	}
+}
+
+// TestCAHealsDeletedObjects: a deleted trellis-ca Secret comes back with the
+// same root (from memory; a new root would cut every workload off) and a
+// Warning Event; a deleted trellis-root-ca ConfigMap is recreated at once.
+func TestCAHealsDeletedObjects(t *testing.T) {
+	p := startPlane(t, nil, func(o *controlplane.Options) { o.RootRotationTick = 100 * time.Millisecond })
+	meshed := env.Namespace(t, map[string]string{"trellis.dev/inject": "enabled"})
+	waitFor := func(what string, ok func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(wait)
+		for !ok() {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: not after %s", what, wait)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	cmKey := client.ObjectKey{Namespace: meshed, Name: "trellis-root-ca"}
+	waitFor("trust bundle published", func() bool { return env.Client.Get(context.Background(), cmKey, &corev1.ConfigMap{}) == nil })
+	if err := env.Client.Delete(context.Background(), &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: meshed, Name: "trellis-root-ca"}}); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	var cm corev1.ConfigMap
+	waitFor("trust bundle recreated", func() bool {
+		return env.Client.Get(context.Background(), cmKey, &cm) == nil && cm.DeletionTimestamp == nil && strings.Contains(cm.Data["root-cert.pem"], "BEGIN CERTIFICATE")
+	})
+	t.Logf("trellis-root-ca recreated %s after its deletion", time.Since(start).Round(time.Millisecond))
+
+	secretKey := client.ObjectKey{Namespace: "trellis-system", Name: ca.RootSecretName}
+	var before corev1.Secret
+	if err := env.Client.Get(context.Background(), secretKey, &before); err != nil {
+		t.Fatal(err)
+	}
+	if err := env.Client.Delete(context.Background(), &before); err != nil {
+		t.Fatal(err)
+	}
+	start = time.Now()
+	var after corev1.Secret
+	waitFor("trellis-ca restored", func() bool {
+		return env.Client.Get(context.Background(), secretKey, &after) == nil && after.UID != before.UID
+	})
+	t.Logf("trellis-ca restored %s after its deletion", time.Since(start).Round(time.Millisecond))
+	if !bytes.Equal(after.Data[corev1.TLSCertKey], before.Data[corev1.TLSCertKey]) || !bytes.Equal(after.Data[corev1.TLSPrivateKeyKey], before.Data[corev1.TLSPrivateKeyKey]) {
+		t.Error("trellis-ca came back with another root")
+	}
+	if !bytes.Equal(after.Data[corev1.TLSCertKey], p.Authority.RootPEM()) {
+		t.Error("trellis-ca does not hold the root the control plane signs with")
+	}
+	var events corev1.EventList
+	waitFor("a CARootRestored event", func() bool {
+		if env.Client.List(context.Background(), &events, client.InNamespace("trellis-system")) != nil {
+			return false
+		}
+		for _, e := range events.Items {
+			if e.Reason == "CARootRestored" && e.InvolvedObject.Name == ca.RootSecretName {
+				return true
+			}
+		}
+		return false
+	})
 }

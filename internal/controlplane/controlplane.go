@@ -19,12 +19,14 @@ import (
 	"github.com/go-logr/logr"
 	"golang.org/x/time/rate"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/kubernetes"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	"k8s.io/utils/clock"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/event"
@@ -246,6 +248,12 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 		Logger:                  o.Log,
 		Controller:              config.Controller{SkipNameValidation: &o.SkipControllerNameValidation},
 		WebhookServer:           webhook.NewServer(cp.webhookOptions(o)),
+		// The only ConfigMaps watched are the trust bundles (a deleted
+		// one is recreated at once); the controller may list and watch
+		// ConfigMaps by that name only (RBAC resourceNames + field selector).
+		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
+			&corev1.ConfigMap{}: {Field: fields.OneTermEqualSelector("metadata.name", controller.RootCAConfigMap)},
+		}},
 	})
 	if err != nil {
 		return nil, fmt.Errorf("manager: %w", err)
@@ -390,7 +398,7 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 	if o.Authority == nil {
 		rr := &controller.RootRotation{
 			Client: direct, Namespace: o.Namespace, Backend: rotating, Clock: o.Clock, Overlap: o.RootRotationOverlap,
-			Recorder: mgr.GetEventRecorderFor("trellis-controller"),
+			Recorder: mgr.GetEventRecorderFor("trellis-controller"), Current: cp.Authority,
 			OnChange: func() {
 				if err := cp.reissueServing(); err != nil {
 					o.Log.Error(err, "re-issue the xDS serving certificate")

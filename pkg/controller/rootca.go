@@ -28,9 +28,8 @@ const (
 )
 
 // RootCAReconciler keeps the trellis-root-ca ConfigMap in every namespace
-// labelled trellis.dev/inject=enabled. It runs on the leader only. ConfigMaps
-// are read without a cache so the controller needs no permission to list
-// every ConfigMap in the cluster.
+// labelled trellis.dev/inject=enabled. It runs on the leader only. The
+// controller may read, list and watch only ConfigMaps of that name.
 type RootCAReconciler struct {
 	Client client.Client
 	// Reader reads ConfigMaps directly from the apiserver.
@@ -44,7 +43,7 @@ type RootCAReconciler struct {
 
 // +kubebuilder:rbac:groups="",resources=namespaces,verbs=get;list;watch
 // +kubebuilder:rbac:groups="",resources=configmaps,verbs=create
-// +kubebuilder:rbac:groups="",resources=configmaps,resourceNames=trellis-root-ca,verbs=get;update
+// +kubebuilder:rbac:groups="",resources=configmaps,resourceNames=trellis-root-ca,verbs=get;update;list;watch
 
 // Reconcile ensures the ConfigMap of one namespace.
 func (r *RootCAReconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
@@ -81,12 +80,21 @@ func (r *RootCAReconciler) Reconcile(ctx context.Context, req reconcile.Request)
 	return reconcile.Result{}, r.Client.Update(ctx, &cm)
 }
 
-// SetupWithManager watches Namespaces with the inject label.
+// SetupWithManager watches Namespaces with the inject label, and the
+// trellis-root-ca ConfigMaps: one deleted or edited is put back at once. The
+// manager's cache must restrict ConfigMaps to that name (the controller may
+// list and watch no others).
 func (r *RootCAReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	labelled := predicate.NewPredicateFuncs(func(o client.Object) bool { return o.GetLabels()[InjectLabel] == "enabled" })
 	b := ctrl.NewControllerManagedBy(mgr).
 		Named("rootca").
-		For(&corev1.Namespace{}, builder.WithPredicates(labelled))
+		For(&corev1.Namespace{}, builder.WithPredicates(labelled)).
+		Watches(&corev1.ConfigMap{}, handler.EnqueueRequestsFromMapFunc(func(_ context.Context, o client.Object) []reconcile.Request {
+			if o.GetName() != RootCAConfigMap {
+				return nil
+			}
+			return []reconcile.Request{{NamespacedName: client.ObjectKey{Name: o.GetNamespace()}}}
+		}))
 	if r.Wake != nil {
 		b = b.WatchesRawSource(source.Channel(r.Wake, handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, _ client.Object) []reconcile.Request {
 			var nss corev1.NamespaceList

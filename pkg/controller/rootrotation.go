@@ -35,9 +35,12 @@ type RootRotation struct {
 	Backend   *ca.Rotating
 	Clock     clock.PassiveClock
 	Overlap   time.Duration
-	// Recorder, when set, reports a refused rotation as an Event on the
-	// trellis-ca-next Secret.
+	// Recorder, when set, reports a refused rotation and a restored root
+	// as Events on the Secrets.
 	Recorder record.EventRecorder
+	// Current is the root trellis-ca held when last read (set it to the
+	// root loaded at start): restored when the Secret is deleted.
+	Current *ca.Authority
 	// OnChange runs after the signer or the trust bundle changed: re-issue
 	// workload and serving certificates, republish the bundle.
 	OnChange func()
@@ -62,11 +65,19 @@ func (r *RootRotation) meshConfig(ctx context.Context) (*meshv1alpha1.MeshConfig
 }
 
 // Sync applies the recorded phase to this replica's signer and bundle.
+// A trellis-ca Secret that was deleted is restored from memory: minting a
+// new root would cut every workload off (nothing would trust it).
 func (r *RootRotation) Sync(ctx context.Context) error {
 	cur, _, err := r.secretRoot(ctx, ca.RootSecretName)
+	if apierrors.IsNotFound(err) && r.Current != nil {
+		if cur, err = r.restore(ctx); err != nil {
+			return err
+		}
+	}
 	if err != nil {
 		return err
 	}
+	r.Current = cur
 	signer, trusted := cur, []*ca.Authority{cur}
 	next, _, err := r.secretRoot(ctx, NextRootSecretName)
 	if err != nil && !apierrors.IsNotFound(err) {
@@ -86,6 +97,32 @@ func (r *RootRotation) Sync(ctx context.Context) error {
 		r.OnChange()
 	}
 	return nil
+}
+
+// restore recreates trellis-ca from the root this replica holds.
+func (r *RootRotation) restore(ctx context.Context) (*ca.Authority, error) {
+	data, err := r.Current.SecretData()
+	if err != nil {
+		return nil, err
+	}
+	s := &corev1.Secret{
+		ObjectMeta: metav1.ObjectMeta{Namespace: r.Namespace, Name: ca.RootSecretName, Labels: map[string]string{"app.kubernetes.io/managed-by": "trellis"}},
+		Type:       corev1.SecretTypeTLS,
+		Data:       data,
+	}
+	if err := r.Client.Create(ctx, s); err != nil {
+		if apierrors.IsAlreadyExists(err) { // another replica restored it first
+			cur, _, err := r.secretRoot(ctx, ca.RootSecretName)
+			return cur, err
+		}
+		return nil, fmt.Errorf("restore the deleted secret %s: %w", ca.RootSecretName, err)
+	}
+	msg := fmt.Sprintf("secret %s/%s was deleted; restored it from the root this controller holds (fingerprint %s). Delete it only to replace it through a rotation (trellis-ca-next)", r.Namespace, ca.RootSecretName, ca.Fingerprint(r.Current))
+	log.FromContext(ctx).Info(msg)
+	if r.Recorder != nil {
+		r.Recorder.Event(s, corev1.EventTypeWarning, "CARootRestored", msg)
+	}
+	return r.Current, nil
 }
 
 // Step advances a rotation in progress (leader only).

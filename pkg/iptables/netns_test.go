@@ -2,6 +2,7 @@ package iptables_test
 
 import (
 	"bufio"
+	"bytes"
 	"fmt"
 	"math/rand/v2"
 	"net"
@@ -235,6 +236,28 @@ func TestRedirectionInANetworkNamespace(t *testing.T) {
 	}
 	if !strings.Contains(before, iptables.ChainOutput) {
 		t.Errorf("rules not found in iptables-save:\n%s", before)
+	}
+
+	// --dry-run prints exactly what the real run applies: restored into a
+	// new namespace, it gives the same table.
+	dry := netns{t, "trellis-dry-" + suffix}
+	run(t, "ip", "netns", "add", dry.name)
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", dry.name).Run() })
+	printed, err := dry.exec(bin, "--dry-run", "--ipv6=false", "--exclude-outbound-ports", "5432").Output()
+	if err != nil {
+		t.Fatalf("--dry-run: %v", err)
+	}
+	restore := dry.exec("iptables-restore", "--noflush")
+	restore.Stdin = bytes.NewReader(printed)
+	if out, err := restore.CombinedOutput(); err != nil {
+		t.Fatalf("iptables-restore of the --dry-run output: %v: %s", err, out)
+	}
+	out, err = dry.exec("iptables-save", "-t", "nat").CombinedOutput()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := counters.ReplaceAllString(string(out), ""); got != before {
+		t.Errorf("--dry-run's rules differ from what trellis-init applied:\ndry-run:\n%s\napplied:\n%s", got, before)
 	}
 }
 

@@ -135,14 +135,20 @@ func (r Runner) Apply(c Config, ipv6 bool) error {
 	if err != nil {
 		return err
 	}
-	in := Rules(c, ipv6)
+	_, err = r.run("-restore", []byte(RestoreInput(c, ipv6, saved)), "--noflush")
+	return err
+}
+
+// RestoreInput is what Apply feeds iptables-restore --noflush in a
+// namespace whose nat table is saved (iptables-save -t nat): Trellis's
+// chains, and the jumps from PREROUTING and OUTPUT that saved lacks. With
+// saved empty (a new pod) it is what trellis-init --dry-run prints.
+func RestoreInput(c Config, ipv6 bool, saved string) string {
 	var extra strings.Builder
 	for _, j := range jumps {
 		if !strings.Contains(saved, "-A "+j.chain+" "+j.spec) {
 			fmt.Fprintf(&extra, "-A %s %s\n", j.chain, j.spec)
 		}
 	}
-	in = strings.Replace(in, "COMMIT\n", extra.String()+"COMMIT\n", 1)
-	_, err = r.run("-restore", []byte(in), "--noflush")
-	return err
+	return strings.Replace(Rules(c, ipv6), "COMMIT\n", extra.String()+"COMMIT\n", 1)
 }

@@ -161,7 +161,8 @@ func adminListener(name string, port uint32, paths map[string]string, extraRoute
 	h := &hcmv3.HttpConnectionManager{
 		StatPrefix:     name,
 		CodecType:      hcmv3.HttpConnectionManager_AUTO,
-		RouteSpecifier: &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: &routev3.RouteConfiguration{Name: name, VirtualHosts: []*routev3.VirtualHost{vh}}},
+		// Not validated against Envoy's clusters, as the inbound routes (inbound.go).
+		RouteSpecifier: &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: &routev3.RouteConfiguration{Name: name, ValidateClusters: wrapperspb.Bool(false), VirtualHosts: []*routev3.VirtualHost{vh}}},
 		HttpFilters:    append(extraFilters, routerFilter()),
 	}
 	return &listenerv3.Listener{

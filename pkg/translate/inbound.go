@@ -148,6 +148,12 @@ func (t *translator) inboundFilters(ip *inboundPort, cluster string) []*listener
 	h := t.baseHCM(cluster, true)
 	h.RouteSpecifier = &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: &routev3.RouteConfiguration{
 		Name: cluster,
+		// Not validated against the clusters Envoy holds (as RDS routes
+		// are not): over delta ADS the listener may arrive before its
+		// cluster or after the cluster's removal (a pod losing its last
+		// endpoint), and validation NACKs the whole listener — seen in the
+		// Envoy scale-down e2e. A missing cluster answers 503 NC instead.
+		ValidateClusters: wrapperspb.Bool(false),
 		VirtualHosts: []*routev3.VirtualHost{{Name: cluster, Domains: []string{"*"}, Routes: []*routev3.Route{{
 			Name:   "default",
 			Match:  &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},

@@ -161,11 +161,44 @@ func (c *Cache) SetClass(key string, class Class) {
 		v[typeURL] = class.typeVersion(typeURL)
 	}
 	c.versions[key] = v
+	var ws []*watch
 	for w := range c.watches {
 		if c.nodes[w.nodeID] == key {
-			c.tryRespond(w)
+			ws = append(ws, w)
 		}
 	}
+	// Make before break (the xDS protocol's ADS ordering): on one ADS
+	// stream the responses go out in this order, so a proxy has the
+	// secrets, clusters and endpoints a listener or route names before it.
+	slices.SortStableFunc(ws, func(a, b *watch) int { return pushOrder(a.typeURL()) - pushOrder(b.typeURL()) })
+	for _, w := range ws {
+		c.tryRespond(w)
+	}
+}
+
+// pushOrder ranks a type for SetClass's responses.
+func pushOrder(typeURL string) int {
+	switch typeURL {
+	case resource.SecretType:
+		return 0
+	case resource.ClusterType:
+		return 1
+	case resource.EndpointType:
+		return 2
+	case resource.ListenerType:
+		return 3
+	case resource.RouteType:
+		return 4
+	}
+	return 5
+}
+
+// Watches is the number of open watches (one per proxy and subscribed
+// type while it waits for an update).
+func (c *Cache) Watches() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.watches)
 }
 
 // DeleteClass drops a class no node uses any more.

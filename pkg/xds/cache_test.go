@@ -2,12 +2,19 @@ package xds_test
 
 import (
 	"context"
+	"fmt"
 	"net"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
+	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	discovery "github.com/envoyproxy/go-control-plane/envoy/service/discovery/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/cache/types"
 	cachev3 "github.com/envoyproxy/go-control-plane/pkg/cache/v3"
@@ -15,6 +22,7 @@ import (
 	serverv3 "github.com/envoyproxy/go-control-plane/pkg/server/v3"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/trellis-mesh/trellis/pkg/xds"
@@ -298,4 +306,91 @@ func claMsg(name string, port uint32) *endpointv3.ClusterLoadAssignment {
 			Address: &corev3.Address{Address: &corev3.Address_SocketAddress{SocketAddress: &corev3.SocketAddress{Address: "10.0.0.1", PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: port}}}},
 		}}}},
 	}}}
+}
+
+// TestPushOrderMakesBeforeBreak: when a class changes every type at once,
+// one ADS stream receives secrets, clusters, endpoints, listeners, routes
+// in that order (the xDS protocol's ADS ordering), whatever order the
+// proxy subscribed in: a listener naming a new cluster never arrives first
+// (Envoy NACKs an inline route to an unknown cluster).
+func TestPushOrderMakesBeforeBreak(t *testing.T) {
+	h := newHarness(t)
+	st, err := h.ads.DeltaAggregatedResources(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	mk := func(gen int) xds.Class {
+		n := fmt.Sprint("r", gen)
+		msgs := map[string]proto.Message{
+			resource.ListenerType: &listenerv3.Listener{Name: n},
+			resource.RouteType:    &routev3.RouteConfiguration{Name: n},
+			resource.ClusterType:  &clusterv3.Cluster{Name: n},
+			resource.SecretType:   &tlsv3.Secret{Name: n},
+		}
+		c := xds.Class{}
+		for typeURL, m := range msgs {
+			r, err := xds.NewResource(n, m)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c[typeURL] = map[string]*xds.Resource{n: r}
+		}
+		c[resource.EndpointType] = map[string]*xds.Resource{n: cla(n, uint32(gen))}
+		return c
+	}
+	h.cache.SetClass("c", mk(0))
+	node := &corev3.Node{Id: "order"}
+	// Subscribed in the order a proxy should not be answered in.
+	for _, typeURL := range []string{resource.RouteType, resource.ListenerType, resource.EndpointType, resource.ClusterType, resource.SecretType} {
+		if err := st.Send(&discovery.DeltaDiscoveryRequest{Node: node, TypeUrl: typeURL, ResourceNamesSubscribe: []string{"*", "r1"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Initial answers (r0 of each type), acknowledged.
+	for range 5 {
+		r := recvDelta(t, st)
+		if err := st.Send(&discovery.DeltaDiscoveryRequest{Node: node, TypeUrl: r.TypeUrl, ResponseNonce: r.Nonce}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for round := 1; round <= 5; round++ {
+		// Every type's watch open again after the acknowledgements.
+		for deadline := time.Now().Add(30 * time.Second); h.cache.Watches() < 5; time.Sleep(time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d watches open, want 5", h.cache.Watches())
+			}
+		}
+		h.cache.SetClass("c", mk(round))
+		var got []string
+		for range 5 {
+			r := recvDelta(t, st)
+			got = append(got, r.TypeUrl[strings.LastIndex(r.TypeUrl, ".")+1:])
+			if err := st.Send(&discovery.DeltaDiscoveryRequest{Node: node, TypeUrl: r.TypeUrl, ResponseNonce: r.Nonce}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if want := []string{"Secret", "Cluster", "ClusterLoadAssignment", "Listener", "RouteConfiguration"}; !slices.Equal(got, want) {
+			t.Fatalf("round %d: pushed in the order %v, want %v", round, got, want)
+		}
+	}
+}
+
+func recvDelta(t *testing.T, st discovery.AggregatedDiscoveryService_DeltaAggregatedResourcesClient) *discovery.DeltaDiscoveryResponse {
+	t.Helper()
+	type res struct {
+		r   *discovery.DeltaDiscoveryResponse
+		err error
+	}
+	ch := make(chan res, 1)
+	go func() { r, err := st.Recv(); ch <- res{r, err} }()
+	select {
+	case r := <-ch:
+		if r.err != nil {
+			t.Fatal(r.err)
+		}
+		return r.r
+	case <-time.After(30 * time.Second):
+		t.Fatal("no response")
+	}
+	return nil
 }

@@ -15,7 +15,9 @@
   - configmaps
   verbs:
   - get
+  - list
   - update
+  - watch
 - apiGroups:
   - ""
   resources:
