@@ -159,8 +159,8 @@ func adminListener(name string, port uint32, paths map[string]string, extraRoute
 	}
 	vh.Routes = append(vh.Routes, extraRoutes...)
 	h := &hcmv3.HttpConnectionManager{
-		StatPrefix:     name,
-		CodecType:      hcmv3.HttpConnectionManager_AUTO,
+		StatPrefix: name,
+		CodecType:  hcmv3.HttpConnectionManager_AUTO,
 		// Not validated against Envoy's clusters, as the inbound routes (inbound.go).
 		RouteSpecifier: &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: &routev3.RouteConfiguration{Name: name, ValidateClusters: wrapperspb.Bool(false), VirtualHosts: []*routev3.VirtualHost{vh}}},
 		HttpFilters:    append(extraFilters, routerFilter()),
