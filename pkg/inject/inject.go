@@ -279,7 +279,9 @@ func GRPCBootstrap(cfg Config) string {
 			"call_creds":      []any{map[string]any{"type": "jwt_token_file", "config": map[string]any{"jwt_token_file": TokenPath}}},
 			"server_features": []string{"xds_v3"},
 		}},
-		"node": map[string]any{"id": "grpc~$(POD_IP)~$(POD_NAME).$(POD_NAMESPACE)~$(POD_NAMESPACE).svc.cluster.local"},
+		// grpc-js refuses a node without a locality; the zone is not known here
+		// (the pod's node is not chosen yet), so it is empty.
+		"node": map[string]any{"id": "grpc~$(POD_IP)~$(POD_NAME).$(POD_NAMESPACE)~$(POD_NAMESPACE).svc.cluster.local", "locality": map[string]any{}},
 		"certificate_providers": map[string]any{"default": map[string]any{"plugin_name": "file_watcher", "config": map[string]any{
 			"certificate_file": CertsDir + "/tls.crt", "private_key_file": CertsDir + "/tls.key", "ca_certificate_file": CertsDir + "/ca.crt", "refresh_interval": "10s",
 		}}},

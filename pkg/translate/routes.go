@@ -183,7 +183,12 @@ func (t *translator) applyRoutePolicy(a *routev3.RouteAction, svc *model.Service
 		rp.RetryOn += ",retriable-headers"
 		rp.RetriableHeaders = []*routev3.HeaderMatcher{{Name: NotDeliveredHeader, HeaderMatchSpecifier: &routev3.HeaderMatcher_PresentMatch{PresentMatch: true}}}
 	}
-	if rp.NumRetries.GetValue() > 0 || rp.PerTryTimeout != nil {
+	switch {
+	case t.proxyless && rp.NumRetries.GetValue() == 0:
+		// gRPC (Go, C-core, grpc-js) NACKs num_retries 0 — the whole
+		// RouteConfiguration, so every call to the Service would fail —
+		// and has no per-try timeout: no retry policy at all.
+	case rp.NumRetries.GetValue() > 0 || rp.PerTryTimeout != nil:
 		a.RetryPolicy = rp
 	}
 }
@@ -238,6 +243,15 @@ func (t *translator) backendAction(r *model.Route, refs []gwv1.BackendRef) (*rou
 	}
 	if invalid > 0 {
 		w.Clusters = append(w.Clusters, &routev3.WeightedCluster_ClusterWeight{Name: BlackHoleCluster, Weight: wrapperspb.UInt32(invalid)})
+	}
+	if t.proxyless {
+		// Older gRPC C-core releases refuse weighted_clusters without
+		// total_weight (deprecated in Envoy's API, still read by gRPC).
+		var sum uint32
+		for _, c := range w.Clusters {
+			sum += c.Weight.GetValue()
+		}
+		w.TotalWeight = wrapperspb.UInt32(sum) //nolint:staticcheck // deprecated for Envoy, required by old gRPC
 	}
 	return &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_WeightedClusters{WeightedClusters: w}}, true
 }
