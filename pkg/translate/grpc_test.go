@@ -92,7 +92,7 @@ func TestGRPCAcceptsProxylessGoldens(t *testing.T) {
 			srv.cache.SetClass(node, class)
 			srv.cache.BindNode(node, node)
 			listeners := names(res.Listeners, getName)
-			cmd := exec.Command(os.Args[0], "-test.run=^TestGRPCHelperProcess$")
+			cmd := exec.Command(os.Args[0])
 			cmd.Env = append(os.Environ(),
 				"TRELLIS_GRPC_HELPER="+strings.Join(listeners, "\n"),
 				"GRPC_XDS_BOOTSTRAP_CONFIG="+grpcBootstrap(node, srv.socket, dir))
@@ -151,20 +151,30 @@ func TestGRPCAcceptsProxylessGoldens(t *testing.T) {
 	}
 }
 
-// TestGRPCHelperProcess is the gRPC side of TestGRPCAcceptsProxylessGoldens,
-// run in a process of its own (the xDS bootstrap is per process).
-func TestGRPCHelperProcess(t *testing.T) {
-	listeners := os.Getenv("TRELLIS_GRPC_HELPER")
-	if listeners == "" {
-		t.Skip("SKIP: helper process of TestGRPCAcceptsProxylessGoldens; runs only when it starts it")
+// TestMain runs the gRPC side of TestGRPCAcceptsProxylessGoldens when the
+// test binary is started as its helper process (the xDS bootstrap is per
+// process), and the tests otherwise.
+func TestMain(m *testing.M) {
+	if listeners := os.Getenv("TRELLIS_GRPC_HELPER"); listeners != "" {
+		if err := grpcHelper(listeners); err != nil {
+			fmt.Fprintln(os.Stderr, "grpc helper:", err)
+			os.Exit(1)
+		}
+		select {} // until the test kills it
 	}
+	os.Exit(m.Run())
+}
+
+// grpcHelper opens a channel per API listener and an xDS server per
+// server listener, with gRPC's xDS credentials.
+func grpcHelper(listeners string) error {
 	clientCreds, err := xdscreds.NewClientCredentials(xdscreds.ClientOptions{FallbackCreds: insecure.NewCredentials()})
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
 	serverCreds, err := xdscreds.NewServerCredentials(xdscreds.ServerOptions{FallbackCreds: insecure.NewCredentials()})
 	if err != nil {
-		t.Fatal(err)
+		return err
 	}
 	for _, l := range strings.Split(listeners, "\n") {
 		if addr, ok := strings.CutPrefix(l, serverListenerPrefix); ok {
@@ -174,22 +184,22 @@ func TestGRPCHelperProcess(t *testing.T) {
 			}
 			lis, err := net.Listen(network, addr)
 			if err != nil {
-				t.Fatalf("listen %s: %v", addr, err)
+				return fmt.Errorf("listen %s: %w", addr, err)
 			}
 			s, err := xds.NewGRPCServer(grpc.Creds(serverCreds))
 			if err != nil {
-				t.Fatal(err)
+				return err
 			}
 			go func() { _ = s.Serve(lis) }()
 			continue
 		}
 		conn, err := grpc.NewClient("xds:///"+l, grpc.WithTransportCredentials(clientCreds))
 		if err != nil {
-			t.Fatal(err)
+			return err
 		}
 		conn.Connect()
 	}
-	select {} // until the test kills it
+	return nil
 }
 
 // grpcBootstrap is a proxyless workload's bootstrap (as pkg/inject writes
