@@ -32,7 +32,8 @@ const (
 // seconds and milliseconds, e.g. "1.5s" is not allowed but "1500ms" is; the
 // same shape as Gateway API's Duration (GEP-2257) so CEL's duration() reads it.
 //
-// +kubebuilder:validation:Pattern=`^([0-9]{1,5}(h|m|s|ms)){1,4}$`
+// +kubebuilder:validation:MaxLength=32
+// +kubebuilder:validation:XValidation:rule="self.matches('^([0-9]{1,5}(h|m|s|ms)){1,4}$')",message="a duration such as 500ms, 10s, 1m30s or 2h: whole numbers with units h, m, s or ms (no decimals, no spaces)"
 type Duration string
 
 // PolicyTargetReference names the Service a policy attaches to, in the

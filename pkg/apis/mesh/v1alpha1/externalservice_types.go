@@ -41,7 +41,10 @@ type ExternalServiceSpec struct {
 	// +kubebuilder:validation:MinItems=1
 	// +kubebuilder:validation:MaxItems=32
 	// +kubebuilder:validation:items:MaxLength=253
-	// +kubebuilder:validation:items:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+$`
+	// +kubebuilder:validation:items:XValidation:rule="!self.startsWith('*')",message="wildcard hosts are not supported: list each host, e.g. api.example.com"
+	// +kubebuilder:validation:items:XValidation:rule="!self.contains('/')",message="give a host name, not a URL: e.g. api.example.com for https://api.example.com/v1 (ports go in spec.ports)"
+	// +kubebuilder:validation:items:XValidation:rule="self.contains('/') || !self.contains(':')",message="no port in a host: e.g. api.example.com, with the port in spec.ports"
+	// +kubebuilder:validation:items:XValidation:rule="self.startsWith('*') || self.contains('/') || self.contains(':') || self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)+$')",message="a host is a lower-case DNS name with at least one dot, e.g. api.example.com"
 	// +listType=set
 	Hosts []string `json:"hosts"`
 

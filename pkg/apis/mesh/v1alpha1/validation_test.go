@@ -178,7 +178,7 @@ func TestInvalidObjectsAreRejectedNamingTheField(t *testing.T) {
 			name:        "a MeshConfig not named default is refused",
 			manifest:    `{apiVersion: mesh.trellis.dev/v1alpha1, kind: MeshConfig, metadata: {name: other}}`,
 			wantField:   "metadata.name",
-			wantMessage: "must be named 'default'",
+			wantMessage: "must be 'default': MeshConfig is a singleton",
 		},
 		{
 			name:        "an unknown mTLS mode is refused",
@@ -196,7 +196,7 @@ func TestInvalidObjectsAreRejectedNamingTheField(t *testing.T) {
 			name:        "a lifetime that is not a duration is refused",
 			manifest:    `{apiVersion: mesh.trellis.dev/v1alpha1, kind: MeshConfig, metadata: {name: default}, spec: {certificates: {lifetime: "1 day"}}}`,
 			wantField:   "spec.certificates.lifetime",
-			wantMessage: "should match",
+			wantMessage: "a duration such as 500ms, 10s, 1m30s or 2h",
 		},
 		{
 			name:        "a rotation percent of 95 is refused",
@@ -286,7 +286,7 @@ func TestInvalidObjectsAreRejectedNamingTheField(t *testing.T) {
 			name:        "a request timeout in words is refused",
 			manifest:    `{apiVersion: mesh.trellis.dev/v1alpha1, kind: BackendPolicy, metadata: {name: b}, spec: {targetRefs: [{name: web}], timeout: "5 seconds"}}`,
 			wantField:   "spec.timeout",
-			wantMessage: "should match",
+			wantMessage: "a duration such as 500ms, 10s, 1m30s or 2h",
 		},
 		{
 			name:        "a fault delay for 101 percent of requests is refused",
@@ -316,7 +316,25 @@ func TestInvalidObjectsAreRejectedNamingTheField(t *testing.T) {
 			name:        "an external host that is not a DNS name is refused",
 			manifest:    `{apiVersion: mesh.trellis.dev/v1alpha1, kind: ExternalService, metadata: {name: e}, spec: {hosts: ["Bad_Host"], ports: [{number: 80, protocol: HTTP}]}}`,
 			wantField:   "spec.hosts[0]",
-			wantMessage: "should match",
+			wantMessage: "a host is a lower-case DNS name with at least one dot",
+		},
+		{
+			name:        "a wildcard external host is refused, saying so",
+			manifest:    `{apiVersion: mesh.trellis.dev/v1alpha1, kind: ExternalService, metadata: {name: e}, spec: {hosts: ["*.example.com"], ports: [{number: 80, protocol: HTTP}]}}`,
+			wantField:   "spec.hosts[0]",
+			wantMessage: "wildcard hosts are not supported",
+		},
+		{
+			name:        "a URL as an external host is refused, saying what to write",
+			manifest:    `{apiVersion: mesh.trellis.dev/v1alpha1, kind: ExternalService, metadata: {name: e}, spec: {hosts: ["https://api.example.com/v1"], ports: [{number: 443, protocol: TLS}]}}`,
+			wantField:   "spec.hosts[0]",
+			wantMessage: "give a host name, not a URL",
+		},
+		{
+			name:        "a host with a port is refused, saying where the port goes",
+			manifest:    `{apiVersion: mesh.trellis.dev/v1alpha1, kind: ExternalService, metadata: {name: e}, spec: {hosts: ["api.example.com:8443"], ports: [{number: 8443, protocol: TLS}]}}`,
+			wantField:   "spec.hosts[0]",
+			wantMessage: "no port in a host",
 		},
 		{
 			name:        "two external ports with the same number are refused",
