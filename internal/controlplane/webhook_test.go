@@ -14,6 +14,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	"github.com/trellis-mesh/trellis/internal/controlplane"
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
@@ -258,5 +259,60 @@ func TestValidatingWebhook(t *testing.T) {
 	}
 	if err := c.Create(ctx, es("b")); err == nil || !strings.Contains(err.Error(), "already declared by ExternalService") {
 		t.Errorf("a duplicate ExternalService was not rejected: %v", err)
+	}
+}
+
+// TestRouteParentRefWarning: an HTTPRoute or GRPCRoute whose parentRef says
+// kind Service without group: "" (defaulted to Gateway API's group, so no
+// mesh programs it) is admitted with a warning saying what to write; a
+// correct GAMMA parentRef gets none.
+func TestRouteParentRefWarning(t *testing.T) {
+	startPlane(t, nil)
+	ns := env.Namespace(t, nil)
+	cfg := rest.CopyConfig(env.Config)
+	w := &warnings{}
+	cfg.WarningHandler = w
+	c, err := client.New(cfg, client.Options{Scheme: env.Scheme})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	route := func(name string, group *gwv1.Group) *gwv1.HTTPRoute {
+		return &gwv1.HTTPRoute{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}, Spec: gwv1.HTTPRouteSpec{
+			CommonRouteSpec: gwv1.CommonRouteSpec{ParentRefs: []gwv1.ParentReference{{Group: group, Kind: new(gwv1.Kind("Service")), Name: "reviews"}}},
+		}}
+	}
+	// The webhook fails open until the manager serves it: retry.
+	deadline := time.Now().Add(wait)
+	for i := 0; ; i++ {
+		w.got = nil
+		if err := c.Create(ctx, route(fmt.Sprint("no-group-", i), nil)); err != nil {
+			t.Fatal(err)
+		}
+		if len(w.got) == 1 && strings.Contains(w.got[0], `spec.parentRefs[0]`) && strings.Contains(w.got[0], `write group: ""`) {
+			t.Logf("warning: %s", w.got[0])
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no parentRef warning: %q", w.got)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	w.got = nil
+	if err := c.Create(ctx, route("gamma", new(gwv1.Group("")))); err != nil {
+		t.Fatal(err)
+	}
+	if len(w.got) != 0 {
+		t.Errorf("a correct GAMMA parentRef got warnings %q", w.got)
+	}
+	w.got = nil
+	g := &gwv1.GRPCRoute{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "grpc-no-group"}, Spec: gwv1.GRPCRouteSpec{
+		CommonRouteSpec: gwv1.CommonRouteSpec{ParentRefs: []gwv1.ParentReference{{Kind: new(gwv1.Kind("Service")), Name: "echo"}}},
+	}}
+	if err := c.Create(ctx, g); err != nil {
+		t.Fatal(err)
+	}
+	if len(w.got) != 1 || !strings.Contains(w.got[0], "Service echo") {
+		t.Errorf("GRPCRoute warnings %q", w.got)
 	}
 }

@@ -11,6 +11,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
+	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
 )
@@ -19,6 +20,7 @@ import (
 const ValidatePath = "/validate"
 
 // +kubebuilder:webhook:path=/validate,mutating=false,failurePolicy=ignore,sideEffects=None,groups=mesh.trellis.dev,resources=accesspolicies;backendpolicies;externalservices,verbs=create;update,versions=v1alpha1,name=validate.mesh.trellis.dev,admissionReviewVersions=v1
+// +kubebuilder:webhook:path=/validate,mutating=false,failurePolicy=ignore,sideEffects=None,groups=gateway.networking.k8s.io,resources=httproutes;grpcroutes,verbs=create;update,versions=v1,name=routes.validate.mesh.trellis.dev,admissionReviewVersions=v1
 
 // Validator rejects what CEL cannot see because it spans objects: a second
 // BackendPolicy for a Service, an AccessPolicy whose rule contradicts
@@ -53,8 +55,35 @@ func (v *Validator) Handle(ctx context.Context, req admission.Request) admission
 			return admission.Errored(http.StatusBadRequest, err)
 		}
 		return v.externalService(ctx, &es)
+	case "HTTPRoute":
+		var r gwv1.HTTPRoute
+		if err := v.Decoder.Decode(req, &r); err != nil {
+			return admission.Errored(http.StatusBadRequest, err)
+		}
+		return admission.Allowed("").WithWarnings(parentRefWarnings(r.Spec.ParentRefs)...)
+	case "GRPCRoute":
+		var r gwv1.GRPCRoute
+		if err := v.Decoder.Decode(req, &r); err != nil {
+			return admission.Errored(http.StatusBadRequest, err)
+		}
+		return admission.Allowed("").WithWarnings(parentRefWarnings(r.Spec.ParentRefs)...)
 	}
 	return admission.Allowed("")
+}
+
+// parentRefWarnings flags the commonest GAMMA mistake: a parentRef with
+// kind Service but no group, which Gateway API defaults to
+// gateway.networking.k8s.io — a kind that group does not have, so no mesh
+// (and no gateway) picks the route up, and nothing else says so. Routes
+// are not Trellis's: it warns and admits.
+func parentRefWarnings(refs []gwv1.ParentReference) []string {
+	var out []string
+	for i, p := range refs {
+		if p.Kind != nil && *p.Kind == "Service" && (p.Group == nil || *p.Group == gwv1.GroupName) {
+			out = append(out, fmt.Sprintf(`spec.parentRefs[%d]: kind Service with group %q (Gateway API's default) names no Service, so no mesh programs this route; for a mesh (GAMMA) route to Service %s write group: ""`, i, gwv1.GroupName, p.Name))
+		}
+	}
+	return out
 }
 
 func (v *Validator) missingTargets(ctx context.Context, ns string, refs []meshv1alpha1.PolicyTargetReference) ([]string, error) {

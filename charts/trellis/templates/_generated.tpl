@@ -169,6 +169,26 @@ sideEffects: None
 
 {{- define "trellis.webhook.inject.path" }}/inject{{- end }}
 
+{{- define "trellis.webhook.routes" }}
+admissionReviewVersions:
+- v1
+name: routes.validate.mesh.trellis.dev
+rules:
+- apiGroups:
+  - gateway.networking.k8s.io
+  apiVersions:
+  - v1
+  operations:
+  - CREATE
+  - UPDATE
+  resources:
+  - httproutes
+  - grpcroutes
+sideEffects: None
+{{- end }}
+
+{{- define "trellis.webhook.routes.path" }}/validate{{- end }}
+
 {{- define "trellis.webhook.validate" }}
 admissionReviewVersions:
 - v1
