@@ -247,8 +247,13 @@ func TestValidatingWebhook(t *testing.T) {
 	if err := c.Create(ctx, allow); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Create(ctx, deny); err == nil || !strings.Contains(err.Error(), "contradicts AccessPolicy allow") {
-		t.Errorf("a contradicting AccessPolicy was not rejected: %v", err)
+	// Deny wins: a Deny repeating an Allow's rule is admitted, with a warning.
+	w.got = nil
+	if err := c.Create(ctx, deny); err != nil {
+		t.Errorf("a Deny repeating an Allow's rule was refused: %v", err)
+	}
+	if len(w.got) != 1 || !strings.Contains(w.got[0], "Allow AccessPolicy allow rule 0") || !strings.Contains(w.got[0], "Deny wins") {
+		t.Errorf("warnings %q, want one saying Deny wins over AccessPolicy allow", w.got)
 	}
 	es := func(name string) *meshv1alpha1.ExternalService {
 		return &meshv1alpha1.ExternalService{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}, Spec: meshv1alpha1.ExternalServiceSpec{

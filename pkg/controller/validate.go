@@ -23,11 +23,11 @@ const ValidatePath = "/validate"
 // +kubebuilder:webhook:path=/validate,mutating=false,failurePolicy=ignore,sideEffects=None,groups=gateway.networking.k8s.io,resources=httproutes;grpcroutes,verbs=create;update,versions=v1,name=routes.validate.mesh.trellis.dev,admissionReviewVersions=v1
 
 // Validator rejects what CEL cannot see because it spans objects: a second
-// BackendPolicy for a Service, an AccessPolicy whose rule contradicts
-// another's (the same sources and operations allowed by one, denied by the
-// other, on the same Service), an ExternalService claiming a host and port
-// another one has. A target Service that does not exist (yet) is only a
-// warning. It fails open: when the controller is down, the schema's own
+// BackendPolicy for a Service, an ExternalService claiming a host and port
+// another one has. An AccessPolicy rule that another one's contradicts (the
+// same sources and operations allowed by one, denied by the other, on the
+// same Service) is admitted with a warning — Deny wins — and so is a target
+// Service that does not exist (yet). It fails open: when the controller is down, the schema's own
 // validation still applies and status reports conflicts.
 type Validator struct {
 	Client  client.Reader
@@ -133,6 +133,7 @@ func (v *Validator) accessPolicy(ctx context.Context, ap *meshv1alpha1.AccessPol
 		}
 		return p.Spec.Action
 	}
+	var warnings []string
 	for _, o := range others.Items {
 		if o.Name == ap.Name || action(&o) == action(ap) {
 			continue
@@ -146,16 +147,18 @@ func (v *Validator) accessPolicy(ctx context.Context, ap *meshv1alpha1.AccessPol
 		for i, r := range ap.Spec.Rules {
 			for j, or := range o.Spec.Rules {
 				if apiequality.Semantic.DeepEqual(r, or) {
-					return admission.Denied(fmt.Sprintf("spec.rules[%d] contradicts AccessPolicy %s rule %d: the same callers and operations are both allowed and denied on a shared target", i, o.Name, j))
+					// Deny wins (as Istio's DENY before ALLOW): legal, but the
+					// Allow rule allows nothing for these callers. Say so.
+					warnings = append(warnings, fmt.Sprintf("spec.rules[%d] matches the same callers and operations as %s AccessPolicy %s rule %d on a shared target: Deny wins, so these requests are denied", i, action(&o), o.Name, j))
 				}
 			}
 		}
 	}
-	warnings, err := v.missingTargets(ctx, ap.Namespace, ap.Spec.TargetRefs)
+	missing, err := v.missingTargets(ctx, ap.Namespace, ap.Spec.TargetRefs)
 	if err != nil {
 		return admission.Errored(http.StatusInternalServerError, err)
 	}
-	return admission.Allowed("").WithWarnings(warnings...)
+	return admission.Allowed("").WithWarnings(append(warnings, missing...)...)
 }
 
 func (v *Validator) externalService(ctx context.Context, es *meshv1alpha1.ExternalService) admission.Response {
