@@ -74,6 +74,27 @@ func TestEnvoyLifecycle(t *testing.T) {
 			n := env.Kubelet.Restarts(ns, pod.Name, "app")
 			return n >= 1, fmt.Sprintf("%d restarts", n)
 		})
+		// The pod's status says so, as kubectl get pods would show it
+		// (RESTARTS), and the sidecar is a started, ready init container.
+		eventually(t, "restart in the pod's status", func() (bool, string) {
+			var p corev1.Pod
+			if err := env.Cluster.Client().Get(ctxT(t), client.ObjectKeyFromObject(&pod), &p); err != nil {
+				return false, err.Error()
+			}
+			var app, proxy *corev1.ContainerStatus
+			for i := range p.Status.ContainerStatuses {
+				if p.Status.ContainerStatuses[i].Name == "app" {
+					app = &p.Status.ContainerStatuses[i]
+				}
+			}
+			for i := range p.Status.InitContainerStatuses {
+				if p.Status.InitContainerStatuses[i].Name == "trellis-proxy" {
+					proxy = &p.Status.InitContainerStatuses[i]
+				}
+			}
+			return app != nil && app.RestartCount >= 1 && proxy != nil && proxy.Ready && proxy.State.Running != nil,
+				fmt.Sprintf("app %+v, trellis-proxy %+v", app, proxy)
+		})
 		t.Logf("liveness %s%s failed through the sidecar; the app was restarted %d times",
 			pod.Spec.Containers[0].LivenessProbe.HTTPGet.Path, "", env.Kubelet.Restarts(ns, pod.Name, "app"))
 	})

@@ -88,6 +88,8 @@ type podRun struct {
 	readyOK    map[string]bool
 	// stopOnce makes the ordered shutdown run once (deletion or completion).
 	stopOnce sync.Once
+	// initDone is set (under mu) once the classic init containers ran.
+	initDone bool
 }
 
 // Run registers the node and runs pods until ctx ends, then stops them all.
@@ -317,18 +319,23 @@ func (r *podRun) run() {
 			return
 		}
 	}
+	r.mu.Lock()
+	r.initDone = true
+	r.mu.Unlock()
 	for _, c := range r.pod.Spec.Containers {
 		go r.keepRunning(c, false)
 	}
-	// Readiness and liveness, as the kubelet's prober.
+	// Readiness and liveness, as the kubelet's prober. The status is
+	// rewritten when readiness or a restart count changes.
 	tick := time.NewTicker(500 * time.Millisecond)
 	defer tick.Stop()
+	written, containers := false, ""
 	for {
 		r.liveness()
 		ready := r.probe()
-		if ready != r.ready {
+		if c := r.containerState(); ready != r.ready || c != containers || !written {
 			if err := r.writeStatus(ready); err == nil {
-				r.ready = ready
+				r.ready, containers, written = ready, c, true
 			}
 		}
 		select {
@@ -895,6 +902,7 @@ func (r *podRun) writeStatus(ready bool) error {
 			cond(corev1.PodScheduled, true), cond(corev1.PodInitialized, true),
 			cond(corev1.ContainersReady, ready), cond(corev1.PodReady, ready),
 		}
+		p.Status.InitContainerStatuses, p.Status.ContainerStatuses = r.containerStatuses(ready, p.Status.StartTime)
 		err := r.k.Client.Status().Update(r.ctx, &p)
 		if err == nil {
 			r.pod.Status = p.Status
@@ -905,6 +913,67 @@ func (r *podRun) writeStatus(ready bool) error {
 		}
 	}
 	return fmt.Errorf("status: too many conflicts")
+}
+
+// containerStatuses are what a kubelet reports per container, so that
+// kubectl get pods reads as on a cluster (READY, RESTARTS): running or not,
+// ready (a regular container: running and the pod ready; a sidecar: running
+// past its startup probe), restart count.
+func (r *podRun) containerStatuses(ready bool, started *metav1.Time) (initStatuses, statuses []corev1.ContainerStatus) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	status := func(c corev1.Container, sidecar bool) corev1.ContainerStatus {
+		p := r.procs[c.Name]
+		running := p != nil && !p.exited()
+		st := corev1.ContainerStatus{
+			Name: c.Name, Image: c.Image, ImageID: c.Image, ContainerID: "e2e://" + r.id + "/" + c.Name,
+			RestartCount: int32(r.restarts[c.Name]), Started: &running,
+			Ready: running && (sidecar || ready),
+		}
+		switch err, done := r.exited[c.Name]; {
+		case running:
+			st.State.Running = &corev1.ContainerStateRunning{StartedAt: *started}
+		case done && err == nil:
+			st.State.Terminated = &corev1.ContainerStateTerminated{ExitCode: 0, Reason: "Completed"}
+		default:
+			st.State.Waiting = &corev1.ContainerStateWaiting{Reason: "ContainerCreating"}
+		}
+		return st
+	}
+	for _, c := range r.pod.Spec.InitContainers {
+		if restartable(c) {
+			initStatuses = append(initStatuses, status(c, true))
+			continue
+		}
+		st := corev1.ContainerStatus{Name: c.Name, Image: c.Image, ImageID: c.Image, ContainerID: "e2e://" + r.id + "/" + c.Name}
+		if r.initDone {
+			st.State.Terminated = &corev1.ContainerStateTerminated{ExitCode: 0, Reason: "Completed"}
+		} else {
+			st.State.Waiting = &corev1.ContainerStateWaiting{Reason: "PodInitializing"}
+		}
+		initStatuses = append(initStatuses, st)
+	}
+	for _, c := range r.pod.Spec.Containers {
+		statuses = append(statuses, status(c, false))
+	}
+	return initStatuses, statuses
+}
+
+// containerState sums up what the container statuses report: restarts and
+// running containers (a change rewrites the status).
+func (r *podRun) containerState() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	restarts, running := 0, 0
+	for _, v := range r.restarts {
+		restarts += v
+	}
+	for _, p := range r.procs {
+		if !p.exited() {
+			running++
+		}
+	}
+	return fmt.Sprint(restarts, "/", running)
 }
 
 // writePhase records that the pod ran to completion.
