@@ -183,13 +183,10 @@ type warnings struct{ got []string }
 
 func (w *warnings) HandleWarningHeader(_ int, _ string, text string) { w.got = append(w.got, text) }
 
-// TestValidatingWebhook has the apiserver ask the control plane about
-// Trellis objects: cross-object conflicts are rejected with a message
-// naming the field, a missing target Service is only a warning.
-func TestValidatingWebhook(t *testing.T) {
-	startPlane(t, nil)
-	ns := env.Namespace(t, nil)
-	create(t, testgen.Service(ns, "reviews", "", testgen.Port("http", 9080, 8080)))
+// warningClient is a client of the test apiserver that records the
+// warnings it is sent.
+func warningClient(t *testing.T) (client.Client, *warnings) {
+	t.Helper()
 	cfg := rest.CopyConfig(env.Config)
 	w := &warnings{}
 	cfg.WarningHandler = w
@@ -197,6 +194,17 @@ func TestValidatingWebhook(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return c, w
+}
+
+// TestValidatingWebhook has the apiserver ask the control plane about
+// Trellis objects: cross-object conflicts are rejected with a message
+// naming the field, a missing target Service is only a warning.
+func TestValidatingWebhook(t *testing.T) {
+	startPlane(t, nil)
+	ns := env.Namespace(t, nil)
+	create(t, testgen.Service(ns, "reviews", "", testgen.Port("http", 9080, 8080)))
+	c, w := warningClient(t)
 	ctx := context.Background()
 	bp := func(name, target string) *meshv1alpha1.BackendPolicy {
 		return &meshv1alpha1.BackendPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}, Spec: meshv1alpha1.BackendPolicySpec{
@@ -274,13 +282,7 @@ func TestValidatingWebhook(t *testing.T) {
 func TestRouteParentRefWarning(t *testing.T) {
 	startPlane(t, nil)
 	ns := env.Namespace(t, nil)
-	cfg := rest.CopyConfig(env.Config)
-	w := &warnings{}
-	cfg.WarningHandler = w
-	c, err := client.New(cfg, client.Options{Scheme: env.Scheme})
-	if err != nil {
-		t.Fatal(err)
-	}
+	c, w := warningClient(t)
 	ctx := context.Background()
 	route := func(name string, group *gwv1.Group) *gwv1.HTTPRoute {
 		return &gwv1.HTTPRoute{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}, Spec: gwv1.HTTPRouteSpec{

@@ -39,7 +39,7 @@ func NewSelfSigned(trustDomain string, validity time.Duration, clk clock.Passive
 	sn := serial()
 	tmpl := &x509.Certificate{
 		SerialNumber: sn,
-		// Each root has its own subject (the serial's first digits): after
+		// Each root has its own subject (its serial number in hex): after
 		// a root rotation OpenSSL and BoringSSL clients pick issuers by
 		// name, and two roots of one name break the cross-signed chain.
 		Subject:               pkix.Name{Organization: []string{"trellis"}, CommonName: fmt.Sprintf("Trellis root CA %s %.8x", trustDomain, sn)},

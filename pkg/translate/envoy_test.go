@@ -228,16 +228,7 @@ func (s *adsServer) nack(node string) string {
 func startADS(t *testing.T, dir string) *adsServer {
 	t.Helper()
 	s := &adsServer{cache: xds.NewCache(), nodes: map[int64]string{}, nacks: map[string]string{}}
-	var err error
-	if s.socket, err = envoy.SocketPath(dir, "ads.sock"); err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("unix", s.socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	cb := serverv3.CallbackFuncs{
+	s.socket = serveCache(t, dir, s.cache, serverv3.CallbackFuncs{
 		StreamDeltaRequestFunc: func(id int64, r *discovery.DeltaDiscoveryRequest) error {
 			s.mu.Lock()
 			defer s.mu.Unlock()
@@ -254,10 +245,26 @@ func startADS(t *testing.T, dir string) *adsServer {
 			defer s.mu.Unlock()
 			delete(s.nodes, id)
 		},
+	})
+	return s
+}
+
+// serveCache serves a cache over ADS (go-control-plane's server with cb) on
+// a Unix socket in dir, until the test ends; it returns the socket's path.
+func serveCache(t *testing.T, dir string, cache *xds.Cache, cb serverv3.CallbackFuncs) string {
+	t.Helper()
+	socket, err := envoy.SocketPath(dir, "ads.sock")
+	if err != nil {
+		t.Fatal(err)
 	}
+	l, err := net.Listen("unix", socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
 	g := grpc.NewServer()
-	discovery.RegisterAggregatedDiscoveryServiceServer(g, serverv3.NewServer(ctx, s.cache, cb))
+	discovery.RegisterAggregatedDiscoveryServiceServer(g, serverv3.NewServer(ctx, cache, cb))
 	go func() { _ = g.Serve(l) }()
 	t.Cleanup(func() { cancel(); g.Stop() })
-	return s
+	return socket
 }

@@ -25,7 +25,6 @@ import (
 	"google.golang.org/grpc/xds"
 	"k8s.io/utils/clock"
 
-	"github.com/trellis-mesh/trellis/internal/envoy"
 	"github.com/trellis-mesh/trellis/internal/manifest"
 	"github.com/trellis-mesh/trellis/pkg/ca"
 	"github.com/trellis-mesh/trellis/pkg/model"
@@ -301,16 +300,7 @@ func (s *sotwADS) accepted(node string, want map[string][]string) string {
 func startSotwADS(t *testing.T, dir string) *sotwADS {
 	t.Helper()
 	s := &sotwADS{cache: txds.NewCache(), nodes: map[int64]string{}, streams: map[int64]map[string]*typeState{}, nacks: map[string]string{}}
-	var err error
-	if s.socket, err = envoy.SocketPath(dir, "ads.sock"); err != nil {
-		t.Fatal(err)
-	}
-	l, err := net.Listen("unix", s.socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	cb := serverv3.CallbackFuncs{
+	s.socket = serveCache(t, dir, s.cache, serverv3.CallbackFuncs{
 		StreamRequestFunc: func(id int64, r *discovery.DiscoveryRequest) error {
 			s.mu.Lock()
 			defer s.mu.Unlock()
@@ -338,10 +328,6 @@ func startSotwADS(t *testing.T, dir string) *sotwADS {
 			delete(s.nodes, id)
 			delete(s.streams, id)
 		},
-	}
-	g := grpc.NewServer()
-	discovery.RegisterAggregatedDiscoveryServiceServer(g, serverv3.NewServer(ctx, s.cache, cb))
-	go func() { _ = g.Serve(l) }()
-	t.Cleanup(func() { cancel(); g.Stop() })
+	})
 	return s
 }

@@ -96,12 +96,18 @@ func endpoints(rs ...*xds.Resource) xds.Class {
 
 func recvSotw(t *testing.T, st discovery.AggregatedDiscoveryService_StreamAggregatedResourcesClient) *discovery.DiscoveryResponse {
 	t.Helper()
+	return recv(t, st.Recv)
+}
+
+// recv waits up to 30 s for the next message of a stream.
+func recv[T any](t *testing.T, next func() (T, error)) T {
+	t.Helper()
 	type res struct {
-		r   *discovery.DiscoveryResponse
+		r   T
 		err error
 	}
 	ch := make(chan res, 1)
-	go func() { r, err := st.Recv(); ch <- res{r, err} }()
+	go func() { r, err := next(); ch <- res{r, err} }()
 	select {
 	case r := <-ch:
 		if r.err != nil {
@@ -111,7 +117,8 @@ func recvSotw(t *testing.T, st discovery.AggregatedDiscoveryService_StreamAggreg
 	case <-time.After(30 * time.Second):
 		t.Fatal("no response")
 	}
-	return nil
+	var zero T
+	return zero
 }
 
 func names(r *discovery.DiscoveryResponse) map[string]uint32 {
@@ -377,20 +384,5 @@ func TestPushOrderMakesBeforeBreak(t *testing.T) {
 
 func recvDelta(t *testing.T, st discovery.AggregatedDiscoveryService_DeltaAggregatedResourcesClient) *discovery.DeltaDiscoveryResponse {
 	t.Helper()
-	type res struct {
-		r   *discovery.DeltaDiscoveryResponse
-		err error
-	}
-	ch := make(chan res, 1)
-	go func() { r, err := st.Recv(); ch <- res{r, err} }()
-	select {
-	case r := <-ch:
-		if r.err != nil {
-			t.Fatal(r.err)
-		}
-		return r.r
-	case <-time.After(30 * time.Second):
-		t.Fatal("no response")
-	}
-	return nil
+	return recv(t, st.Recv)
 }
