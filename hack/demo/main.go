@@ -98,9 +98,16 @@ func run() error {
                %[2]s --kubeconfig %[1]s -n demo patch accesspolicy reviews-from-frontend --type=merge -p '{"spec":{"action":"Deny"}}'
                tail -f %[3]s     (the frontend's calls, one JSON line each)
   trellis-controller log: %[4]s
+  connected proxies:   curl -s http://127.0.0.1:%[5]d/debug/proxies   (per proxy: class, ACKed versions, last NACK)
+  controller metrics:  curl -s http://127.0.0.1:%[5]d/metrics
+  readiness:           curl -s http://127.0.0.1:%[6]d/readyz
+  xDS (TLS, token-authenticated): %[7]s:%[8]d
+  (the demo serves metrics and the debug API in plain HTTP on loopback; the Helm chart serves
+  them over HTTPS with TokenReview/SubjectAccessReview)
 
   Press Ctrl-C to stop and clean up.
-`, env.Cluster.Kubeconfig, env.Cluster.Kubectl, frontend, env.ControllerLog())
+`, env.Cluster.Kubeconfig, env.Cluster.Kubectl, frontend, env.ControllerLog(),
+		framework.MetricsPort, framework.HealthPort, framework.GatewayIP, framework.XDSPort)
 	<-ctx.Done()
 	return nil
 }

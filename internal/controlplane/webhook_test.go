@@ -255,13 +255,24 @@ func TestValidatingWebhook(t *testing.T) {
 	if err := c.Create(ctx, allow); err != nil {
 		t.Fatal(err)
 	}
-	// Deny wins: a Deny repeating an Allow's rule is admitted, with a warning.
-	w.got = nil
-	if err := c.Create(ctx, deny); err != nil {
-		t.Errorf("a Deny repeating an Allow's rule was refused: %v", err)
-	}
-	if len(w.got) != 1 || !strings.Contains(w.got[0], "Allow AccessPolicy allow rule 0") || !strings.Contains(w.got[0], "Deny wins") {
-		t.Errorf("warnings %q, want one saying Deny wins over AccessPolicy allow", w.got)
+	// Deny wins: a Deny repeating an Allow's rule is admitted, with a
+	// warning — once the webhook's cache has the Allow (retry until then).
+	for deadline := time.Now().Add(wait); ; time.Sleep(100 * time.Millisecond) {
+		w.got = nil
+		if err := c.Create(ctx, deny); err != nil {
+			t.Fatalf("a Deny repeating an Allow's rule was refused: %v", err)
+		}
+		if len(w.got) == 1 && strings.Contains(w.got[0], "Allow AccessPolicy allow rule 0") && strings.Contains(w.got[0], "Deny wins") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("warnings %q, want one saying Deny wins over AccessPolicy allow", w.got)
+		}
+		if err := c.Delete(ctx, deny); err != nil {
+			t.Fatal(err)
+		}
+		deny = deny.DeepCopy()
+		deny.ResourceVersion = ""
 	}
 	es := func(name string) *meshv1alpha1.ExternalService {
 		return &meshv1alpha1.ExternalService{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name}, Spec: meshv1alpha1.ExternalServiceSpec{
@@ -270,8 +281,18 @@ func TestValidatingWebhook(t *testing.T) {
 	if err := c.Create(ctx, es("a")); err != nil {
 		t.Fatal(err)
 	}
-	if err := c.Create(ctx, es("b")); err == nil || !strings.Contains(err.Error(), "already declared by ExternalService") {
-		t.Errorf("a duplicate ExternalService was not rejected: %v", err)
+	// Rejected once the webhook's cache has "a" (retry until then).
+	for deadline := time.Now().Add(wait); ; time.Sleep(100 * time.Millisecond) {
+		err := c.Create(ctx, es("b"))
+		if err != nil && strings.Contains(err.Error(), "already declared by ExternalService") {
+			break
+		}
+		if err == nil {
+			_ = c.Delete(ctx, es("b"))
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a duplicate ExternalService was not rejected: %v", err)
+		}
 	}
 }
 
