@@ -48,9 +48,11 @@ type Pusher struct {
 	pushed     *model.Mesh
 	firstEvent time.Time
 	nodes      map[string]*nodeInfo
-	classes    map[string]*classInfo
-	trigger    chan struct{}
-	kick       chan struct{}
+	// secretsMu orders the serving of certificates (loadSecrets).
+	secretsMu sync.Mutex
+	classes   map[string]*classInfo
+	trigger   chan struct{}
+	kick      chan struct{}
 }
 
 type nodeInfo struct {
@@ -59,6 +61,9 @@ type nodeInfo struct {
 	renew    clock.Timer
 	identity string
 	notAfter time.Time
+	// loads numbers loadSecrets calls: only the latest one's result is
+	// served (see loadSecrets).
+	loads uint64
 }
 
 type classInfo struct {
@@ -126,27 +131,57 @@ func (p *Pusher) Connect(id *Identity) string {
 
 // loadSecrets issues (or renews) a node's certificate, serves it, and
 // schedules the next renewal well before expiry.
+//
+// Loads can overlap (a scheduled renewal and RefreshSecrets after a root
+// rotation step): only the latest started one is served. An older one
+// finishing last would put back a certificate from the previous signer and
+// the previous trust bundle — e.g. an old-root certificate into the
+// Complete phase, which peers no longer trust.
 func (p *Pusher) loadSecrets(id *Identity) {
 	nodeID := id.NodeID.String()
+	p.mu.Lock()
+	var seq uint64
+	if n, ok := p.nodes[nodeID]; ok {
+		n.loads++
+		seq = n.loads
+	}
+	p.mu.Unlock()
+	latest := func() bool {
+		n, ok := p.nodes[nodeID]
+		return ok && n.loads == seq
+	}
 	ns, err := p.NodeSecrets(context.Background(), id)
 	if err != nil {
 		p.Log.Error(err, "issue workload certificate; retrying", "node", nodeID)
 		if p.OnRotationFailure != nil {
 			p.OnRotationFailure()
 		}
-		p.schedule(id, p.Clock.Now().Add(10*time.Second))
+		p.mu.Lock()
+		ok := latest()
+		p.mu.Unlock()
+		if ok {
+			p.schedule(id, p.Clock.Now().Add(10*time.Second))
+		}
 		return
 	}
+	// The check and the cache update under secretsMu (not mu: the cache
+	// may block on a proxy's stream while a callback waits for mu), so a
+	// newer load cannot be overtaken between them.
+	p.secretsMu.Lock()
 	p.mu.Lock()
-	n, still := p.nodes[nodeID]
+	still := latest()
 	if still {
+		n := p.nodes[nodeID]
 		n.identity, n.notAfter = ns.Identity, ns.NotAfter
 	}
 	p.mu.Unlock()
+	if still {
+		p.Cache.SetNodeResources(nodeID, resource.SecretType, ns.Resources)
+	}
+	p.secretsMu.Unlock()
 	if !still {
 		return
 	}
-	p.Cache.SetNodeResources(nodeID, resource.SecretType, ns.Resources)
 	p.reportExpiry(ns.Identity)
 	p.schedule(id, ns.RotateAt)
 }

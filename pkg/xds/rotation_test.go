@@ -1,8 +1,10 @@
 package xds_test
 
 import (
+	"context"
 	"crypto/x509"
 	"encoding/pem"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -102,5 +104,73 @@ func TestCertificateRotatesBeforeExpiry(t *testing.T) {
 	}
 	if second.URIs[0].String() != "spiffe://cluster.local/ns/ns/sa/sa" {
 		t.Errorf("renewed identity %v", second.URIs)
+	}
+}
+
+// TestOverlappingLoadsServeTheLatest: a certificate load that started
+// before a newer one (a renewal in flight when a root rotation step calls
+// RefreshSecrets) and finishes after it is not served: it would put back
+// the previous signer's certificate and trust bundle.
+func TestOverlappingLoadsServeTheLatest(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Date(2026, 11, 1, 0, 0, 0, 0, time.UTC))
+	c := xds.NewCache()
+	p := xds.NewPusher(c, xds.NewMetrics(), logr.Discard(), clk)
+	release := make(chan struct{})
+	var calls atomic.Int32
+	secret := func(gen string) map[string]*xds.Resource {
+		r, err := xds.NewResource("default", &tlsv3.Secret{Name: "default", Type: &tlsv3.Secret_GenericSecret{GenericSecret: &tlsv3.GenericSecret{
+			Secret: &corev3.DataSource{Specifier: &corev3.DataSource_InlineString{InlineString: gen}},
+		}}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return map[string]*xds.Resource{"default": r}
+	}
+	oldDone := make(chan struct{})
+	p.NodeSecrets = func(context.Context, *xds.Identity) (*xds.NodeSecrets, error) {
+		if calls.Add(1) == 1 { // the first (older) load is slow
+			<-release
+			defer close(oldDone)
+			return &xds.NodeSecrets{Resources: secret("old signer"), RotateAt: clk.Now().Add(time.Hour)}, nil
+		}
+		return &xds.NodeSecrets{Resources: secret("new signer"), RotateAt: clk.Now().Add(time.Hour)}, nil
+	}
+	id := &xds.Identity{NodeID: xds.NodeID{Type: "sidecar", IP: "10.0.0.1", Pod: "p", Namespace: "ns"}, ServiceAccount: "sa"}
+	node := id.NodeID.String()
+	c.BindNode(node, "k")
+	c.SetClass("k", xds.Class{})
+	p.Connect(id) // starts the slow load
+	for calls.Load() < 1 {
+		time.Sleep(time.Millisecond)
+	}
+	p.RefreshSecrets() // the newer load, served at once
+	served := func() string {
+		ch := make(chan cachev3.Response, 1)
+		sub := stream.NewSotwSubscription([]string{"default"}, false)
+		req := &discovery.DiscoveryRequest{Node: &corev3.Node{Id: node}, TypeUrl: resource.SecretType, ResourceNames: []string{"default"}}
+		if _, err := c.CreateWatch(req, sub, ch); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case r := <-ch:
+			out, _ := r.GetDiscoveryResponse()
+			var s tlsv3.Secret
+			if err := out.Resources[0].UnmarshalTo(&s); err != nil {
+				t.Fatal(err)
+			}
+			return s.GetGenericSecret().GetSecret().GetInlineString()
+		case <-time.After(10 * time.Second):
+			t.Fatal("no SDS response")
+		}
+		return ""
+	}
+	if got := served(); got != "new signer" {
+		t.Fatalf("served %q before the old load finished", got)
+	}
+	close(release)
+	<-oldDone
+	time.Sleep(50 * time.Millisecond) // the old load's goroutine finishes after NodeSecrets returns
+	if got := served(); got != "new signer" {
+		t.Errorf("the older load, finishing last, replaced the newer certificate: served %q", got)
 	}
 }
