@@ -44,7 +44,9 @@ func LoadSecret(data map[string][]byte, clk clock.PassiveClock) (*Authority, err
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", CrossSignedKey, err)
 	}
-	if !bytes.Equal(cross.RawSubject, a.cert.RawSubject) || !cross.PublicKey.(interface{ Equal(crypto.PublicKey) bool }).Equal(a.cert.PublicKey) {
+	// A Secret is input: a key type without Equal is refused, not a panic.
+	key, ok := cross.PublicKey.(interface{ Equal(crypto.PublicKey) bool })
+	if !bytes.Equal(cross.RawSubject, a.cert.RawSubject) || !ok || !key.Equal(a.cert.PublicKey) {
 		return nil, fmt.Errorf("%s does not certify this root's key", CrossSignedKey)
 	}
 	a.cross = cross

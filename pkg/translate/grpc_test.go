@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
@@ -117,13 +118,7 @@ func TestGRPCAcceptsProxylessGoldens(t *testing.T) {
 			want := map[string][]string{}
 			for typeURL, rs := range class {
 				if len(rs) > 0 {
-					want[typeURL] = slices.Sorted(func(yield func(string) bool) {
-						for n := range rs {
-							if !yield(n) {
-								return
-							}
-						}
-					})
+					want[typeURL] = slices.Sorted(maps.Keys(rs))
 				}
 			}
 			deadline := time.Now().Add(30 * time.Second)
