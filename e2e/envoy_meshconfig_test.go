@@ -25,7 +25,8 @@ import (
 // TestEnvoyMeshConfigModes runs the sidecar scenarios that need a
 // MeshConfig other than the defaults (a cluster singleton, so not in
 // parallel with other tests): Permissive mTLS, RegistryOnly egress with
-// ExternalServices and TLS origination, JSON access logs, then Strict with
+// ExternalServices and TLS origination (an unmeshed pod's IP blocked, a
+// meshed one's reachable over mTLS), JSON access logs, then Strict with
 // defaultAccess Deny.
 func TestEnvoyMeshConfigModes(t *testing.T) {
 	requireEnv(t)
@@ -91,6 +92,11 @@ func TestEnvoyMeshConfigModes(t *testing.T) {
 		rs := httpCall(t, ns, "client", "--url", "http://"+outsideIP+":8080/", "--count", "3", "--timeout", "2s")
 		if c := codes(rs); c[200] != 0 {
 			t.Errorf("an unknown IP was reachable: %v", c)
+		}
+		// A meshed pod's IP is a mesh member: reachable, over mTLS.
+		rs = httpCall(t, ns, "client", "--url", "http://"+webIP+":8080/", "--count", "3", "--timeout", "3s")
+		if c := codes(rs); c[200] != 3 || !strings.Contains(rs[0].Body.header("x-forwarded-client-cert"), "/sa/client") {
+			t.Errorf("a meshed pod IP under RegistryOnly: %v, XFCC %q (%s)", c, rs[0].Body.header("x-forwarded-client-cert"), firstHTTPError(rs, 200))
 		}
 		create(t, &meshv1alpha1.ExternalService{
 			ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "example"},

@@ -21,8 +21,9 @@ func outboundConnections(t *testing.T, ns, pod string) float64 {
 //   - a meshed call's server app sees the caller's SPIFFE ID (XFCC) — in
 //     TestEnvoyReachability; here: an unmeshed pod's plaintext call to a
 //     meshed pod IP is refused by the server's sidecar;
-//   - a meshed client calling a meshed pod IP directly (not a Service) is
-//     passed through in plaintext and refused (a documented limit);
+//   - a meshed client calling a meshed pod IP directly (not a Service) gets
+//     mTLS with the pod's identity (on-demand cluster), on HTTP and TCP; an
+//     unmeshed pod's IP is reached in plaintext;
 //   - a pod calling its own Service goes through its sidecar's inbound side;
 //   - an app calling its own pod IP reaches itself;
 //   - capture: an excluded inbound port takes plaintext directly; excluded
@@ -57,14 +58,36 @@ func TestEnvoyStrictMTLSAndCapture(t *testing.T) {
 			}
 		}
 	})
-	t.Run("a meshed client's call to a meshed pod IP (no Service) is plaintext and refused under Strict", func(t *testing.T) {
-		// Documented limit (as in Istio): a pod IP names no Service, so the
-		// client's sidecar passes it through unencrypted. Putting pod IPs in
-		// the listener would make every endpoint change an LDS push
-		// (docs/translator.md, Decisions).
-		rs := httpCall(t, ns, "client", "--url", "http://"+webIP+":8080/direct", "--count", "3", "--timeout", "2s")
-		if c := codes(rs); c[0] != 3 {
-			t.Errorf("pod IP under Strict: %v; if this now works, update the docs", c)
+	t.Run("a meshed client's calls to a meshed pod IP (no Service) get mTLS under Strict", func(t *testing.T) {
+		// The client's sidecar discovers the pod's cluster on demand
+		// (ODCDS): mTLS verifying the pod's own identity.
+		// No retry: the first connection waits for the discovery and succeeds.
+		rs := httpCall(t, ns, "client", "--url", "http://"+webIP+":8080/direct", "--count", "5", "--timeout", "3s", "--new-conn")
+		if c := codes(rs); c[200] != 5 {
+			t.Fatalf("pod IP under Strict: %v (%s)", c, firstHTTPError(rs, 200))
+		}
+		t.Logf("first connection (cluster discovered on demand) %.1f ms, next ones %.1f ms", rs[0].MS, rs[4].MS)
+		if xfcc := rs[0].Body.header("x-forwarded-client-cert"); !strings.Contains(xfcc, "/sa/client") {
+			t.Errorf("pod IP call: x-forwarded-client-cert %q, want the client's identity (mTLS)", xfcc)
+		}
+		t.Logf("http://%s:8080 (pod IP) from a meshed client: 5/5 over mTLS (XFCC %q)", webIP, rs[0].Body.header("x-forwarded-client-cert"))
+		// TCP on the pod's other port, and an unmeshed pod's IP (plaintext).
+		tcp := eventuallyHTTP(t, "pod IP TCP", func() []httpResult {
+			return httpCall(t, ns, "client", "--tcp", webIP+":9000", "--count", "3", "--timeout", "3s")
+		}, allCode(1))
+		t.Logf("%s:9000 (pod IP, TCP) from a meshed client: 3/3 (%s)", webIP, tcp[0].Hello)
+		plainIP := podIP(t, ns, "plain")
+		plain := eventuallyHTTP(t, "unmeshed pod IP", func() []httpResult {
+			return httpCall(t, ns, "client", "--url", "http://"+plainIP+":8080/", "--count", "3", "--timeout", "3s")
+		}, allCode(200))
+		if xfcc := plain[0].Body.header("x-forwarded-client-cert"); xfcc != "" {
+			t.Errorf("unmeshed pod IP: the app saw x-forwarded-client-cert %q (no sidecar should be in front of it)", xfcc)
+		}
+		t.Logf("http://%s:8080 (unmeshed pod IP) from a meshed client: 3/3 in plaintext", plainIP)
+		// Unknown address in the pod network (AllowAny: passthrough, nothing listens).
+		rs = httpCall(t, ns, "client", "--url", "http://10.250.255.254:8080/", "--count", "1", "--timeout", "3s")
+		if c := codes(rs); c[200] != 0 {
+			t.Errorf("an address no pod has answered: %v", c)
 		}
 	})
 	t.Run("an app reaches its own pod IP", func(t *testing.T) {

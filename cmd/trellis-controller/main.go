@@ -7,6 +7,7 @@ package main
 import (
 	"flag"
 	"fmt"
+	"net/netip"
 	"os"
 	"strings"
 
@@ -57,6 +58,8 @@ func run() error {
 	fs.StringVar(&o.InitImage, "init-image", o.InitImage, "trellis-init image injected into pods.")
 	fs.StringVar(&o.XDSServiceHost, "xds-service-host", "", "Host injected proxies dial for xDS (default trellis-xds.<namespace>.svc).")
 	fs.IntVar(&o.XDSServicePort, "xds-service-port", o.XDSServicePort, "Port injected proxies dial for xDS.")
+	var podCIDRs string
+	fs.StringVar(&podCIDRs, "pod-cidrs", "", "Comma-separated pod networks (CIDRs) for calls to pod IPs under mTLS. Empty: the Nodes' spec.podCIDRs (set when the cluster allocates node CIDRs); set it when the CNI's IPAM does not fill them (e.g. Calico, the AWS VPC CNI).")
 	showVersion := fs.Bool("version", false, "Print the version and exit.")
 	zapOpts := zap.Options{}
 	zapOpts.BindFlags(fs)
@@ -73,6 +76,16 @@ func run() error {
 		if n = strings.TrimSpace(n); n != "" {
 			o.WebhookDNSNames = append(o.WebhookDNSNames, n)
 		}
+	}
+	for _, c := range strings.Split(podCIDRs, ",") {
+		if c = strings.TrimSpace(c); c == "" {
+			continue
+		}
+		p, err := netip.ParsePrefix(c)
+		if err != nil {
+			return fmt.Errorf("--pod-cidrs: %q is not a CIDR (write e.g. 10.244.0.0/16): %w", c, err)
+		}
+		o.PodCIDRs = append(o.PodCIDRs, p.Masked())
 	}
 	for _, n := range strings.Split(dnsNames, ",") {
 		if n = strings.TrimSpace(n); n != "" {

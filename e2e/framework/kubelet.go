@@ -98,7 +98,9 @@ func (k *Kubelet) Run(ctx context.Context) error {
 	if k.Logf == nil {
 		k.Logf = func(string, ...any) {}
 	}
-	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: k.Node, Labels: k.nodeLabels()}}
+	// The pod network, as kube-controller-manager --allocate-node-cidrs
+	// would set it: the controller reads it for calls to pod IPs.
+	node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: k.Node, Labels: k.nodeLabels()}, Spec: corev1.NodeSpec{PodCIDR: PodCIDR, PodCIDRs: []string{PodCIDR}}}
 	if err := k.Client.Create(ctx, node); err != nil && !apierrors.IsAlreadyExists(err) {
 		return err
 	}

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"sync/atomic"
 	"time"
 
@@ -95,6 +96,9 @@ type Options struct {
 	// control plane (default trellis-xds.<namespace>.svc:15012).
 	XDSServiceHost string
 	XDSServicePort int
+	// PodCIDRs are the cluster's pod networks, for calls to pod IPs; empty:
+	// the Nodes' spec.podCIDRs.
+	PodCIDRs []netip.Prefix
 }
 
 // Defaults returns the production defaults.
@@ -253,6 +257,8 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 		// ConfigMaps by that name only (RBAC resourceNames + field selector).
 		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
 			&corev1.ConfigMap{}: {Field: fields.OneTermEqualSelector("metadata.name", controller.RootCAConfigMap)},
+			// Of Nodes only the pod CIDRs are read: the cache keeps nothing else.
+			&corev1.Node{}: {Transform: controller.NodePodCIDRsOnly},
 		}},
 	})
 	if err != nil {
@@ -312,8 +318,9 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 	cp.Pusher.OnRotationFailure = func() { cp.IssuerMetrics.Failures.WithLabelValues("rotate").Inc() }
 
 	cp.Reconciler = &controller.MeshReconciler{
-		Client: mgr.GetClient(),
-		Pusher: cp.Pusher,
+		Client:   mgr.GetClient(),
+		Pusher:   cp.Pusher,
+		PodCIDRs: o.PodCIDRs,
 		IsLeader: func() bool {
 			if !o.LeaderElect {
 				return true

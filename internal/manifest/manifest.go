@@ -28,6 +28,10 @@ type Header struct {
 	Proxy string `json:"proxy"`
 	// Description says what the case shows.
 	Description string `json:"description,omitempty"`
+	// OnDemand are clusters the proxy discovers on demand (pod-IP
+	// clusters, "podip|<ip>:<port>"): the case's output includes them as
+	// the control plane resolves them.
+	OnDemand []string `json:"onDemand,omitempty"`
 }
 
 // ReadFile reads a test case file.
@@ -99,6 +103,12 @@ func add(in *model.Input, h *Header, kind string, doc []byte) error {
 		var o *corev1.Pod
 		if o, err = decode[corev1.Pod](doc); err == nil {
 			in.Pods = append(in.Pods, o)
+		}
+	case "Node":
+		// Only the pod CIDRs matter to the model.
+		var o *corev1.Node
+		if o, err = decode[corev1.Node](doc); err == nil {
+			in.PodCIDRs = append(in.PodCIDRs, o.Spec.PodCIDRs...)
 		}
 	case "AccessPolicy":
 		var o *meshv1alpha1.AccessPolicy

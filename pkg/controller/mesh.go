@@ -3,12 +3,14 @@ package controller
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"slices"
 	"sync"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/utils/ptr"
@@ -50,6 +52,9 @@ type MeshReconciler struct {
 	Pusher Pusher
 	// IsLeader says whether this replica writes status.
 	IsLeader func() bool
+	// PodCIDRs are the pod networks (--pod-cidrs); empty: the Nodes'
+	// spec.podCIDRs.
+	PodCIDRs []netip.Prefix
 
 	mu                 sync.Mutex
 	translatorProblems []model.Problem
@@ -121,6 +126,8 @@ func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
 		Watches(&discoveryv1.EndpointSlice{}, all).
 		Watches(&corev1.Pod{}, all).
 		Watches(&meshv1alpha1.MeshConfig{}, all, spec).
+		// Nodes only for their pod CIDRs (status heartbeats do not count).
+		Watches(&corev1.Node{}, all, builder.WithPredicates(podCIDRsChanged)).
 		Watches(&meshv1alpha1.AccessPolicy{}, all, spec).
 		Watches(&meshv1alpha1.BackendPolicy{}, all, spec).
 		Watches(&meshv1alpha1.ExternalService{}, all, spec)
@@ -139,6 +146,7 @@ func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
 // The permissions below are what the controller uses; README "Why each
 // permission" explains them.
 // +kubebuilder:rbac:groups="",resources=services;pods,verbs=get;list;watch
+// +kubebuilder:rbac:groups="",resources=nodes,verbs=list;watch
 // +kubebuilder:rbac:groups=discovery.k8s.io,resources=endpointslices,verbs=get;list;watch
 // +kubebuilder:rbac:groups=mesh.trellis.dev,resources=meshconfigs;accesspolicies;backendpolicies;externalservices,verbs=get;list;watch
 // +kubebuilder:rbac:groups=mesh.trellis.dev,resources=meshconfigs/status;accesspolicies/status;backendpolicies/status;externalservices/status,verbs=update;patch
@@ -201,6 +209,19 @@ func (r *MeshReconciler) input(ctx context.Context) (model.Input, error) {
 		return in, err
 	}
 	in.Pods = ptrs(pods.Items)
+	if len(r.PodCIDRs) > 0 {
+		for _, p := range r.PodCIDRs {
+			in.PodCIDRs = append(in.PodCIDRs, p.String())
+		}
+	} else {
+		var nodes corev1.NodeList
+		if err := r.Client.List(ctx, &nodes); err != nil {
+			return in, err
+		}
+		for _, n := range nodes.Items {
+			in.PodCIDRs = append(in.PodCIDRs, n.Spec.PodCIDRs...)
+		}
+	}
 	var aps meshv1alpha1.AccessPolicyList
 	if err := r.Client.List(ctx, &aps); err != nil {
 		return in, err
@@ -238,6 +259,30 @@ func (r *MeshReconciler) input(ctx context.Context) (model.Input, error) {
 		in.ReferenceGrants = ptrs(rgs.Items)
 	}
 	return in, nil
+}
+
+// podCIDRsChanged passes Node events that can change the pod networks.
+var podCIDRsChanged = predicate.Funcs{
+	UpdateFunc: func(e event.UpdateEvent) bool {
+		o, ok1 := e.ObjectOld.(*corev1.Node)
+		n, ok2 := e.ObjectNew.(*corev1.Node)
+		return !ok1 || !ok2 || !slices.Equal(o.Spec.PodCIDRs, n.Spec.PodCIDRs)
+	},
+}
+
+// NodePodCIDRsOnly is the cache transform for Nodes: only the name and the
+// pod CIDRs are kept (a Node's status with its images is large and
+// changes often).
+func NodePodCIDRsOnly(obj any) (any, error) {
+	n, ok := obj.(*corev1.Node)
+	if !ok {
+		return obj, nil
+	}
+	return &corev1.Node{
+		TypeMeta:   n.TypeMeta,
+		ObjectMeta: metav1.ObjectMeta{Name: n.Name, UID: n.UID, ResourceVersion: n.ResourceVersion},
+		Spec:       corev1.NodeSpec{PodCIDR: n.Spec.PodCIDR, PodCIDRs: n.Spec.PodCIDRs},
+	}, nil
 }
 
 func ptrs[T any](items []T) []*T {

@@ -38,6 +38,10 @@ type Input struct {
 	HTTPRoutes       []*gwv1.HTTPRoute
 	GRPCRoutes       []*gwv1.GRPCRoute
 	ReferenceGrants  []*gwv1.ReferenceGrant
+	// PodCIDRs are the ranges pod IPs come from (the Nodes' spec.podCIDRs,
+	// or the controller's --pod-cidrs): sidecars resolve calls to a pod IP
+	// in them on demand (see Mesh.PodCIDRs).
+	PodCIDRs []string
 }
 
 // Defaults returns spec with every unset field given the CRD's default, so
@@ -89,6 +93,7 @@ func Build(in Input) (*Mesh, []Problem) {
 	m := &Mesh{
 		servicesByName: map[string]*Service{},
 		workloadsByKey: map[string]*Workload{},
+		workloadsByIP:  map[string]*Workload{},
 		grants:         in.ReferenceGrants,
 	}
 	if in.MeshConfig != nil {
@@ -113,6 +118,11 @@ func Build(in Input) (*Mesh, []Problem) {
 	slices.SortFunc(m.Workloads, func(a, b *Workload) int {
 		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
 	})
+	for _, w := range m.Workloads {
+		for _, ip := range w.IPs {
+			m.workloadsByIP[ip] = w
+		}
+	}
 
 	for _, s := range in.Services {
 		svc := serviceFromObject(s)
@@ -126,12 +136,30 @@ func Build(in Input) (*Mesh, []Problem) {
 		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
 	})
 
+	m.PodCIDRs = podCIDRs(in.PodCIDRs)
 	m.addEndpoints(in.EndpointSlices)
 	problems = append(problems, m.attachBackendPolicies(in.BackendPolicies)...)
 	problems = append(problems, m.attachAccessPolicies(in.AccessPolicies)...)
 	problems = append(problems, m.attachRoutes(in.HTTPRoutes, in.GRPCRoutes)...)
 	problems = append(problems, m.addExternal(in.ExternalServices)...)
 	return m, problems
+}
+
+// podCIDRs parses, masks, sorts and de-duplicates pod CIDRs; malformed
+// entries are dropped (the flag is checked at start, Nodes by the apiserver).
+func podCIDRs(in []string) []netip.Prefix {
+	var out []netip.Prefix
+	for _, s := range in {
+		p, err := netip.ParsePrefix(strings.TrimSpace(s))
+		if err != nil {
+			continue
+		}
+		out = append(out, p.Masked())
+	}
+	slices.SortFunc(out, func(a, b netip.Prefix) int {
+		return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
+	})
+	return slices.Compact(out)
 }
 
 func workloadFromPod(p *corev1.Pod) *Workload {

@@ -2,6 +2,7 @@ package model
 
 import (
 	"fmt"
+	"net/netip"
 	"strings"
 
 	"k8s.io/apimachinery/pkg/util/intstr"
@@ -117,9 +118,13 @@ type Mesh struct {
 	Workloads []*Workload
 	// External services sorted by namespace and name.
 	External []*ExternalService
+	// PodCIDRs are the pod networks, sorted: a sidecar's call to an IP in
+	// them that is no Service's resolves its cluster on demand.
+	PodCIDRs []netip.Prefix
 
 	servicesByName map[string]*Service
 	workloadsByKey map[string]*Workload
+	workloadsByIP  map[string]*Workload
 	grants         []*gwv1.ReferenceGrant
 }
 
@@ -131,6 +136,13 @@ func (m *Mesh) Service(namespace, name string) *Service {
 // Workload returns the workload (pod) namespace/name, or nil.
 func (m *Mesh) Workload(namespace, name string) *Workload {
 	return m.workloadsByKey[namespace+"/"+name]
+}
+
+// WorkloadByIP returns the workload (pod) with the IP, or nil. When two
+// pods report one IP (a terminated pod not yet gone) the later one by
+// namespace and name wins.
+func (m *Mesh) WorkloadByIP(ip string) *Workload {
+	return m.workloadsByIP[ip]
 }
 
 // SPIFFEID is the identity of a ServiceAccount in the mesh's trust domain.

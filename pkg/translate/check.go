@@ -229,7 +229,7 @@ func CheckReferences(r *Resources) error {
 					if i != len(fc.Filters)-1 {
 						bad("listener %q chain %q: tcp_proxy is not the last network filter", l.Name, fc.Name)
 					}
-					if c := cfg.GetCluster(); !clusters[c] {
+					if c := cfg.GetCluster(); !clusters[c] && cfg.GetOnDemand() == nil {
 						bad("listener %q chain %q: tcp_proxy to unknown cluster %q", l.Name, fc.Name, c)
 					}
 				}

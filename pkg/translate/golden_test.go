@@ -5,9 +5,11 @@ import (
 	"flag"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
+	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	"github.com/google/go-cmp/cmp"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -38,6 +40,14 @@ func translateCase(t testing.TB, path string) (*translate.Resources, []model.Pro
 		t.Fatalf("%s: proxy pod %s is not in the input", path, h.Proxy)
 	}
 	res, tp := translate.For(mesh, w)
+	for _, name := range h.OnDemand {
+		c, ok := translate.PodIPCluster(mesh, name)
+		if !ok {
+			t.Fatalf("%s: on-demand cluster %q does not resolve", path, name)
+		}
+		res.Clusters = append(res.Clusters, c)
+	}
+	slices.SortFunc(res.Clusters, func(a, b *clusterv3.Cluster) int { return strings.Compare(a.Name, b.Name) })
 	return res, append(problems, tp...), mesh
 }
 

@@ -151,6 +151,14 @@ func (t *translator) outboundListener() *listenerv3.Listener {
 		}
 	}
 
+	// Pod IPs last: an ExternalService claiming the same range and port
+	// keeps it (more specific ranges win in Envoy anyway).
+	for _, fc := range t.podIPChains(chains) {
+		if _, dup := findChain(chains, fc.Name); !dup && !claimed(chains, fc.FilterChainMatch) {
+			chains = append(chains, fc)
+		}
+	}
+
 	for port := range httpPorts {
 		t.routes[OutboundRouteName(port)] = t.outboundRouteConfig(port)
 	}
@@ -193,6 +201,21 @@ func findChain(chains []*listenerv3.FilterChain, name string) (*listenerv3.Filte
 		}
 	}
 	return nil, false
+}
+
+// claimed says whether a chain already matches exactly m's port, ranges and
+// server names.
+func claimed(chains []*listenerv3.FilterChain, m *listenerv3.FilterChainMatch) bool {
+	for _, c := range chains {
+		cm := c.FilterChainMatch
+		if cm.GetDestinationPort().GetValue() == m.GetDestinationPort().GetValue() &&
+			slices.EqualFunc(cm.PrefixRanges, m.PrefixRanges, func(a, b *corev3.CidrRange) bool {
+				return a.AddressPrefix == b.AddressPrefix && a.PrefixLen.GetValue() == b.PrefixLen.GetValue()
+			}) && slices.Equal(cm.ServerNames, m.ServerNames) {
+			return true
+		}
+	}
+	return false
 }
 
 func cidrs(ps ...netip.Prefix) []*corev3.CidrRange {

@@ -73,6 +73,9 @@ type Cache struct {
 	// and key over SDS), served on top of its class.
 	perNode map[string]Class
 	watches map[*watch]struct{}
+	// onDemand resolves names a proxy subscribes to that its class does not
+	// hold (SetOnDemand).
+	onDemand OnDemand
 
 	// OnRespond is called (outside the lock is not guaranteed; keep it
 	// cheap) for every response, for metrics.
@@ -140,6 +143,22 @@ func (c *Cache) SetNodeResources(nodeID, typeURL string, rs map[string]*Resource
 			c.tryRespond(w)
 		}
 	}
+}
+
+// OnDemand resolves a resource a proxy subscribed to by name that is not in
+// its class, such as a pod-IP cluster discovered on demand (ODCDS). known
+// says whether the name is one the resolver answers for; a nil resource
+// then means it does not exist (the proxy is told so at once). It runs
+// under the cache's lock: it must not call the cache.
+type OnDemand func(typeURL, name string) (r *Resource, known bool)
+
+// SetOnDemand sets the resolver of on-demand names; the pusher sets one per
+// round, from the round's model, before it sets the classes (which answers
+// the watches whose on-demand resources changed).
+func (c *Cache) SetOnDemand(f OnDemand) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.onDemand = f
 }
 
 // NodeClass returns the class key a node is bound to.
@@ -286,19 +305,34 @@ func (c *Cache) tryRespond(w *watch) bool {
 	return c.respondDelta(w, class, version)
 }
 
-// wanted are the class's resources of the watch's type its subscription asks for.
-func wanted(class Class, typeURL string, sub cachev3.Subscription) map[string]*Resource {
+// wanted are the class's resources of the watch's type its subscription
+// asks for, plus the on-demand resources it subscribed to by name. missing
+// are the on-demand names that do not resolve.
+func (c *Cache) wanted(class Class, typeURL string, sub cachev3.Subscription) (want map[string]*Resource, missing []string) {
 	all := class[typeURL]
-	if sub.IsWildcard() {
-		return all
+	names := sub.SubscribedResources()
+	if sub.IsWildcard() && len(names) == 0 {
+		return all, nil
 	}
 	out := map[string]*Resource{}
-	for name := range sub.SubscribedResources() {
+	if sub.IsWildcard() {
+		maps.Copy(out, all)
+	}
+	for name := range names {
 		if r, ok := all[name]; ok {
 			out[name] = r
+			continue
+		}
+		if c.onDemand == nil {
+			continue
+		}
+		if r, known := c.onDemand(typeURL, name); r != nil {
+			out[name] = r
+		} else if known {
+			missing = append(missing, name)
 		}
 	}
-	return out
+	return out, missing
 }
 
 // respondSotw answers a state-of-the-world watch. Listeners and clusters
@@ -309,7 +343,7 @@ func wanted(class Class, typeURL string, sub cachev3.Subscription) map[string]*R
 // not repeated until the content changes (no push loop).
 func (c *Cache) respondSotw(w *watch, class Class, typeVersion func(string) string) bool {
 	typeURL := w.sotw.GetTypeUrl()
-	want := wanted(class, typeURL, w.sub)
+	want, _ := c.wanted(class, typeURL, w.sub)
 	known := w.sub.ReturnedResources()
 	version := typeVersion(typeURL)
 	// Only listeners and clusters need an answer to finish initialising when
@@ -370,7 +404,7 @@ func (c *Cache) respondSotw(w *watch, class Class, typeVersion func(string) stri
 // differs from what the client holds and the names it holds that are gone.
 func (c *Cache) respondDelta(w *watch, class Class, typeVersion func(string) string) bool {
 	typeURL := w.delta.GetTypeUrl()
-	want := wanted(class, typeURL, w.sub)
+	want, missing := c.wanted(class, typeURL, w.sub)
 	known := w.sub.ReturnedResources()
 	var changed []*Resource
 	for _, r := range want {
@@ -381,6 +415,15 @@ func (c *Cache) respondDelta(w *watch, class Class, typeVersion func(string) str
 	var removed []string
 	for n := range known {
 		if _, ok := want[n]; !ok {
+			removed = append(removed, n)
+		}
+	}
+	// An on-demand name that does not exist is answered as removed when it
+	// is first asked for (the xDS protocol's "does not exist"), so the
+	// proxy fails the connection at once instead of after its discovery
+	// timeout; later rounds do not repeat it.
+	for _, n := range missing {
+		if _, held := known[n]; !held && slices.Contains(w.delta.GetResourceNamesSubscribe(), n) {
 			removed = append(removed, n)
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"net"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -23,6 +24,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/types/known/durationpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
 	"github.com/trellis-mesh/trellis/pkg/xds"
@@ -385,4 +387,93 @@ func TestPushOrderMakesBeforeBreak(t *testing.T) {
 func recvDelta(t *testing.T, st discovery.AggregatedDiscoveryService_DeltaAggregatedResourcesClient) *discovery.DeltaDiscoveryResponse {
 	t.Helper()
 	return recv(t, st.Recv)
+}
+
+// TestOnDemandClusters follows ODCDS as Envoy does it on its delta ADS
+// stream: a wildcard CDS subscription that later subscribes to names its
+// class does not hold. A name the resolver knows is sent (and re-sent when
+// the resolver's answer changes with a round); one it knows not to exist is
+// answered as removed at once, and only when asked; the class's own
+// clusters keep flowing to the wildcard subscription.
+func TestOnDemandClusters(t *testing.T) {
+	h := newHarness(t)
+	clusterRes := func(name string, port uint32) *xds.Resource {
+		r, err := xds.NewResource(name, &clusterv3.Cluster{Name: name, ConnectTimeout: durationpb.New(time.Duration(port) * time.Millisecond)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	var version atomic.Uint32
+	version.Store(1)
+	h.cache.SetOnDemand(func(typeURL, name string) (*xds.Resource, bool) {
+		if typeURL != resource.ClusterType || !strings.HasPrefix(name, "podip|") {
+			return nil, false
+		}
+		if name == "podip|10.0.0.5:80" {
+			return clusterRes(name, version.Load()), true
+		}
+		return nil, true
+	})
+	class := func(port uint32) xds.Class {
+		return xds.Class{resource.ClusterType: {"static": clusterRes("static", port)}}
+	}
+	h.cache.SetClass("c", class(1))
+	st, err := h.ads.DeltaAggregatedResources(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	node := &corev3.Node{Id: "sidecar~10.0.0.9~p.ns~ns.svc.cluster.local"}
+	// Legacy wildcard: Envoy's first CDS request names nothing.
+	if err := st.Send(&discovery.DeltaDiscoveryRequest{Node: node, TypeUrl: resource.ClusterType}); err != nil {
+		t.Fatal(err)
+	}
+	r := recvDelta(t, st)
+	if len(r.Resources) != 1 || r.Resources[0].Name != "static" {
+		t.Fatalf("wildcard response: %v", r.Resources)
+	}
+	ack := func(r *discovery.DeltaDiscoveryResponse, subscribe ...string) {
+		t.Helper()
+		if err := st.Send(&discovery.DeltaDiscoveryRequest{TypeUrl: resource.ClusterType, ResponseNonce: r.Nonce, ResourceNamesSubscribe: subscribe}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ack(r, "podip|10.0.0.5:80")
+	r = recvDelta(t, st)
+	if len(r.Resources) != 1 || r.Resources[0].Name != "podip|10.0.0.5:80" || len(r.RemovedResources) != 0 {
+		t.Fatalf("on-demand response: resources %v removed %v, want only podip|10.0.0.5:80", r.Resources, r.RemovedResources)
+	}
+	ack(r, "podip|10.0.0.6:80")
+	r = recvDelta(t, st)
+	if len(r.Resources) != 0 || !slices.Equal(r.RemovedResources, []string{"podip|10.0.0.6:80"}) {
+		t.Fatalf("unknown on-demand name: resources %v removed %v, want it removed", r.Resources, r.RemovedResources)
+	}
+	ack(r)
+	// A round changes the class and the resolved cluster: both are sent;
+	// the missing name is not repeated.
+	version.Store(2)
+	h.cache.SetClass("c", class(2))
+	r = recvDelta(t, st)
+	got := []string{}
+	for _, res := range r.Resources {
+		got = append(got, res.Name)
+	}
+	slices.Sort(got)
+	if !slices.Equal(got, []string{"podip|10.0.0.5:80", "static"}) || len(r.RemovedResources) != 0 {
+		t.Fatalf("after a round: resources %v removed %v, want podip|10.0.0.5:80 and static", got, r.RemovedResources)
+	}
+	ack(r)
+	// A round with no change sends nothing.
+	h.cache.SetClass("c", class(2))
+	ch := make(chan *discovery.DeltaDiscoveryResponse, 1)
+	go func() {
+		if r, err := st.Recv(); err == nil {
+			ch <- r
+		}
+	}()
+	select {
+	case r := <-ch:
+		t.Fatalf("unchanged round sent %v removed %v", r.Resources, r.RemovedResources)
+	case <-time.After(300 * time.Millisecond):
+	}
 }

@@ -19,6 +19,7 @@ type Metrics struct {
 	TranslateErrors  prometheus.Counter
 	TokenReviewCache *prometheus.CounterVec
 	AuthFailures     *prometheus.CounterVec
+	OnDemandClusters *prometheus.CounterVec
 }
 
 // NewMetrics creates the metrics.
@@ -39,10 +40,11 @@ func NewMetrics() *Metrics {
 		TranslateErrors:  prometheus.NewCounter(prometheus.CounterOpts{Name: "trellis_translate_rejected_total", Help: "Translation results that failed validation and were not served."}),
 		TokenReviewCache: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "trellis_xds_tokenreview_cache_total", Help: "Token reviews answered from the cache (hit) or the apiserver (miss)."}, []string{"result"}),
 		AuthFailures:     prometheus.NewCounterVec(prometheus.CounterOpts{Name: "trellis_xds_auth_failures_total", Help: "Rejected xDS streams, by gRPC code."}, []string{"code"}),
+		OnDemandClusters: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "trellis_xds_ondemand_resolutions_total", Help: "On-demand cluster names (pod IPs) resolved, once per name and push round, by whether the cluster exists."}, []string{"found"}),
 	}
 }
 
 // Collectors lists the metrics for registration.
 func (m *Metrics) Collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.ConnectedProxies, m.Rounds, m.Pushes, m.PushedResources, m.PushedBytes, m.NACKs, m.Convergence, m.Debounce, m.Translate, m.TranslateErrors, m.TokenReviewCache, m.AuthFailures}
+	return []prometheus.Collector{m.ConnectedProxies, m.Rounds, m.Pushes, m.PushedResources, m.PushedBytes, m.NACKs, m.Convergence, m.Debounce, m.Translate, m.TranslateErrors, m.TokenReviewCache, m.AuthFailures, m.OnDemandClusters}
 }

@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"runtime"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -402,6 +404,9 @@ func (p *Pusher) round(ctx context.Context) {
 	}
 	_ = g.Wait()
 
+	// Before the classes: setting them answers the watches whose on-demand
+	// resources changed with this round's model.
+	p.Cache.SetOnDemand(p.onDemand(mesh))
 	var problems []model.Problem
 	served := map[string]bool{}
 	for key, r := range results {
@@ -454,6 +459,37 @@ func (p *Pusher) round(ctx context.Context) {
 		p.OnProblems(problems)
 	}
 	p.Metrics.Rounds.Inc()
+}
+
+// onDemand resolves the on-demand names proxies subscribe to (pod-IP
+// clusters) from a round's model, each name once per round.
+func (p *Pusher) onDemand(mesh *model.Mesh) OnDemand {
+	var mu sync.Mutex
+	memo := map[string]*Resource{}
+	return func(typeURL, name string) (*Resource, bool) {
+		if typeURL != resource.ClusterType || !strings.HasPrefix(name, translate.PodIPClusterPrefix) {
+			return nil, false
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		if r, ok := memo[name]; ok {
+			return r, true
+		}
+		var r *Resource
+		if c, ok := translate.PodIPCluster(mesh, name); ok {
+			var err error
+			if err = c.ValidateAll(); err == nil {
+				r, err = NewResource(name, c)
+			}
+			if err != nil {
+				p.Log.Error(err, "on-demand cluster not served", "cluster", name)
+				r = nil
+			}
+		}
+		memo[name] = r
+		p.Metrics.OnDemandClusters.WithLabelValues(strconv.FormatBool(r != nil)).Inc()
+		return r, true
+	}
 }
 
 // ClassFrom marshals a translation result into a cache class.

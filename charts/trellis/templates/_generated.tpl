@@ -29,6 +29,13 @@
   - list
   - watch
 - apiGroups:
+  - ""
+  resources:
+  - nodes
+  verbs:
+  - list
+  - watch
+- apiGroups:
   - admissionregistration.k8s.io
   resourceNames:
   - trellis-injection

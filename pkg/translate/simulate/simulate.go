@@ -126,6 +126,9 @@ type Mesh map[string]*Proxy
 type Simulator struct {
 	Mesh Mesh
 	Rand *rand.Rand
+	// OnDemand resolves the clusters a proxy discovers on demand (the
+	// control plane's side of ODCDS, e.g. translate.PodIPCluster).
+	OnDemand func(name string) (*clusterv3.Cluster, bool)
 }
 
 // New returns a simulator over the proxies, keyed by pod IP.
@@ -171,6 +174,21 @@ func (s *Simulator) Send(client *Proxy, req Request) (*Result, error) {
 	case *tcpproxyv3.TcpProxy:
 		res.Clusters = map[string]uint32{cfg.GetCluster(): 1}
 		res.Cluster = cfg.GetCluster()
+		if cfg.GetOnDemand() != nil {
+			// The pod-IP chains: the cluster is named after the original
+			// destination and discovered from the control plane.
+			if s.OnDemand == nil {
+				return nil, fmt.Errorf("chain %q discovers its cluster on demand; set Simulator.OnDemand", fc.Name)
+			}
+			name := translate.PodIPClusterName(netip.AddrPortFrom(netip.MustParseAddr(req.DestIP), uint16(req.DestPort)))
+			res.Clusters, res.Cluster = map[string]uint32{name: 1}, name
+			c, ok := s.OnDemand(name)
+			if !ok {
+				res.Outcome = Refused // no such cluster: Envoy closes the connection
+				return res, nil
+			}
+			return s.forward(client, req, res, c)
+		}
 	case *hcmv3.HttpConnectionManager:
 		if !req.HTTP {
 			return nil, fmt.Errorf("chain %q is HTTP but the request is not", fc.Name)
@@ -201,7 +219,7 @@ func (s *Simulator) Send(client *Proxy, req Request) (*Result, error) {
 	default:
 		return nil, fmt.Errorf("chain %q: unsupported terminal filter %T", fc.Name, term)
 	}
-	return s.forward(client, req, res)
+	return s.forward(client, req, res, nil)
 }
 
 func transportOf(req Request) string {
@@ -247,8 +265,10 @@ func (s *Simulator) pick(weights map[string]uint32) string {
 
 // forward connects to an endpoint of res.Cluster and, for a known server
 // proxy, runs its inbound side.
-func (s *Simulator) forward(client *Proxy, req Request, res *Result) (*Result, error) {
-	c := findCluster(client.Resources, res.Cluster)
+func (s *Simulator) forward(client *Proxy, req Request, res *Result, c *clusterv3.Cluster) (*Result, error) {
+	if c == nil {
+		c = findCluster(client.Resources, res.Cluster)
+	}
 	if c == nil {
 		return nil, fmt.Errorf("cluster %q not found", res.Cluster)
 	}
@@ -306,7 +326,18 @@ func (s *Simulator) forward(client *Proxy, req Request, res *Result) (*Result, e
 			}
 			return res, nil
 		}
-		return nil, fmt.Errorf("static cluster %q not simulated", c.Name)
+		eps := c.GetLoadAssignment().GetEndpoints()[0].GetLbEndpoints()
+		if len(eps) != 1 {
+			return nil, fmt.Errorf("static cluster %q: %d endpoints, only one is simulated", c.Name, len(eps))
+		}
+		sa := eps[0].GetEndpoint().GetAddress().GetSocketAddress()
+		res.Endpoint = netip.AddrPortFrom(netip.MustParseAddr(sa.Address), uint16(sa.GetPortValue())).String()
+		if ts := c.GetTransportSocket(); ts != nil {
+			tlsCtx = &tlsv3.UpstreamTlsContext{}
+			if err := ts.GetTypedConfig().UnmarshalTo(tlsCtx); err != nil {
+				return nil, err
+			}
+		}
 	default:
 		res.Outcome = Forwarded // DNS clusters: leaves the mesh
 		return res, nil
