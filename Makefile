@@ -66,9 +66,14 @@ manifests: $(CONTROLLER_GEN)
 	$(GO) run ./hack/chartgen
 	@# Gateway API CRDs Trellis reads (standard channel, the pinned module's own manifests),
 	@# for tests and the demo; clusters install Gateway API themselves.
+	@# The e2e runs the experimental channel's (a superset: HTTPRoute retry and other
+	@# experimental fields survive the apiserver there).
+	@mkdir -p config/crd/gateway-api-experimental
+	@rm -f config/crd/gateway-api-experimental/*.yaml
 	gwdir="$$($(GO) list -m -f '{{.Dir}}' sigs.k8s.io/gateway-api)"; \
 	for k in httproutes grpcroutes referencegrants; do \
-		install -m 0644 "$$gwdir/config/crd/standard/gateway.networking.k8s.io_$$k.yaml" config/crd/gateway-api/; done
+		install -m 0644 "$$gwdir/config/crd/standard/gateway.networking.k8s.io_$$k.yaml" config/crd/gateway-api/; \
+		install -m 0644 "$$gwdir/config/crd/experimental/gateway.networking.k8s.io_$$k.yaml" config/crd/gateway-api-experimental/; done
 	@# cert-manager's CRDs the backend and the chart's cert-manager option use, for tests.
 	cmdir="$$($(GO) list -m -f '{{.Dir}}' github.com/cert-manager/cert-manager)"; \
 	for k in certificaterequests certificates issuers; do \

@@ -128,6 +128,8 @@ type echoBody struct {
 	Proto   string              `json:"proto"`
 	Remote  string              `json:"remote"`
 	Headers map[string][]string `json:"headers"`
+	// Count is the server's echo request number (--fail-every counts it).
+	Count int64 `json:"count"`
 }
 
 func (b *echoBody) header(name string) string {

@@ -11,6 +11,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 )
 
@@ -108,9 +109,7 @@ func TestEnvoyHTTPRoute(t *testing.T) {
 		gwv1.HTTPRouteRule{BackendRefs: []gwv1.HTTPBackendRef{httpBackend("web-v1", 80), httpBackend("web-v2", 20)}},
 	)
 	// web-ports serves web v1 on ports 80 and 81; its route is attached to
-	// port 80 only (parentRef port). (HTTPRoute retry is in Gateway API's
-	// experimental channel only; this cluster runs the standard one, which
-	// prunes the field: translated and golden-tested, not proven here.)
+	// port 80 only (parentRef port). HTTPRoute retry: TestEnvoyHTTPRouteRetry.
 	ports := httpService(ns, "web-ports")
 	ports.Spec.Selector = map[string]string{"app": "web", "version": "v1"}
 	ports.Spec.Ports = append(ports.Spec.Ports[:1:1], corev1.ServicePort{Name: "http-alt", Port: 81, TargetPort: intstr.FromInt32(httpPort), AppProtocol: ptr.To("http")})
@@ -245,4 +244,52 @@ func TestEnvoyHTTPRoute(t *testing.T) {
 			t.Errorf("code %d, want 504 (upstream request timeout)", r.Code)
 		}
 	})
+}
+
+// appAnswered: every response came from the app (a 200, or its own 503
+// with its JSON body), none from the client's sidecar.
+func appAnswered(rs []httpResult) (bool, string) {
+	for _, r := range rs {
+		if r.Body == nil || (r.Code != 200 && r.Code != 503) {
+			return false, fmt.Sprintf("request %d: %d %s%s", r.I, r.Code, r.Error, r.Raw)
+		}
+	}
+	return true, ""
+}
+
+// TestEnvoyHTTPRouteRetry: Gateway API's HTTPRoute retry (experimental
+// channel; the e2e installs that channel's CRDs) through the client's Envoy
+// sidecar, against a backend failing every 2nd request with 503: without a
+// route about half the requests fail, with retry {attempts: 2, codes: [503]}
+// none does and the client's sidecar counts the retries.
+func TestEnvoyHTTPRouteRetry(t *testing.T) {
+	requireEnv(t)
+	t.Parallel()
+	ns := setupHTTP(t, "flaky", 1, "--fail-every=2")
+	// Until the client's sidecar has the endpoint, Envoy itself answers
+	// 503 (no healthy upstream); count only once every answer is the app's.
+	rs := eventuallyHTTP(t, "flaky reachable", func() []httpResult { return httpCall(t, ns, "client", "--url", "http://flaky/", "--count", "40") }, appAnswered)
+	if c := codes(rs); c[503] < 15 || c[200] < 15 {
+		t.Fatalf("without a route: %v, the app should fail every 2nd request", c)
+	}
+	t.Logf("without a route: %v, every answer from the app", codes(rs))
+	route := httpRoute(ns, "flaky", "flaky", gwv1.HTTPRouteRule{
+		Retry:       &gwv1.HTTPRouteRetry{Attempts: ptr.To(2), Codes: []gwv1.HTTPRouteRetryStatusCode{503}},
+		BackendRefs: []gwv1.HTTPBackendRef{httpBackend("flaky", 1)},
+	})
+	create(t, route)
+	var got gwv1.HTTPRoute
+	if err := env.Cluster.Client().Get(ctxT(t), client.ObjectKeyFromObject(route), &got); err != nil {
+		t.Fatal(err)
+	}
+	if len(got.Spec.Rules) != 1 || got.Spec.Rules[0].Retry == nil {
+		t.Fatalf("the apiserver dropped the rule's retry (standard-channel CRDs prune it; the e2e installs the experimental ones): %+v", got.Spec.Rules)
+	}
+	before := statSum(scrape(t, ns, "client"), "envoy_cluster_upstream_rq_retry", "outbound|80||flaky."+ns)
+	rs = eventuallyHTTP(t, "retries", func() []httpResult { return httpCall(t, ns, "client", "--url", "http://flaky/", "--count", "100") }, allCode(200))
+	retries := statSum(scrape(t, ns, "client"), "envoy_cluster_upstream_rq_retry", "outbound|80||flaky."+ns) - before
+	t.Logf("with retry {attempts: 2, codes: [503]}: %d/100 succeeded; the client's sidecar retried %v times", codes(rs)[200], retries)
+	if retries < 30 {
+		t.Errorf("the client's sidecar counted %v retries for 100 requests against a backend failing every 2nd one", retries)
+	}
 }

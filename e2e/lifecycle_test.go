@@ -245,10 +245,10 @@ func TestCertificateRotation(t *testing.T) {
 	ers := envoyTraffic.stop(t)
 	lastWeb, lastCAs := webCerts()
 	t.Logf("Envoy sidecars: %v over %d requests (a new connection and TLS handshake each) over 150 s with a root rotation; web's sidecar certificates %v → %v, trusted roots %v → %v", codes(ers), len(ers), firstWeb, lastWeb, firstCAs, lastCAs)
-	// Known bug (seen once in about ten runs, 5/600): a few handshakes fail
-	// (the server's sidecar closes them: "remote connection failure") at
-	// some point of the rotation; not yet understood. Each failure is logged
-	// with its time against the phases; more than 1 % fails the test.
+	// Every request must succeed. (Once, 5/600 handshakes failed; the likely
+	// cause, an older certificate load overtaking a newer one, is fixed —
+	// xds TestOverlappingLoadsServeTheLatest.) A failure is logged with its
+	// time against the phases, to tell which step of the rotation broke it.
 	if c := codes(ers); c[200] != len(ers) {
 		var at []string
 		for ph, when := range phases {
@@ -259,9 +259,7 @@ func TestCertificateRotation(t *testing.T) {
 				t.Logf("failed request %d, about %.1f s into the traffic (4/s; phases: %s): %d %s", r.I, float64(r.I)/4, strings.Join(at, ", "), r.Code, r.Error+r.Raw)
 			}
 		}
-		if len(ers)-c[200] > len(ers)/100 {
-			t.Errorf("through Envoy: %v (%s)", c, firstHTTPError(ers, 200))
-		}
+		t.Errorf("through Envoy: %v (%s)", c, firstHTTPError(ers, 200))
 	}
 	if len(ers) < 300 {
 		t.Errorf("through Envoy: only %d requests", len(ers))

@@ -122,7 +122,9 @@ func Start(ctx context.Context, opts Options) (_ *Env, err error) {
 	if e.net, err = newNetwork(); err != nil {
 		return nil, fmt.Errorf("pod network: %w", err)
 	}
-	if e.Cluster, err = localcluster.Start(ctx, localcluster.Options{Dir: opts.Dir}); err != nil {
+	// Gateway API's experimental channel (a superset of the standard one),
+	// so that experimental route fields (HTTPRoute retry) are exercised.
+	if e.Cluster, err = localcluster.Start(ctx, localcluster.Options{Dir: opts.Dir, GatewayAPIExperimental: true}); err != nil {
 		return nil, err
 	}
 	c := e.Cluster.Client()

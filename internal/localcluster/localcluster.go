@@ -43,6 +43,9 @@ type Options struct {
 	Dir string
 	// Controllers of kube-controller-manager to run.
 	Controllers []string
+	// GatewayAPIExperimental installs the experimental channel's Gateway
+	// API CRDs (default: the standard channel's).
+	GatewayAPIExperimental bool
 }
 
 // DefaultControllers are what the demo and e2e need from
@@ -64,7 +67,7 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
 		return nil, err
 	}
-	env, err := testenv.Start(testenv.Options{})
+	env, err := testenv.Start(testenv.Options{GatewayAPIExperimental: opts.GatewayAPIExperimental})
 	if err != nil {
 		return nil, err
 	}

@@ -55,6 +55,9 @@ type Options struct {
 	// WithoutGatewayAPI leaves the Gateway API CRDs out, for tests of a
 	// cluster that has none.
 	WithoutGatewayAPI bool
+	// GatewayAPIExperimental installs the Gateway API experimental
+	// channel's CRDs instead of the standard ones.
+	GatewayAPIExperimental bool
 	// CRDs are installed in addition to the directories.
 	CRDs []*apiextensionsv1.CustomResourceDefinition
 	// AddToScheme registers further kinds with the client's scheme.
@@ -139,7 +142,11 @@ func Start(opts Options) (*Env, error) {
 	}
 	dirs := []string{filepath.Join(root, "config", "crd", "cert-manager")}
 	if !opts.WithoutGatewayAPI {
-		dirs = append(dirs, filepath.Join(root, "config", "crd", "gateway-api"))
+		gw := "gateway-api"
+		if opts.GatewayAPIExperimental {
+			gw = "gateway-api-experimental"
+		}
+		dirs = append(dirs, filepath.Join(root, "config", "crd", gw))
 	}
 	if !opts.WithoutTrellisCRDs {
 		dirs = append(dirs, filepath.Join(root, "config", "crd", "bases"))
