@@ -160,7 +160,7 @@ e2e: kube-binaries envoy test-deps
 .PHONY: demo
 demo: kube-binaries envoy
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ ./hack/demo
+	$(GO) build -o $(BIN)/ ./hack/demo ./cmd/trellisctl
 	KUBEBUILDER_ASSETS="$${KUBEBUILDER_ASSETS:-$(BIN)/k8s}" $(BIN)/demo $(DEMO_FLAGS)
 
 .PHONY: clean

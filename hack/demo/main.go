@@ -97,6 +97,7 @@ func run() error {
                %[2]s --kubeconfig %[1]s -n demo scale deployment reviews-v2 --replicas=3
                %[2]s --kubeconfig %[1]s -n demo patch accesspolicy reviews-from-frontend --type=merge -p '{"spec":{"action":"Deny"}}'
                tail -f %[3]s     (the frontend's calls, one JSON line each)
+               bin/trellisctl analyze -f config/samples/demo -n demo     (offline checks of the demo's manifests)
   trellis-controller log: %[4]s
   connected proxies:   curl -s http://127.0.0.1:%[5]d/debug/proxies   (per proxy: class, ACKed versions, last NACK)
   controller metrics:  curl -s http://127.0.0.1:%[5]d/metrics

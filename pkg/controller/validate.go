@@ -14,6 +14,7 @@ import (
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
+	"github.com/trellis-mesh/trellis/pkg/model"
 )
 
 // ValidatePath is where the validating webhook for Trellis objects is served.
@@ -71,17 +72,13 @@ func (v *Validator) Handle(ctx context.Context, req admission.Request) admission
 	return admission.Allowed("")
 }
 
-// parentRefWarnings flags the commonest GAMMA mistake: a parentRef with
-// kind Service but no group, which Gateway API defaults to
-// gateway.networking.k8s.io — a kind that group does not have, so no mesh
-// (and no gateway) picks the route up, and nothing else says so. Routes
-// are not Trellis's: it warns and admits.
+// parentRefWarnings flags the commonest GAMMA mistake (see
+// model.MisgroupedServiceParents). Routes are not Trellis's: it warns and
+// admits.
 func parentRefWarnings(refs []gwv1.ParentReference) []string {
 	var out []string
-	for i, p := range refs {
-		if p.Kind != nil && *p.Kind == "Service" && (p.Group == nil || *p.Group == gwv1.GroupName) {
-			out = append(out, fmt.Sprintf(`spec.parentRefs[%d]: kind Service with group %q (Gateway API's default) names no Service, so no mesh programs this route; for a mesh (GAMMA) route to Service %s write group: ""`, i, gwv1.GroupName, p.Name))
-		}
+	for _, i := range model.MisgroupedServiceParents(refs) {
+		out = append(out, fmt.Sprintf("spec.parentRefs[%d]: %s", i, model.MisgroupedServiceParentMessage(refs[i])))
 	}
 	return out
 }

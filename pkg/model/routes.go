@@ -271,3 +271,23 @@ func (m *Mesh) granted(routeKind, fromNamespace, toNamespace, name string) bool 
 func ValidPath(p string) bool {
 	return strings.HasPrefix(p, "/") && !strings.ContainsAny(p, "?#")
 }
+
+// MisgroupedServiceParents are the indexes of parentRefs with kind Service
+// but no group (or Gateway API's group): Gateway API defaults the group to
+// gateway.networking.k8s.io, a group without that kind, so no mesh (and no
+// gateway) picks the route up for that parent, and nothing else says so.
+func MisgroupedServiceParents(refs []gwv1.ParentReference) []int {
+	var out []int
+	for i, p := range refs {
+		if p.Kind != nil && *p.Kind == "Service" && (p.Group == nil || *p.Group == gwv1.GroupName) {
+			out = append(out, i)
+		}
+	}
+	return out
+}
+
+// MisgroupedServiceParentMessage says what is wrong with such a parentRef
+// and what to write instead.
+func MisgroupedServiceParentMessage(p gwv1.ParentReference) string {
+	return fmt.Sprintf(`kind Service with group %q (Gateway API's default) names no Service, so no mesh programs this route; for a mesh (GAMMA) route to Service %s write group: ""`, gwv1.GroupName, p.Name)
+}
