@@ -46,17 +46,19 @@ func newRoot(stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {
 		Short: "Operate and debug a Trellis service mesh",
 		Long: `trellisctl operates and debugs a Trellis service mesh.
 
-  analyze   find what is wrong with mesh configuration, from manifests (no cluster needed)
-  version   print the client's version
+  analyze            find what is wrong with mesh configuration, from manifests (no cluster needed)
+  describe request   follow one request through the sidecars, step by step (from manifests)
+  version            print the client's version
 
-More commands (check, proxy-status, config-dump, describe, top) are on the way; see the README.`,
+More commands (check, proxy-status, config-dump, top; describe on a live cluster) are on the way;
+see the README.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
 	root.SetIn(stdin)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	root.AddCommand(newAnalyze(), newVersion())
+	root.AddCommand(newAnalyze(), newDescribe(), newVersion())
 	return root
 }
 

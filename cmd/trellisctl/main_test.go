@@ -131,3 +131,50 @@ func TestUsageErrors(t *testing.T) {
 		t.Errorf("--help: exit %d, %q", code, out)
 	}
 }
+
+// TestDescribeRequest follows requests through the configuration built
+// from testdata/describe and the demo, one golden output per case: the
+// route rule that matched, the backends, mTLS and the identity required,
+// the AccessPolicy rule that allowed or denied.
+func TestDescribeRequest(t *testing.T) {
+	cases := []struct {
+		name string
+		args []string
+		want string // a line the output must have
+	}{
+		{"allowed", []string{"frontend", "http://reviews/"}, "AccessPolicy: allowed by shop/reviews-callers/rules/0"},
+		{"header-match-timeout", []string{"deployment/frontend", "http://reviews.shop.svc.cluster.local/", "-H", "x-version: v2"}, "timeout 2s"},
+		{"denied-by-deny-rule", []string{"frontend", "http://reviews/admin/users", "-X", "DELETE"}, "denied by Deny rule shop/no-admin/rules/0"},
+		{"caller-left-out", []string{"ratings", "http://reviews/"}, "the server's sidecar refuses plaintext (Strict mTLS)"},
+		{"pod-ip", []string{"frontend", "http://10.244.0.4:8080/"}, "cluster      podip|10.244.0.4:8080"},
+		{"external", []string{"frontend", "http://api.payments.example.com/pay"}, "outbound|80||api.payments.example.com"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			code, out, errOut := trellisctl(t, "", append([]string{"describe", "request", "-f", "testdata/describe", "-n", "shop"}, c.args...)...)
+			if code != 0 || errOut != "" {
+				t.Fatalf("exit %d, stderr %q", code, errOut)
+			}
+			if !strings.Contains(out, c.want) {
+				t.Errorf("output lacks %q:\n%s", c.want, out)
+			}
+			golden(t, "describe-"+c.name+".txt", out)
+		})
+	}
+	code, out, _ := trellisctl(t, "", "describe", "request", "-f", "../../config/samples/demo", "-n", "demo", "frontend", "http://reviews/")
+	if code != 0 || !strings.Contains(out, "weight 80") || !strings.Contains(out, "allowed by demo/reviews-from-frontend/rules/0") {
+		t.Errorf("the demo's frontend → reviews: exit %d\n%s", code, out)
+	}
+	for _, bad := range [][]string{
+		{"nobody", "http://reviews/"},   // no such workload
+		{"frontend", "http://nowhere/"}, // no such host
+		{"frontend", "ftp://reviews/"},  // scheme
+		{"frontend", "tcp://reviews"},   // tcp needs a port
+		{"frontend", "http://reviews/", "-H", "no colon"},
+	} {
+		code, _, errOut := trellisctl(t, "", append([]string{"describe", "request", "-f", "testdata/describe", "-n", "shop"}, bad...)...)
+		if code == 0 || !strings.Contains(errOut, "Error: ") {
+			t.Errorf("%v: exit %d, stderr %q; want an error saying what to write", bad, code, errOut)
+		}
+	}
+}

@@ -86,9 +86,27 @@ func (r *Report) Errors() int {
 	return n
 }
 
+// Cluster is what the manifests make: the mesh model over stand-in pods,
+// cluster IPs and endpoints, with the findings on the way.
+type Cluster struct {
+	Mesh     *model.Mesh
+	Findings []Finding
+	// owners: pod namespace/name → the workload it stands for.
+	owners map[string]model.Ref
+	// services by namespace/name, with their (stand-in) cluster IPs.
+	services map[string]*corev1.Service
+	external []*meshv1alpha1.ExternalService
+}
+
 // Run analyses the objects.
 func Run(o *Objects, opts Options) *Report {
-	rep := &Report{Skipped: o.Skipped}
+	cl := Build(o, opts)
+	return &Report{Findings: cl.Findings, Workloads: len(cl.Mesh.Workloads), Services: len(cl.Mesh.Services), Skipped: o.Skipped}
+}
+
+// Build makes the cluster the objects describe and analyses it.
+func Build(o *Objects, opts Options) *Cluster {
+	rep := &Cluster{owners: map[string]model.Ref{}, services: map[string]*corev1.Service{}, external: o.ExternalServices}
 	add := func(f Finding) { rep.Findings = append(rep.Findings, f) }
 
 	var mc meshv1alpha1.MeshConfigSpec
@@ -149,6 +167,7 @@ func Run(o *Objects, opts Options) *Report {
 	podOwner := map[*corev1.Pod]model.Ref{}
 	for i, p := range in.Pods {
 		podOwner[p] = pods[i].owner
+		rep.owners[p.Namespace+"/"+p.Name] = pods[i].owner
 	}
 
 	// Services get a cluster IP as the apiserver would give one, and
@@ -163,6 +182,7 @@ func Run(o *Objects, opts Options) *Report {
 			s.Spec.ClusterIP, s.Spec.ClusterIPs = ip, []string{ip}
 		}
 		in.Services = append(in.Services, s)
+		rep.services[s.Namespace+"/"+s.Name] = s
 		if len(s.Spec.Selector) == 0 || s.Spec.Type == corev1.ServiceTypeExternalName {
 			continue
 		}
@@ -192,6 +212,8 @@ func Run(o *Objects, opts Options) *Report {
 		in.EndpointSlices = append(in.EndpointSlices, endpointSlice(s, selected))
 	}
 	in.MeshConfig = o.MeshConfig
+	// The stand-in pods' network, as a Node's spec.podCIDRs would give it.
+	in.PodCIDRs = []string{"10.244.0.0/16"}
 	in.AccessPolicies = o.AccessPolicies
 	in.BackendPolicies = o.BackendPolicies
 	in.ExternalServices = o.ExternalServices
@@ -210,7 +232,7 @@ func Run(o *Objects, opts Options) *Report {
 	for _, p := range problems {
 		add(Finding{Severity: Error, Object: p.Object, Field: p.Field, Reason: p.Reason, Message: p.Message})
 	}
-	rep.Workloads, rep.Services = len(mesh.Workloads), len(mesh.Services)
+	rep.Mesh = mesh
 
 	for _, r := range o.HTTPRoutes {
 		misgrouped(model.Ref{Kind: "HTTPRoute", Namespace: r.Namespace, Name: r.Name}, r.Spec.ParentRefs, add)

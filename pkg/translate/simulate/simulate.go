@@ -87,6 +87,8 @@ type Result struct {
 	Endpoint string
 	// MTLS says the client originated mutual TLS to the endpoint.
 	MTLS bool
+	// SANs are the server identities the client accepts (with MTLS).
+	SANs []string
 	// Status for Responded (direct response) and Denied (403 over HTTP).
 	Status uint32
 	// Redirect for Redirected.
@@ -104,6 +106,10 @@ type InboundResult struct {
 	Peer string
 	// DeniedBy names the RBAC policy set that denied ("deny" or "allow").
 	DeniedBy string
+	// Policy is the RBAC policy that decided: the Deny policy that matched,
+	// or the Allow policy that let the request through ("" when no policy
+	// matched). Trellis names them <namespace>/<AccessPolicy>/rules/<i>.
+	Policy string
 	// Filters are the HTTP filters the request passed, in order.
 	Filters []string
 	Cluster string
@@ -343,6 +349,9 @@ func (s *Simulator) forward(client *Proxy, req Request, res *Result, c *clusterv
 		return res, nil
 	}
 	res.MTLS = tlsCtx != nil
+	for _, m := range tlsCtx.GetCommonTlsContext().GetCombinedValidationContext().GetDefaultValidationContext().GetMatchTypedSubjectAltNames() {
+		res.SANs = append(res.SANs, m.GetMatcher().GetExact())
+	}
 	res.Outcome = Forwarded
 	host, _, _ := strings.Cut(res.Endpoint, ":")
 	if ap, err := netip.ParseAddrPort(res.Endpoint); err == nil {
@@ -455,9 +464,12 @@ func Inbound(server *Proxy, req InboundRequest) (*InboundResult, error) {
 		}
 		switch cfg := msg.(type) {
 		case *rbacnetv3.RBAC:
-			allowed, err := rbacAllows(cfg.GetRules(), out.Peer, req, false)
+			allowed, policy, err := rbacAllows(cfg.GetRules(), out.Peer, req, false)
 			if err != nil {
 				return nil, err
+			}
+			if cfg.GetRules().GetAction() == rbacv3.RBAC_ALLOW || !allowed {
+				out.Policy = policy
 			}
 			if !allowed {
 				out.Outcome, out.DeniedBy = Denied, strings.ToLower(cfg.GetRules().GetAction().String())
@@ -490,9 +502,12 @@ func inboundHTTP(h *hcmv3.HttpConnectionManager, out *InboundResult, req Inbound
 		out.Filters = append(out.Filters, f.Name)
 		switch cfg := msg.(type) {
 		case *rbachttpv3.RBAC:
-			allowed, err := rbacAllows(cfg.GetRules(), out.Peer, req, true)
+			allowed, policy, err := rbacAllows(cfg.GetRules(), out.Peer, req, true)
 			if err != nil {
 				return nil, err
+			}
+			if cfg.GetRules().GetAction() == rbacv3.RBAC_ALLOW || !allowed {
+				out.Policy = policy
 			}
 			if !allowed {
 				out.Outcome, out.DeniedBy = Denied, strings.ToLower(cfg.GetRules().GetAction().String())
@@ -776,25 +791,33 @@ func matchString(m *matcherv3.StringMatcher, v string) bool {
 // permissions and one of its principals match; ALLOW lets through requests
 // some policy matches, DENY those no policy matches
 // (https://www.envoyproxy.io/docs/envoy/latest/api-v3/config/rbac/v3/rbac.proto).
-func rbacAllows(r *rbacv3.RBAC, peer string, req InboundRequest, http bool) (bool, error) {
-	matched := false
-	for _, p := range r.GetPolicies() {
+// rbacAllows evaluates an RBAC filter's rules; policy is the first policy
+// (by name) that matched.
+func rbacAllows(r *rbacv3.RBAC, peer string, req InboundRequest, http bool) (allowed bool, policy string, err error) {
+	names := make([]string, 0, len(r.GetPolicies()))
+	for n := range r.GetPolicies() {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	for _, n := range names {
+		p := r.GetPolicies()[n]
 		perm, err := anyOf(p.Permissions, func(x *rbacv3.Permission) (bool, error) { return permission(x, req, http) })
 		if err != nil {
-			return false, err
+			return false, "", err
 		}
 		prin, err := anyOf(p.Principals, func(x *rbacv3.Principal) (bool, error) { return principal(x, peer) })
 		if err != nil {
-			return false, err
+			return false, "", err
 		}
 		if perm && prin {
-			matched = true
+			policy = n
+			break
 		}
 	}
 	if r.GetAction() == rbacv3.RBAC_DENY {
-		return !matched, nil
+		return policy == "", policy, nil
 	}
-	return matched, nil
+	return policy != "", policy, nil
 }
 
 func anyOf[T any](xs []T, f func(T) (bool, error)) (bool, error) {
