@@ -145,7 +145,10 @@ func Build(o *Objects, opts Options) *Cluster {
 	})
 	var podIP uint32 = 10<<24 | 244<<16 | 1
 	cfg := inject.Config{Mesh: mc, InitImage: "trellis-init", XDSHost: "trellis-xds.trellis-system.svc", XDSPort: 15012}
-	var in model.Input
+	// The kinds the mesh reads as written; pods, Services and endpoints
+	// are replaced by their stand-ins below.
+	in := o.Input
+	in.Pods, in.Services = nil, nil
 	for _, po := range pods {
 		p := po.pod
 		if injected(p.Namespace) && p.Annotations[inject.AnnotationStatus] != "injected" {
@@ -173,7 +176,7 @@ func Build(o *Objects, opts Options) *Cluster {
 	// Services get a cluster IP as the apiserver would give one, and
 	// EndpointSlices as the EndpointSlice controller would build them.
 	var svcIP uint32 = 10<<24 | 96<<16 | 10
-	in.EndpointSlices = append(in.EndpointSlices, o.EndpointSlices...)
+	in.EndpointSlices = slices.Clone(o.EndpointSlices)
 	for _, s := range o.Services {
 		s = s.DeepCopy()
 		if s.Spec.Type != corev1.ServiceTypeExternalName && s.Spec.ClusterIP == "" {
@@ -211,15 +214,8 @@ func Build(o *Objects, opts Options) *Cluster {
 		}
 		in.EndpointSlices = append(in.EndpointSlices, endpointSlice(s, selected))
 	}
-	in.MeshConfig = o.MeshConfig
 	// The stand-in pods' network, as a Node's spec.podCIDRs would give it.
 	in.PodCIDRs = []string{"10.244.0.0/16"}
-	in.AccessPolicies = o.AccessPolicies
-	in.BackendPolicies = o.BackendPolicies
-	in.ExternalServices = o.ExternalServices
-	in.HTTPRoutes = o.HTTPRoutes
-	in.GRPCRoutes = o.GRPCRoutes
-	in.ReferenceGrants = o.ReferenceGrants
 
 	mesh, problems := model.Build(in)
 	for _, w := range mesh.Workloads {

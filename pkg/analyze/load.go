@@ -33,21 +33,13 @@ import (
 	"github.com/trellis-mesh/trellis/pkg/model"
 )
 
-// Objects are the manifests read, by kind.
+// Objects are the manifests read, by kind. The embedded Input holds the
+// kinds the mesh reads as they are written (no stand-ins yet).
 type Objects struct {
-	MeshConfig       *meshv1alpha1.MeshConfig
-	Namespaces       []*corev1.Namespace
-	ServiceAccounts  []*corev1.ServiceAccount
-	Services         []*corev1.Service
-	EndpointSlices   []*discoveryv1.EndpointSlice
-	Pods             []*corev1.Pod
-	Workloads        []Workload
-	AccessPolicies   []*meshv1alpha1.AccessPolicy
-	BackendPolicies  []*meshv1alpha1.BackendPolicy
-	ExternalServices []*meshv1alpha1.ExternalService
-	HTTPRoutes       []*gwv1.HTTPRoute
-	GRPCRoutes       []*gwv1.GRPCRoute
-	ReferenceGrants  []*gwv1.ReferenceGrant
+	model.Input
+	Namespaces      []*corev1.Namespace
+	ServiceAccounts []*corev1.ServiceAccount
+	Workloads       []Workload
 	// Skipped counts documents of kinds the mesh does not read, by kind.
 	Skipped map[string]int
 }
@@ -190,35 +182,29 @@ func (o *Objects) add(apiVersion, kind string, doc []byte, dns string) error {
 	case group == "discovery.k8s.io" && kind == "EndpointSlice":
 		err = addNS(doc, dns, &o.EndpointSlices, func(v *discoveryv1.EndpointSlice) *string { return &v.Namespace })
 	case group == "apps" && kind == "Deployment":
-		var v *appsv1.Deployment
-		if v, err = decodeNS[appsv1.Deployment](doc, dns, func(v *appsv1.Deployment) *string { return &v.Namespace }); err == nil {
-			o.Workloads = append(o.Workloads, Workload{Kind: kind, Meta: v.ObjectMeta, Template: v.Spec.Template})
-		}
+		err = addWorkload(o, kind, doc, dns, func(v *appsv1.Deployment) (*metav1.ObjectMeta, corev1.PodTemplateSpec) {
+			return &v.ObjectMeta, v.Spec.Template
+		})
 	case group == "apps" && kind == "StatefulSet":
-		var v *appsv1.StatefulSet
-		if v, err = decodeNS[appsv1.StatefulSet](doc, dns, func(v *appsv1.StatefulSet) *string { return &v.Namespace }); err == nil {
-			o.Workloads = append(o.Workloads, Workload{Kind: kind, Meta: v.ObjectMeta, Template: v.Spec.Template})
-		}
+		err = addWorkload(o, kind, doc, dns, func(v *appsv1.StatefulSet) (*metav1.ObjectMeta, corev1.PodTemplateSpec) {
+			return &v.ObjectMeta, v.Spec.Template
+		})
 	case group == "apps" && kind == "DaemonSet":
-		var v *appsv1.DaemonSet
-		if v, err = decodeNS[appsv1.DaemonSet](doc, dns, func(v *appsv1.DaemonSet) *string { return &v.Namespace }); err == nil {
-			o.Workloads = append(o.Workloads, Workload{Kind: kind, Meta: v.ObjectMeta, Template: v.Spec.Template})
-		}
+		err = addWorkload(o, kind, doc, dns, func(v *appsv1.DaemonSet) (*metav1.ObjectMeta, corev1.PodTemplateSpec) {
+			return &v.ObjectMeta, v.Spec.Template
+		})
 	case group == "apps" && kind == "ReplicaSet":
-		var v *appsv1.ReplicaSet
-		if v, err = decodeNS[appsv1.ReplicaSet](doc, dns, func(v *appsv1.ReplicaSet) *string { return &v.Namespace }); err == nil {
-			o.Workloads = append(o.Workloads, Workload{Kind: kind, Meta: v.ObjectMeta, Template: v.Spec.Template})
-		}
+		err = addWorkload(o, kind, doc, dns, func(v *appsv1.ReplicaSet) (*metav1.ObjectMeta, corev1.PodTemplateSpec) {
+			return &v.ObjectMeta, v.Spec.Template
+		})
 	case group == "batch" && kind == "Job":
-		var v *batchv1.Job
-		if v, err = decodeNS[batchv1.Job](doc, dns, func(v *batchv1.Job) *string { return &v.Namespace }); err == nil {
-			o.Workloads = append(o.Workloads, Workload{Kind: kind, Meta: v.ObjectMeta, Template: v.Spec.Template})
-		}
+		err = addWorkload(o, kind, doc, dns, func(v *batchv1.Job) (*metav1.ObjectMeta, corev1.PodTemplateSpec) {
+			return &v.ObjectMeta, v.Spec.Template
+		})
 	case group == "batch" && kind == "CronJob":
-		var v *batchv1.CronJob
-		if v, err = decodeNS[batchv1.CronJob](doc, dns, func(v *batchv1.CronJob) *string { return &v.Namespace }); err == nil {
-			o.Workloads = append(o.Workloads, Workload{Kind: kind, Meta: v.ObjectMeta, Template: v.Spec.JobTemplate.Spec.Template})
-		}
+		err = addWorkload(o, kind, doc, dns, func(v *batchv1.CronJob) (*metav1.ObjectMeta, corev1.PodTemplateSpec) {
+			return &v.ObjectMeta, v.Spec.JobTemplate.Spec.Template
+		})
 	case group == meshv1alpha1.GroupVersion.Group && kind == "MeshConfig":
 		o.MeshConfig, err = decode[meshv1alpha1.MeshConfig](doc, nil, dns)
 	case group == meshv1alpha1.GroupVersion.Group && kind == "AccessPolicy":
@@ -236,6 +222,16 @@ func (o *Objects) add(apiVersion, kind string, doc []byte, dns string) error {
 		err = addNS(doc, dns, &o.ReferenceGrants, func(v *gwv1.ReferenceGrant) *string { return &v.Namespace })
 	default:
 		o.Skipped[kind]++
+	}
+	return err
+}
+
+// addWorkload decodes a workload kind and keeps its pod template.
+func addWorkload[T any](o *Objects, kind string, doc []byte, dns string, parts func(*T) (*metav1.ObjectMeta, corev1.PodTemplateSpec)) error {
+	v, err := decodeNS(doc, dns, func(v *T) *string { m, _ := parts(v); return &m.Namespace })
+	if err == nil {
+		m, tpl := parts(v)
+		o.Workloads = append(o.Workloads, Workload{Kind: kind, Meta: *m, Template: tpl})
 	}
 	return err
 }
