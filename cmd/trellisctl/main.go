@@ -47,10 +47,11 @@ func newRoot(stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {
 		Long: `trellisctl operates and debugs a Trellis service mesh.
 
   analyze            find what is wrong with mesh configuration, from manifests (no cluster needed)
+  check [--pre]      can the cluster run Trellis (--pre); is the installed mesh healthy
   describe request   follow one request through the sidecars, step by step (from manifests)
   version            print the client's version
 
-More commands (check, proxy-status, config-dump, top; describe on a live cluster) are on the way;
+More commands (proxy-status, config-dump, top; analyze and describe on a live cluster) are on the way;
 see the README.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
@@ -58,7 +59,7 @@ see the README.`,
 	root.SetIn(stdin)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	root.AddCommand(newAnalyze(), newDescribe(), newVersion())
+	root.AddCommand(newAnalyze(), newCheck(), newDescribe(), newVersion())
 	return root
 }
 
