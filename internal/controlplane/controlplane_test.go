@@ -730,4 +730,37 @@ func TestPolicyStatusConditions(t *testing.T) {
 	if rr == nil || rr.Status != metav1.ConditionFalse || rr.Reason != "TargetNotFound" || !strings.Contains(rr.Message, "ghost") {
 		t.Errorf("ResolvedRefs of a policy targeting nothing = %+v", rr)
 	}
+
+	// A source naming a ServiceAccount that does not exist: ResolvedRefs
+	// False with the name, still programmed; true once it exists.
+	callers := &meshv1alpha1.AccessPolicy{
+		ObjectMeta: metav1.ObjectMeta{Namespace: w.ns, Name: "callers"},
+		Spec: meshv1alpha1.AccessPolicySpec{
+			TargetRefs: []meshv1alpha1.PolicyTargetReference{{Name: "reviews"}},
+			Rules:      []meshv1alpha1.AccessRule{{From: []meshv1alpha1.AccessSource{{ServiceAccount: &meshv1alpha1.ServiceAccountReference{Name: "late"}}}}},
+		},
+	}
+	create(t, callers)
+	c = conds(callers, func() *meshv1alpha1.Status { return &callers.Status.Status })
+	rr = meta.FindStatusCondition(c, "ResolvedRefs")
+	if rr == nil || rr.Status != metav1.ConditionFalse || rr.Reason != "RefNotFound" || !strings.Contains(rr.Message, w.ns+"/late") {
+		t.Errorf("ResolvedRefs of a policy naming a missing ServiceAccount = %+v", rr)
+	}
+	if p := meta.FindStatusCondition(c, "Programmed"); p == nil || p.Status != metav1.ConditionTrue {
+		t.Errorf("a policy naming a missing ServiceAccount is still programmed: %+v", p)
+	}
+	create(t, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: w.ns, Name: "late"}})
+	deadline := time.Now().Add(wait)
+	for {
+		if err := env.Client.Get(context.Background(), client.ObjectKeyFromObject(callers), callers); err != nil {
+			t.Fatal(err)
+		}
+		if rr := meta.FindStatusCondition(callers.Status.Conditions, "ResolvedRefs"); rr != nil && rr.Status == metav1.ConditionTrue {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ResolvedRefs after the ServiceAccount was created: %+v", callers.Status.Conditions)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }

@@ -128,6 +128,10 @@ func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
 		Watches(&meshv1alpha1.MeshConfig{}, all, spec).
 		// Nodes only for their pod CIDRs (status heartbeats do not count).
 		Watches(&corev1.Node{}, all, builder.WithPredicates(podCIDRsChanged)).
+		// Namespaces and ServiceAccounts (metadata only) for AccessPolicy
+		// sources that name none that exists: only creation and deletion count.
+		Watches(&corev1.Namespace{}, all, builder.WithPredicates(createdOrDeleted)).
+		WatchesMetadata(&corev1.ServiceAccount{}, all, builder.WithPredicates(createdOrDeleted)).
 		Watches(&meshv1alpha1.AccessPolicy{}, all, spec).
 		Watches(&meshv1alpha1.BackendPolicy{}, all, spec).
 		Watches(&meshv1alpha1.ExternalService{}, all, spec)
@@ -147,6 +151,7 @@ func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
 // permission" explains them.
 // +kubebuilder:rbac:groups="",resources=services;pods,verbs=get;list;watch
 // +kubebuilder:rbac:groups="",resources=nodes,verbs=list;watch
+// +kubebuilder:rbac:groups="",resources=serviceaccounts,verbs=list;watch
 // +kubebuilder:rbac:groups=discovery.k8s.io,resources=endpointslices,verbs=get;list;watch
 // +kubebuilder:rbac:groups=mesh.trellis.dev,resources=meshconfigs;accesspolicies;backendpolicies;externalservices,verbs=get;list;watch
 // +kubebuilder:rbac:groups=mesh.trellis.dev,resources=meshconfigs/status;accesspolicies/status;backendpolicies/status;externalservices/status,verbs=update;patch
@@ -222,6 +227,24 @@ func (r *MeshReconciler) input(ctx context.Context) (model.Input, error) {
 			in.PodCIDRs = append(in.PodCIDRs, n.Spec.PodCIDRs...)
 		}
 	}
+	var nss corev1.NamespaceList
+	if err := r.Client.List(ctx, &nss); err != nil {
+		return in, err
+	}
+	for _, n := range nss.Items {
+		if n.DeletionTimestamp == nil {
+			in.Namespaces = append(in.Namespaces, n.Name)
+		}
+	}
+	sas := &metav1.PartialObjectMetadataList{}
+	sas.SetGroupVersionKind(corev1.SchemeGroupVersion.WithKind("ServiceAccountList"))
+	if err := r.Client.List(ctx, sas); err != nil {
+		return in, err
+	}
+	for _, sa := range sas.Items {
+		in.ServiceAccounts = append(in.ServiceAccounts, sa.Namespace+"/"+sa.Name)
+	}
+	in.IdentitiesKnown = true
 	var aps meshv1alpha1.AccessPolicyList
 	if err := r.Client.List(ctx, &aps); err != nil {
 		return in, err
@@ -268,6 +291,12 @@ var podCIDRsChanged = predicate.Funcs{
 		n, ok2 := e.ObjectNew.(*corev1.Node)
 		return !ok1 || !ok2 || !slices.Equal(o.Spec.PodCIDRs, n.Spec.PodCIDRs)
 	},
+}
+
+// createdOrDeleted passes creations and deletions only.
+var createdOrDeleted = predicate.Funcs{
+	UpdateFunc:  func(event.UpdateEvent) bool { return false },
+	GenericFunc: func(event.GenericEvent) bool { return false },
 }
 
 // NodePodCIDRsOnly is the cache transform for Nodes: only the name and the

@@ -38,6 +38,12 @@ type Input struct {
 	HTTPRoutes       []*gwv1.HTTPRoute
 	GRPCRoutes       []*gwv1.GRPCRoute
 	ReferenceGrants  []*gwv1.ReferenceGrant
+	// Namespaces and ServiceAccounts ("namespace/name") that exist, for
+	// checking AccessPolicy sources; IdentitiesKnown says they were listed
+	// (without it the sources are not checked).
+	Namespaces      []string
+	ServiceAccounts []string
+	IdentitiesKnown bool
 	// PodCIDRs are the ranges pod IPs come from (the Nodes' spec.podCIDRs,
 	// or the controller's --pod-cidrs): sidecars resolve calls to a pod IP
 	// in them on demand (see Mesh.PodCIDRs).
@@ -140,6 +146,9 @@ func Build(in Input) (*Mesh, []Problem) {
 	m.addEndpoints(in.EndpointSlices)
 	problems = append(problems, m.attachBackendPolicies(in.BackendPolicies)...)
 	problems = append(problems, m.attachAccessPolicies(in.AccessPolicies)...)
+	if in.IdentitiesKnown {
+		problems = append(problems, unknownSources(in.AccessPolicies, in.Namespaces, in.ServiceAccounts)...)
+	}
 	problems = append(problems, m.attachRoutes(in.HTTPRoutes, in.GRPCRoutes)...)
 	problems = append(problems, m.addExternal(in.ExternalServices)...)
 	return m, problems
@@ -372,6 +381,46 @@ func (m *Mesh) attachAccessPolicies(policies []*meshv1alpha1.AccessPolicy) []Pro
 			}
 			if !slices.Contains(svc.AccessPolicies, ap) {
 				svc.AccessPolicies = append(svc.AccessPolicies, ap)
+			}
+		}
+	}
+	return problems
+}
+
+// ReasonRefNotFound: a reference names an object that does not exist.
+const ReasonRefNotFound = "RefNotFound"
+
+// unknownSources reports AccessPolicy sources naming a namespace or
+// ServiceAccount that does not exist. The rule stays programmed (a policy
+// may be created before its callers); it matches no caller until they exist.
+func unknownSources(policies []*meshv1alpha1.AccessPolicy, namespaces, serviceAccounts []string) []Problem {
+	nss := map[string]bool{}
+	for _, n := range namespaces {
+		nss[n] = true
+	}
+	sas := map[string]bool{}
+	for _, s := range serviceAccounts {
+		sas[s] = true
+	}
+	var problems []Problem
+	for _, p := range policies {
+		for i, r := range p.Spec.Rules {
+			for j, f := range r.From {
+				field := fmt.Sprintf("spec.rules[%d].from[%d]", i, j)
+				if f.Namespace != nil && *f.Namespace != "*" && !nss[*f.Namespace] {
+					problems = append(problems, Problem{Object: Ref{Kind: "AccessPolicy", Namespace: p.Namespace, Name: p.Name}, Field: field + ".namespace",
+						Reason: ReasonRefNotFound, Condition: meshv1alpha1.ConditionResolvedRefs,
+						Message: fmt.Sprintf("namespace %q does not exist: this source matches no caller until it does (the rule stays programmed)", *f.Namespace)})
+				}
+				if sa := f.ServiceAccount; sa != nil {
+					ns := cmp.Or(sa.Namespace, p.Namespace)
+					// Every namespace gets its "default" ServiceAccount.
+					if !sas[ns+"/"+sa.Name] && !(sa.Name == "default" && nss[ns]) {
+						problems = append(problems, Problem{Object: Ref{Kind: "AccessPolicy", Namespace: p.Namespace, Name: p.Name}, Field: field + ".serviceAccount",
+							Reason: ReasonRefNotFound, Condition: meshv1alpha1.ConditionResolvedRefs,
+							Message: fmt.Sprintf("ServiceAccount %s/%s does not exist: this source matches no caller until it does (the rule stays programmed)", ns, sa.Name)})
+					}
+				}
 			}
 		}
 	}

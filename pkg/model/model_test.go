@@ -1,7 +1,14 @@
 package model_test
 
 import (
+	"slices"
 	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
+
+	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
 
 	"github.com/trellis-mesh/trellis/pkg/model"
 )
@@ -40,5 +47,46 @@ func TestProtocolFor(t *testing.T) {
 func TestSPIFFEID(t *testing.T) {
 	if got, want := model.SPIFFEID("example.org", "shop", "frontend"), "spiffe://example.org/ns/shop/sa/frontend"; got != want {
 		t.Errorf("got %q, want %q", got, want)
+	}
+}
+
+// TestUnknownAccessPolicySources: sources naming a namespace or a
+// ServiceAccount that does not exist are ResolvedRefs problems (the policy
+// is still attached); "*", existing ones and a namespace's "default"
+// ServiceAccount are not; without IdentitiesKnown nothing is checked.
+func TestUnknownAccessPolicySources(t *testing.T) {
+	ap := &meshv1alpha1.AccessPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "callers"}, Spec: meshv1alpha1.AccessPolicySpec{
+		TargetRefs: []meshv1alpha1.PolicyTargetReference{{Name: "reviews"}},
+		Rules: []meshv1alpha1.AccessRule{{From: []meshv1alpha1.AccessSource{
+			{Namespace: ptr.To("*")},
+			{Namespace: ptr.To("shop")},
+			{Namespace: ptr.To("gone")},
+			{ServiceAccount: &meshv1alpha1.ServiceAccountReference{Name: "frontend"}},
+			{ServiceAccount: &meshv1alpha1.ServiceAccountReference{Name: "fronted"}},
+			{ServiceAccount: &meshv1alpha1.ServiceAccountReference{Name: "default"}},
+			{ServiceAccount: &meshv1alpha1.ServiceAccountReference{Namespace: "gone", Name: "default"}},
+		}}},
+	}}
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "reviews"}, Spec: corev1.ServiceSpec{ClusterIP: "10.0.0.1", Ports: []corev1.ServicePort{{Name: "http", Port: 80}}}}
+	in := model.Input{Services: []*corev1.Service{svc}, AccessPolicies: []*meshv1alpha1.AccessPolicy{ap},
+		Namespaces: []string{"shop"}, ServiceAccounts: []string{"shop/frontend"}, IdentitiesKnown: true}
+	m, problems := model.Build(in)
+	var got []string
+	for _, p := range problems {
+		if p.Condition != meshv1alpha1.ConditionResolvedRefs || p.Reason != model.ReasonRefNotFound {
+			t.Errorf("unexpected problem %v", p)
+		}
+		got = append(got, p.Field)
+	}
+	want := []string{"spec.rules[0].from[2].namespace", "spec.rules[0].from[4].serviceAccount", "spec.rules[0].from[6].serviceAccount"}
+	if !slices.Equal(got, want) {
+		t.Errorf("problems on %v, want %v", got, want)
+	}
+	if len(m.Service("shop", "reviews").AccessPolicies) != 1 {
+		t.Error("the policy is no longer attached")
+	}
+	in.IdentitiesKnown = false
+	if _, problems := model.Build(in); len(problems) != 0 {
+		t.Errorf("without IdentitiesKnown: %v", problems)
 	}
 }

@@ -32,6 +32,7 @@
   - ""
   resources:
   - nodes
+  - serviceaccounts
   verbs:
   - list
   - watch
