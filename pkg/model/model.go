@@ -279,6 +279,8 @@ type Route struct {
 	GRPC    *gwv1.GRPCRouteSpec
 	// Port is the parentRef port, 0 for every port of the Service.
 	Port int32
+	// Parent is the index of the parentRef this attachment comes from.
+	Parent int
 }
 
 // Ref returns the route's object reference.

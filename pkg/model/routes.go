@@ -60,16 +60,16 @@ func (m *Mesh) attachRoutes(httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRP
 					Message: fmt.Sprintf("parent Service %s/%s does not exist", ns, pr.Name)})
 				continue
 			}
-			attached := r
+			c := *r
+			c.Parent = j
+			attached := &c
 			if pr.Port != nil {
 				if svc.Port(int32(*pr.Port)) == nil {
 					problems = append(problems, Problem{Object: r.Ref(), Field: field + ".port", Reason: ReasonNoMatchingParent, Condition: meshv1alpha1.ConditionAccepted,
 						Message: fmt.Sprintf("parent Service %s/%s has no port %d", ns, pr.Name, *pr.Port)})
 					continue
 				}
-				c := *r
-				c.Port = int32(*pr.Port)
-				attached = &c
+				attached.Port = int32(*pr.Port)
 			}
 			if ns == r.Namespace {
 				svc.ProducerRoutes = append(svc.ProducerRoutes, attached)
@@ -83,11 +83,46 @@ func (m *Mesh) attachRoutes(httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRP
 	}
 	for _, svc := range m.Services {
 		slices.SortFunc(svc.ProducerRoutes, order)
+		var ps []Problem
+		svc.ProducerRoutes, ps = kindConflicts(svc, svc.ProducerRoutes)
+		problems = append(problems, ps...)
 		for ns := range svc.ConsumerRoutes {
 			slices.SortFunc(svc.ConsumerRoutes[ns], order)
+			svc.ConsumerRoutes[ns], ps = kindConflicts(svc, svc.ConsumerRoutes[ns])
+			problems = append(problems, ps...)
 		}
 	}
 	return problems
+}
+
+// kindConflicts applies Gateway API's rule for an HTTPRoute and a GRPCRoute
+// on one parent (a Service port here, as a Listener for a Gateway): exactly
+// one is accepted — the oldest, then the first by namespace/name (routes
+// come sorted so) — and the other gets Accepted=False naming the winner.
+// Routes of one kind merge as usual.
+func kindConflicts(svc *Service, routes []*Route) ([]*Route, []Problem) {
+	var kept []*Route
+	var problems []Problem
+	for _, r := range routes {
+		var winner *Route
+		for _, k := range kept {
+			if k.Kind != r.Kind && (k.Port == 0 || r.Port == 0 || k.Port == r.Port) {
+				winner = k
+				break
+			}
+		}
+		if winner == nil {
+			kept = append(kept, r)
+			continue
+		}
+		on := "Service " + svc.Namespace + "/" + svc.Name
+		if p := cmp.Or(r.Port, winner.Port); p != 0 {
+			on += fmt.Sprintf(" port %d", p)
+		}
+		problems = append(problems, Problem{Object: r.Ref(), Field: fmt.Sprintf("spec.parentRefs[%d]", r.Parent), Reason: meshv1alpha1.ReasonConflicted, Condition: meshv1alpha1.ConditionAccepted,
+			Message: fmt.Sprintf("%s %s/%s is attached to %s already; Gateway API accepts only one of an HTTPRoute and a GRPCRoute on a parent (the older): move one to another port or Service, or merge them", winner.Kind, winner.Namespace, winner.Name, on)})
+	}
+	return kept, problems
 }
 
 var matchField = regexp.MustCompile(`^spec\.rules\[\d+\]\.matches`)
