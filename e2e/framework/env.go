@@ -27,6 +27,8 @@ import (
 	"github.com/trellis-mesh/trellis/internal/envoy"
 	"github.com/trellis-mesh/trellis/internal/localcluster"
 	"github.com/trellis-mesh/trellis/internal/testenv"
+
+	"github.com/trellis-mesh/trellis/internal/spawn"
 )
 
 // Ports of the control plane on the test bridge and the host.
@@ -281,7 +283,7 @@ func (e *Env) StartController(ctx context.Context) error {
 	cmd.Env = append(os.Environ(), "POD_NAMESPACE="+ControllerNamespace)
 	cmd.Stdout, cmd.Stderr = log, log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	if err := spawn.Start(cmd); err != nil {
 		log.Close()
 		return err
 	}

@@ -30,6 +30,8 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"github.com/trellis-mesh/trellis/internal/spawn"
 )
 
 // Kubelet plays the kubelet (and the scheduler) for one Node: it binds
@@ -467,7 +469,7 @@ func (p *proc) exited() bool {
 func (r *podRun) launch(name string, cmd *exec.Cmd, log *os.File) (*proc, error) {
 	cmd.Stdout, cmd.Stderr = log, log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	if err := spawn.Start(cmd); err != nil {
 		log.Close()
 		return nil, err
 	}

@@ -13,6 +13,8 @@ import (
 	"strconv"
 	"syscall"
 	"time"
+
+	"github.com/trellis-mesh/trellis/internal/spawn"
 )
 
 // Options say how to run one Envoy.
@@ -70,7 +72,7 @@ func Start(ctx context.Context, o Options) (*Proxy, error) {
 			cmd.SysProcAttr.GidMappings = []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getegid(), Size: 1}}
 		}
 	}
-	if err := cmd.Start(); err != nil {
+	if err := spawn.Start(cmd); err != nil {
 		logf.Close()
 		return nil, fmt.Errorf("start envoy: %w", err)
 	}

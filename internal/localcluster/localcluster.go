@@ -24,6 +24,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	"github.com/trellis-mesh/trellis/internal/testenv"
+
+	"github.com/trellis-mesh/trellis/internal/spawn"
 )
 
 // Cluster is a running local control plane.
@@ -109,8 +111,10 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	)
 	c.kcm.Stdout, c.kcm.Stderr = logFile, logFile
 	// If this process dies, the kernel stops the controller-manager too.
+	// (spawn: not when the thread that forked it ends, which once stopped
+	// it in the middle of an e2e run.)
 	c.kcm.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := c.kcm.Start(); err != nil {
+	if err := spawn.Start(c.kcm); err != nil {
 		return nil, fmt.Errorf("start kube-controller-manager: %w", err)
 	}
 	ok = true

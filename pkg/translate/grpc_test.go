@@ -30,6 +30,8 @@ import (
 	"github.com/trellis-mesh/trellis/pkg/ca"
 	"github.com/trellis-mesh/trellis/pkg/model"
 	txds "github.com/trellis-mesh/trellis/pkg/xds"
+
+	"github.com/trellis-mesh/trellis/internal/spawn"
 )
 
 // serverListenerPrefix is how gRPC names an xDS server's listener
@@ -110,7 +112,7 @@ func TestGRPCAcceptsProxylessGoldens(t *testing.T) {
 				cmd.SysProcAttr.UidMappings = []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Geteuid(), Size: 1}}
 				cmd.SysProcAttr.GidMappings = []syscall.SysProcIDMap{{ContainerID: 0, HostID: os.Getegid(), Size: 1}}
 			}
-			if err := cmd.Start(); err != nil {
+			if err := spawn.Start(cmd); err != nil {
 				t.Fatal(err)
 			}
 			t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
