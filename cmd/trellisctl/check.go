@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/x509"
 	"encoding/pem"
@@ -23,6 +24,7 @@ import (
 	"k8s.io/cli-runtime/pkg/genericclioptions"
 	"k8s.io/client-go/discovery"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
@@ -166,7 +168,7 @@ func preChecks(ctx context.Context, c client.Client, dc discovery.DiscoveryInter
 			out = append(out, checkResult{what: "read the Gateway API CRD " + kind, fix: err.Error()})
 		default:
 			ch := crd.Annotations["gateway.networking.k8s.io/channel"]
-			out = append(out, checkResult{ok: true, what: fmt.Sprintf("Gateway API CRD %s installed (%s channel, %s)", kind, orElse(ch, "unknown"), crd.Annotations["gateway.networking.k8s.io/bundle-version"])})
+			out = append(out, checkResult{ok: true, what: fmt.Sprintf("Gateway API CRD %s installed (%s channel, %s)", kind, cmp.Or(ch, "unknown"), crd.Annotations["gateway.networking.k8s.io/bundle-version"])})
 		}
 	}
 	var crd apiextensionsv1.CustomResourceDefinition
@@ -224,11 +226,11 @@ func postChecks(ctx context.Context, c client.Client, ns string, now time.Time) 
 	case err != nil:
 		add(checkResult{what: "controller Deployment " + ns + "/trellis-controller", fix: fmt.Sprintf("%v: is Trellis installed in %s? (-n names its namespace)", err, ns)})
 	case dep.Status.ReadyReplicas == 0:
-		add(checkResult{what: fmt.Sprintf("controller: 0 of %d replicas ready", ptrOr(dep.Spec.Replicas, 1)), fix: "kubectl -n " + ns + " describe pods -l app.kubernetes.io/name=trellis; injection fails closed while no replica answers"})
-	case dep.Status.ReadyReplicas < ptrOr(dep.Spec.Replicas, 1):
-		add(checkResult{warn: true, what: fmt.Sprintf("controller: %d of %d replicas ready", dep.Status.ReadyReplicas, ptrOr(dep.Spec.Replicas, 1)), fix: "kubectl -n " + ns + " get pods -l app.kubernetes.io/name=trellis"})
+		add(checkResult{what: fmt.Sprintf("controller: 0 of %d replicas ready", ptr.Deref(dep.Spec.Replicas, 1)), fix: "kubectl -n " + ns + " describe pods -l app.kubernetes.io/name=trellis; injection fails closed while no replica answers"})
+	case dep.Status.ReadyReplicas < ptr.Deref(dep.Spec.Replicas, 1):
+		add(checkResult{warn: true, what: fmt.Sprintf("controller: %d of %d replicas ready", dep.Status.ReadyReplicas, ptr.Deref(dep.Spec.Replicas, 1)), fix: "kubectl -n " + ns + " get pods -l app.kubernetes.io/name=trellis"})
 	default:
-		add(checkResult{ok: true, what: fmt.Sprintf("controller: %d of %d replicas ready", dep.Status.ReadyReplicas, ptrOr(dep.Spec.Replicas, 1))})
+		add(checkResult{ok: true, what: fmt.Sprintf("controller: %d of %d replicas ready", dep.Status.ReadyReplicas, ptr.Deref(dep.Spec.Replicas, 1))})
 	}
 
 	var lease coordinationv1.Lease
@@ -238,7 +240,7 @@ func postChecks(ctx context.Context, c client.Client, ns string, now time.Time) 
 		now.Sub(lease.Spec.RenewTime.Time) > time.Duration(*lease.Spec.LeaseDurationSeconds)*time.Second {
 		add(checkResult{what: "the leader Lease is not being renewed", fix: "no replica leads: status is not updated; check the controller's log"})
 	} else {
-		add(checkResult{ok: true, what: "leader: " + ptrOr(lease.Spec.HolderIdentity, "?")})
+		add(checkResult{ok: true, what: "leader: " + ptr.Deref(lease.Spec.HolderIdentity, "?")})
 	}
 
 	var root *x509.Certificate
@@ -380,13 +382,6 @@ func parseCerts(pemData string) []*x509.Certificate {
 			out = append(out, c)
 		}
 	}
-}
-
-func ptrOr[T any](p *T, def T) T {
-	if p == nil {
-		return def
-	}
-	return *p
 }
 
 func limit(xs []string, n int) string {

@@ -1,8 +1,10 @@
 package main
 
 import (
+	"cmp"
 	"fmt"
 	"io"
+	"maps"
 	"net/netip"
 	"net/url"
 	"slices"
@@ -74,7 +76,7 @@ builds it; endpoints and cluster IPs are stand-ins.`,
 				return err
 			}
 			for _, f := range loadFindings {
-				fmt.Fprintf(cmd.ErrOrStderr(), "warning: %s: %s (left out)\n", orElse(f.Source, f.Object.String()), f.Message)
+				fmt.Fprintf(cmd.ErrOrStderr(), "warning: %s: %s (left out)\n", cmp.Or(f.Source, f.Object.String()), f.Message)
 			}
 			cl := analyze.Build(objs, analyze.Options{AssumeInjection: assume})
 			return describeRequest(cmd.OutOrStdout(), cl, namespace, args[0], args[1], strings.ToUpper(method), hdrs)
@@ -86,13 +88,6 @@ builds it; endpoints and cluster IPs are stand-ins.`,
 	cmd.Flags().StringArrayVarP(&headers, "header", "H", nil, "request header NAME: VALUE; repeatable")
 	cmd.Flags().StringVarP(&method, "method", "X", "GET", "request method")
 	return cmd
-}
-
-func orElse(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
 }
 
 // describeRequest simulates the request and prints its steps.
@@ -123,7 +118,7 @@ func describeRequest(w io.Writer, cl *analyze.Cluster, namespace, from, rawURL, 
 	if dest == "" {
 		return fmt.Errorf("host %q: no Service of that name in the manifests (as seen from namespace %s) and no IP; name a Service, an ExternalService host or an IP", host, client.Namespace)
 	}
-	path := orElse(u.EscapedPath(), "/")
+	path := cmp.Or(u.EscapedPath(), "/")
 	if u.RawQuery != "" {
 		path += "?" + u.RawQuery
 	}
@@ -164,7 +159,7 @@ func describeRequest(w io.Writer, cl *analyze.Cluster, namespace, from, rawURL, 
 	}
 	if len(res.Clusters) > 1 {
 		var parts []string
-		for _, c := range slices.Sorted(mapKeys(res.Clusters)) {
+		for _, c := range slices.Sorted(maps.Keys(res.Clusters)) {
 			parts = append(parts, fmt.Sprintf("%s weight %d", c, res.Clusters[c]))
 		}
 		fmt.Fprintf(w, "  backends     %s; this request: %s\n", strings.Join(parts, ", "), res.Cluster)
@@ -196,7 +191,7 @@ func describeRequest(w io.Writer, cl *analyze.Cluster, namespace, from, rawURL, 
 		if s.Peer != "" {
 			peer = "caller seen as " + s.Peer
 		}
-		fmt.Fprintf(w, "  server       inbound chain %s, %s\n", orElse(s.Chain, "(none)"), peer)
+		fmt.Fprintf(w, "  server       inbound chain %s, %s\n", cmp.Or(s.Chain, "(none)"), peer)
 		if len(s.Filters) > 0 {
 			fmt.Fprintf(w, "               HTTP filters: %s\n", strings.Join(s.Filters, ", "))
 		}
@@ -334,14 +329,4 @@ func redirectText(r *routev3.RedirectAction) string {
 		parts = append(parts, "scheme "+s)
 	}
 	return fmt.Sprintf("%s (%s)", strings.Join(parts, ", "), r.GetResponseCode())
-}
-
-func mapKeys[V any](m map[string]V) func(func(string) bool) {
-	return func(yield func(string) bool) {
-		for k := range m {
-			if !yield(k) {
-				return
-			}
-		}
-	}
 }

@@ -143,7 +143,7 @@ func Build(o *Objects, opts Options) *Cluster {
 	slices.SortFunc(pods, func(a, b podOf) int {
 		return cmp.Or(cmp.Compare(a.pod.Namespace, b.pod.Namespace), cmp.Compare(a.pod.Name, b.pod.Name))
 	})
-	var podIP uint32 = 10<<24 | 244<<16 | 1
+	podIP := netip.MustParseAddr("10.244.0.1")
 	cfg := inject.Config{Mesh: mc, InitImage: "trellis-init", XDSHost: "trellis-xds.trellis-system.svc", XDSPort: 15012}
 	// The kinds the mesh reads as written; pods, Services and endpoints
 	// are replaced by their stand-ins below.
@@ -161,8 +161,8 @@ func Build(o *Objects, opts Options) *Cluster {
 		if p.Spec.ServiceAccountName == "" {
 			p.Spec.ServiceAccountName = "default"
 		}
-		ip := netip.AddrFrom4([4]byte{byte(podIP >> 24), byte(podIP >> 16), byte(podIP >> 8), byte(podIP)}).String()
-		podIP++
+		ip := podIP.String()
+		podIP = podIP.Next()
 		p.Status = corev1.PodStatus{Phase: corev1.PodRunning, PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}}}
 		in.Pods = append(in.Pods, p)
 		po.pod = p
@@ -175,13 +175,13 @@ func Build(o *Objects, opts Options) *Cluster {
 
 	// Services get a cluster IP as the apiserver would give one, and
 	// EndpointSlices as the EndpointSlice controller would build them.
-	var svcIP uint32 = 10<<24 | 96<<16 | 10
+	svcIP := netip.MustParseAddr("10.96.0.10")
 	in.EndpointSlices = slices.Clone(o.EndpointSlices)
 	for _, s := range o.Services {
 		s = s.DeepCopy()
 		if s.Spec.Type != corev1.ServiceTypeExternalName && s.Spec.ClusterIP == "" {
-			ip := netip.AddrFrom4([4]byte{byte(svcIP >> 24), byte(svcIP >> 16), byte(svcIP >> 8), byte(svcIP)}).String()
-			svcIP++
+			ip := svcIP.String()
+			svcIP = svcIP.Next()
 			s.Spec.ClusterIP, s.Spec.ClusterIPs = ip, []string{ip}
 		}
 		in.Services = append(in.Services, s)
