@@ -126,7 +126,12 @@ func Start(ctx context.Context, opts Options) (_ *Env, err error) {
 	}
 	// Gateway API's experimental channel (a superset of the standard one),
 	// so that experimental route fields (HTTPRoute retry) are exercised.
-	if e.Cluster, err = localcluster.Start(ctx, localcluster.Options{Dir: opts.Dir, GatewayAPIExperimental: true}); err != nil {
+	// The apiserver and the kubelet API (exec, logs) trust each other.
+	pki, err := NewKubeletPKI(filepath.Join(opts.Dir, "kubelet-pki"))
+	if err != nil {
+		return nil, err
+	}
+	if e.Cluster, err = localcluster.Start(ctx, localcluster.Options{Dir: opts.Dir, GatewayAPIExperimental: true, APIServerArgs: pki.APIServerArgs()}); err != nil {
 		return nil, err
 	}
 	c := e.Cluster.Client()
@@ -149,7 +154,7 @@ func Start(ctx context.Context, opts Options) (_ *Env, err error) {
 	kctx, cancel := context.WithCancel(context.Background())
 	e.cancel = cancel
 	e.Kubelet = &Kubelet{
-		Client: c, Node: NodeName, Dir: filepath.Join(opts.Dir, "pods"), Images: images,
+		Client: c, Node: NodeName, Dir: filepath.Join(opts.Dir, "pods"), Images: images, PKI: pki,
 		SVIDWriter: e.Bins["svid-writer"], XDSAddr: fmt.Sprintf("%s:%d", GatewayIP, XDSPort), Logf: opts.Logf, net: e.net,
 	}
 	e.kubeletErr = make(chan error, 1)

@@ -55,6 +55,13 @@ type Kubelet struct {
 	// → host file, bind-mounted over the path in the container's private
 	// mount namespace (e.g. the CA bundle of the Envoy image).
 	ImageFiles map[string]map[string]string
+	// ImageCommands are further binaries an image carries, by image name:
+	// command name → binary (kubectl exec runs them; other commands are
+	// looked up on this host).
+	ImageCommands map[string]map[string]string
+	// PKI, when set, makes the kubelet serve its API (exec, logs) to the
+	// apiserver on GatewayIP:KubeletPort.
+	PKI *KubeletPKI
 	// SVIDWriter is the svid-writer binary, which provides the
 	// spiffe.csi.cert-manager.io volumes; XDSAddr is what it dials.
 	SVIDWriter, XDSAddr string
@@ -107,12 +114,16 @@ func (k *Kubelet) Run(ctx context.Context) error {
 		return err
 	}
 	node.Status = corev1.NodeStatus{
-		Conditions: []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue, Reason: "KubeletReady", LastHeartbeatTime: metav1.Now(), LastTransitionTime: metav1.Now()}},
-		Addresses:  []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: GatewayIP}},
-		Capacity:   corev1.ResourceList{corev1.ResourcePods: resource.MustParse("110")},
+		Conditions:      []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue, Reason: "KubeletReady", LastHeartbeatTime: metav1.Now(), LastTransitionTime: metav1.Now()}},
+		Addresses:       []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: GatewayIP}, {Type: corev1.NodeHostName, Address: k.Node}},
+		Capacity:        corev1.ResourceList{corev1.ResourcePods: resource.MustParse("110")},
+		DaemonEndpoints: corev1.NodeDaemonEndpoints{KubeletEndpoint: corev1.DaemonEndpoint{Port: KubeletPort}},
 	}
 	if err := k.Client.Status().Update(ctx, node); err != nil {
 		return fmt.Errorf("node status: %w", err)
+	}
+	if err := k.serveAPI(ctx); err != nil {
+		return err
 	}
 	tick := time.NewTicker(200 * time.Millisecond)
 	defer tick.Stop()
@@ -251,7 +262,7 @@ func (k *Kubelet) Exec(ctx context.Context, ns, pod, container string, args ...s
 			}
 			env := r.env(c)
 			// As kubectl exec: the container's user and capabilities apply.
-			cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", r.netns}, containerCommand(c, bin, r.rewrite(c, env, args), k.imageFiles(c.Image))...)...)
+			cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", r.netns}, containerCommand(c, r.hostname(), bin, r.rewrite(c, env, args), k.imageFiles(c.Image))...)...)
 			cmd.Env = env
 			return cmd, nil
 		}
@@ -514,25 +525,39 @@ func (r *podRun) start(c corev1.Container) (*proc, error) {
 	if sc := c.SecurityContext; sc != nil && sc.RunAsUser != nil {
 		_ = log.Chown(int(*sc.RunAsUser), int(ptr.Deref(sc.RunAsGroup, *sc.RunAsUser)))
 	}
-	cmd := exec.Command("ip", append([]string{"netns", "exec", r.netns}, containerCommand(c, bin, args, r.k.imageFiles(c.Image))...)...)
+	cmd := exec.Command("ip", append([]string{"netns", "exec", r.netns}, containerCommand(c, r.hostname(), bin, args, r.k.imageFiles(c.Image))...)...)
 	cmd.Env = env
 	return r.launch(c.Name, cmd, log)
 }
 
-// containerCommand is what runs inside the pod's network namespace: a
-// private /dev/shm as every pod has (Envoy's shared memory must not be
-// shared between sidecars), then the binary under the container's
+// containerCommand is what runs inside the pod's network namespace: its
+// own UTS namespace with the pod's hostname, a private /dev/shm as every
+// pod has (Envoy's shared memory must not be shared between sidecars), the
+// image's files over their paths, then the binary under the container's
 // securityContext where setpriv can enforce it: the user and group, no
 // supplementary groups, no privilege escalation, and the capability
 // bounding set (Kubernetes' default set minus drop plus add; for trellis-init
 // only NET_ADMIN and NET_RAW). `ip netns exec` gives each command its own
 // mount namespace, so the tmpfs is private to it.
-func containerCommand(c corev1.Container, bin string, args []string, files map[string]string) []string {
-	script := `mount -t tmpfs -o size=64m,mode=1777 shm /dev/shm`
+func containerCommand(c corev1.Container, hostname, bin string, args []string, files map[string]string) []string {
+	script := fmt.Sprintf(`hostname %q && mount -t tmpfs -o size=64m,mode=1777 shm /dev/shm`, hostname)
+	args = slices.Clone(args)
 	for _, path := range slices.Sorted(maps.Keys(files)) {
-		script += fmt.Sprintf(" && mount --bind %q %q", files[path], path)
+		if _, err := os.Stat(path); err == nil {
+			script += fmt.Sprintf(" && mount --bind %q %q", files[path], path)
+			continue
+		}
+		// Nothing to mount over on this host (e.g. /cert.crt): the
+		// arguments naming the path name the file instead.
+		for i, a := range args {
+			if a == path {
+				args[i] = files[path]
+			} else if k, v, ok := strings.Cut(a, "="); ok && v == path {
+				args[i] = k + "=" + files[path]
+			}
+		}
 	}
-	cmd := []string{"sh", "-c", script + ` && exec "$@"`, "sh"}
+	cmd := []string{"unshare", "--uts", "sh", "-c", script + ` && exec "$@"`, "sh"}
 	if sc := c.SecurityContext; sc != nil {
 		priv := []string{"setpriv"}
 		if sc.RunAsUser != nil {

@@ -48,6 +48,8 @@ type Options struct {
 	// GatewayAPIExperimental installs the experimental channel's Gateway
 	// API CRDs (default: the standard channel's).
 	GatewayAPIExperimental bool
+	// APIServerArgs are further kube-apiserver flags (testenv.Options).
+	APIServerArgs map[string]string
 }
 
 // DefaultControllers are what the demo and e2e need from
@@ -69,7 +71,7 @@ func Start(ctx context.Context, opts Options) (*Cluster, error) {
 	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
 		return nil, err
 	}
-	env, err := testenv.Start(testenv.Options{GatewayAPIExperimental: opts.GatewayAPIExperimental})
+	env, err := testenv.Start(testenv.Options{GatewayAPIExperimental: opts.GatewayAPIExperimental, APIServerArgs: opts.APIServerArgs})
 	if err != nil {
 		return nil, err
 	}

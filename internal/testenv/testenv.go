@@ -14,8 +14,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -65,6 +67,9 @@ type Options struct {
 	// Webhooks are admission webhooks the apiserver calls on the test's
 	// local webhook server (envtest fills in host, port and certificates).
 	Webhooks *envtest.WebhookInstallOptions
+	// APIServerArgs are further kube-apiserver flags (name without the
+	// dashes → value), e.g. the kubelet client certificate.
+	APIServerArgs map[string]string
 }
 
 // Scheme returns a scheme with the core Kubernetes kinds and the Trellis API.
@@ -162,6 +167,9 @@ func Start(opts Options) (*Env, error) {
 	}
 	if opts.Webhooks != nil {
 		env.WebhookInstallOptions = *opts.Webhooks
+	}
+	for _, k := range slices.Sorted(maps.Keys(opts.APIServerArgs)) {
+		env.ControlPlane.GetAPIServer().Configure().Set(k, opts.APIServerArgs[k])
 	}
 	start := time.Now()
 	cfg, err := env.Start()
