@@ -46,7 +46,10 @@ const (
 	EnvoyImage = "envoyproxy/envoy"
 	// InitImage runs cmd/trellis-init.
 	InitImage = "trellis-e2e/trellis-init:dev"
-	NodeName  = "trellis-e2e-node"
+	// EchoAdvancedImage is the Gateway API conformance suite's mesh echo
+	// (Istio's test echo server; `client` execs its client).
+	EchoAdvancedImage = "registry.k8s.io/gateway-api/echo-advanced"
+	NodeName          = "trellis-e2e-node"
 )
 
 // Env is a running e2e environment.
@@ -91,6 +94,19 @@ func Build(root string) (map[string]string, error) {
 		cmd.Dir = root
 		if b, err := cmd.CombinedOutput(); err != nil {
 			return nil, fmt.Errorf("build %s: %v\n%s", pkg, err, b)
+		}
+	}
+	// Istio's test echo server and client, the Gateway API conformance
+	// suite's echo-advanced image, from their own module (hack/echo).
+	for name, pkg := range map[string]string{
+		"echo-advanced-server": "istio.io/istio/pkg/test/echo/cmd/server",
+		"echo-advanced-client": "istio.io/istio/pkg/test/echo/cmd/client",
+	} {
+		bins[name] = filepath.Join(out, name)
+		cmd := exec.Command("go", "build", "-o", bins[name], pkg)
+		cmd.Dir = filepath.Join(root, "hack", "echo")
+		if b, err := cmd.CombinedOutput(); err != nil {
+			return nil, fmt.Errorf("build %s (hack/echo): %v\n%s", pkg, err, b)
 		}
 	}
 	return bins, nil
@@ -150,12 +166,21 @@ func Start(ctx context.Context, opts Options) (_ *Env, err error) {
 	images := map[string]string{
 		imageName(EchoImage): e.Bins["echo"], imageName(HTTPEchoImage): e.Bins["httpecho"],
 		imageName(InitImage): e.Bins["trellis-init"], EnvoyImage: e.Envoy,
+		EchoAdvancedImage: e.Bins["echo-advanced-server"],
+	}
+	// The echo-advanced image carries the client the suite execs and the
+	// serving certificate its TLS port is started with.
+	crt, key, err := selfSignedCert(filepath.Join(opts.Dir, "echo-advanced"), "echo")
+	if err != nil {
+		return nil, err
 	}
 	kctx, cancel := context.WithCancel(context.Background())
 	e.cancel = cancel
 	e.Kubelet = &Kubelet{
 		Client: c, Node: NodeName, Dir: filepath.Join(opts.Dir, "pods"), Images: images, PKI: pki,
-		SVIDWriter: e.Bins["svid-writer"], XDSAddr: fmt.Sprintf("%s:%d", GatewayIP, XDSPort), Logf: opts.Logf, net: e.net,
+		ImageCommands: map[string]map[string]string{EchoAdvancedImage: {"client": e.Bins["echo-advanced-client"], "server": e.Bins["echo-advanced-server"]}},
+		ImageFiles:    map[string]map[string]string{EchoAdvancedImage: {"/cert.crt": crt, "/cert.key": key}},
+		SVIDWriter:    e.Bins["svid-writer"], XDSAddr: fmt.Sprintf("%s:%d", GatewayIP, XDSPort), Logf: opts.Logf, net: e.net,
 	}
 	e.kubeletErr = make(chan error, 1)
 	go func() { e.kubeletErr <- e.Kubelet.Run(kctx) }()

@@ -316,3 +316,24 @@ func (r *podRun) hostname() string {
 	}
 	return h
 }
+
+// selfSignedCert writes a self-signed serving certificate for name into
+// dir and returns the certificate and key files.
+func selfSignedCert(dir, name string) (certFile, keyFile string, err error) {
+	p, err := NewKubeletPKI(dir)
+	if err != nil {
+		return "", "", err
+	}
+	certPEM, keyPEM, err := p.issue(&x509.Certificate{
+		SerialNumber: big.NewInt(4), Subject: pkix.Name{CommonName: name}, DNSNames: []string{name},
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	})
+	if err != nil {
+		return "", "", err
+	}
+	certFile, keyFile = filepath.Join(dir, "cert.crt"), filepath.Join(dir, "cert.key")
+	if err := os.WriteFile(certFile, certPEM, 0o644); err != nil {
+		return "", "", err
+	}
+	return certFile, keyFile, os.WriteFile(keyFile, keyPEM, 0o644)
+}

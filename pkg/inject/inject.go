@@ -111,6 +111,12 @@ func Pod(pod *corev1.Pod, cfg Config) (*corev1.Pod, []string) {
 }
 
 func volumes(p *corev1.Pod) {
+	// The projected token needs a named ServiceAccount (the apiserver
+	// rejects the pod otherwise). The ServiceAccount admission plugin names
+	// "default" before webhooks run; where it is off, the injector does.
+	if p.Spec.ServiceAccountName == "" {
+		p.Spec.ServiceAccountName = "default"
+	}
 	p.Spec.Volumes = append(p.Spec.Volumes,
 		corev1.Volume{Name: TokenVolume, VolumeSource: corev1.VolumeSource{Projected: &corev1.ProjectedVolumeSource{
 			Sources: []corev1.VolumeProjection{{ServiceAccountToken: &corev1.ServiceAccountTokenProjection{
