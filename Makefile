@@ -156,6 +156,14 @@ E2E_BENCH ?=
 e2e: kube-binaries envoy test-deps
 	KUBEBUILDER_ASSETS="$${KUBEBUILDER_ASSETS:-$(BIN)/k8s}" $(GO) test -count=1 -v -timeout 30m -run '$(E2E_RUN)' $(if $(E2E_BENCH),-bench '$(E2E_BENCH)' -benchtime 1x) ./e2e/ 2>&1 | grep -v '^[IWE][0-9]\{4\} '
 
+## Gateway API conformance: the official suite's mesh profiles (MESH-HTTP,
+## MESH-GRPC) against the e2e environment; rewrites the committed report
+## (conformance/reports/) when every test passed. make test runs the same
+## suite and fails when the report differs.
+.PHONY: conformance
+conformance:
+	TRELLIS_UPDATE_CONFORMANCE=1 $(MAKE) e2e E2E_RUN='^TestGatewayAPIMeshConformance$$'
+
 ## Demo: a local control plane with the CRDs and samples; stays up until Ctrl-C.
 .PHONY: demo
 demo: kube-binaries envoy

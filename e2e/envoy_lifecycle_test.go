@@ -123,6 +123,10 @@ func TestEnvoyLifecycle(t *testing.T) {
 				}
 			}
 			t.Logf("raw traffic: %s", tr.raw())
+			// What the client's sidecar did about it: retries (and their
+			// overflow), connect timeouts, pending-queue failures.
+			b, err := env.Kubelet.EnvoyAdmin(ctxT(t), ns, "client", "/stats?filter=outbound.*web.*(retry|cx_connect|pending|rq_5xx|membership)")
+			t.Logf("client sidecar stats (%v):\n%s", err, b)
 		}
 	})
 }

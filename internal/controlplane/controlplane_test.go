@@ -330,7 +330,7 @@ func TestProxyReceivesItsConfigurationAndIdentity(t *testing.T) {
 			c := p.connect(t, w.frontend, token(t, w.frontend, "frontend"), nodeID(w.frontend), delta)
 			cluster := fmt.Sprintf(reviewsCluster, w.ns)
 			err := c.WaitFor(ctxWait(t), func(res map[string]map[string]proto.Message, r map[string]int) bool {
-				return hasEndpoints(cluster, 2)(res, r) && res[resource.RouteType]["outbound|9080"] != nil &&
+				return hasEndpoints(cluster, 2)(res, r) && res[resource.RouteType][cluster] != nil &&
 					res[resource.ListenerType]["outbound_0.0.0.0_15001"] != nil && len(res[resource.SecretType]) == 2
 			})
 			if err != nil {
@@ -341,7 +341,7 @@ func TestProxyReceivesItsConfigurationAndIdentity(t *testing.T) {
 			if cl.GetType() != clusterv3.Cluster_EDS {
 				t.Errorf("cluster type %v", cl.GetType())
 			}
-			rc := res[resource.RouteType]["outbound|9080"].(*routev3.RouteConfiguration)
+			rc := res[resource.RouteType][cluster].(*routev3.RouteConfiguration)
 			found := false
 			for _, vh := range rc.VirtualHosts {
 				if vh.Name == fmt.Sprintf("reviews.%s.svc.cluster.local:9080", w.ns) {
@@ -501,7 +501,7 @@ func TestBadRouteIsReportedAndOthersKeepTheirConfig(t *testing.T) {
 	}
 	p.settle(t, nodeID(w.frontend))
 	res, _ := fe.Snapshot()
-	routesBefore := res[resource.RouteType]["outbound|9080"]
+	routesBefore := res[resource.RouteType][cluster]
 	kind := gwv1.Kind("Service")
 	route := &gwv1.HTTPRoute{
 		ObjectMeta: metav1.ObjectMeta{Namespace: w.ns, Name: "bad"},
@@ -536,7 +536,7 @@ func TestBadRouteIsReportedAndOthersKeepTheirConfig(t *testing.T) {
 		t.Errorf("controllerName %q", got.Status.Parents[0].ControllerName)
 	}
 	res, _ = fe.Snapshot()
-	if !proto.Equal(routesBefore, res[resource.RouteType]["outbound|9080"]) {
+	if !proto.Equal(routesBefore, res[resource.RouteType][cluster]) {
 		t.Error("the rejected route changed the frontend's routes")
 	}
 }

@@ -285,3 +285,21 @@ type Route struct {
 
 // Ref returns the route's object reference.
 func (r *Route) Ref() Ref { return Ref{Kind: r.Kind, Namespace: r.Namespace, Name: r.Name} }
+
+// hasServiceParent says whether one of the route's parentRefs is the
+// Service namespace/name.
+func (r *Route) hasServiceParent(namespace, name string) bool {
+	var parents []gwv1.ParentReference
+	switch {
+	case r.HTTP != nil:
+		parents = r.HTTP.ParentRefs
+	case r.GRPC != nil:
+		parents = r.GRPC.ParentRefs
+	}
+	for _, p := range parents {
+		if isServiceRef(p.Group, p.Kind) && string(p.Name) == name && string(ptrOr(p.Namespace, gwv1.Namespace(r.Namespace))) == namespace {
+			return true
+		}
+	}
+	return false
+}

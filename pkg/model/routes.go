@@ -148,7 +148,7 @@ func (m *Mesh) validateRoute(r *Route) []Problem {
 		for k, b := range refs {
 			field := fmt.Sprintf("spec.rules[%d].backendRefs[%d]", rule, k)
 			total += ptrOr(b.Weight, 1)
-			if _, _, p := m.ResolveBackend(r.Kind, r.Namespace, b.BackendObjectReference); p != nil {
+			if _, _, p := m.ResolveBackend(r, b.BackendObjectReference); p != nil {
 				p.Object, p.Field = r.Ref(), field
 				problems = append(problems, *p)
 			}
@@ -184,7 +184,7 @@ func (m *Mesh) validateRoute(r *Route) []Problem {
 						"filter %s is not supported by Trellis: requests matching this rule get HTTP 500", f.Type)
 				}
 				if f.RequestMirror != nil {
-					if _, _, p := m.ResolveBackend(r.Kind, r.Namespace, f.RequestMirror.BackendRef); p != nil {
+					if _, _, p := m.ResolveBackend(r, f.RequestMirror.BackendRef); p != nil {
 						p.Object, p.Field = r.Ref(), fmt.Sprintf("spec.rules[%d].filters[%d].requestMirror.backendRef", i, j)
 						problems = append(problems, *p)
 					}
@@ -193,9 +193,11 @@ func (m *Mesh) validateRoute(r *Route) []Problem {
 			refs := make([]gwv1.BackendRef, len(rule.BackendRefs))
 			for k, b := range rule.BackendRefs {
 				refs[k] = b.BackendRef
-				if len(b.Filters) > 0 {
-					bad(fmt.Sprintf("spec.rules[%d].backendRefs[%d].filters", i, k), ReasonUnsupportedValue, meshv1alpha1.ConditionAccepted,
-						"filters on a backendRef are not supported by Trellis: requests matching this rule get HTTP 500")
+				for j, f := range b.Filters {
+					if !BackendHeaderFilter(string(f.Type)) {
+						bad(fmt.Sprintf("spec.rules[%d].backendRefs[%d].filters[%d].type", i, k, j), ReasonUnsupportedValue, meshv1alpha1.ConditionAccepted,
+							"filter %s on a backendRef is not supported by Trellis (only RequestHeaderModifier and ResponseHeaderModifier are): requests matching this rule get HTTP 500; put it on the rule instead", f.Type)
+					}
 				}
 			}
 			checkBackends(i, refs)
@@ -233,11 +235,24 @@ func (m *Mesh) validateRoute(r *Route) []Problem {
 			refs := make([]gwv1.BackendRef, len(rule.BackendRefs))
 			for k, b := range rule.BackendRefs {
 				refs[k] = b.BackendRef
+				for j, f := range b.Filters {
+					if !BackendHeaderFilter(string(f.Type)) {
+						bad(fmt.Sprintf("spec.rules[%d].backendRefs[%d].filters[%d].type", i, k, j), ReasonUnsupportedValue, meshv1alpha1.ConditionAccepted,
+							"filter %s on a backendRef is not supported by Trellis (only RequestHeaderModifier and ResponseHeaderModifier are): requests matching this rule get HTTP 500; put it on the rule instead", f.Type)
+					}
+				}
 			}
 			checkBackends(i, refs)
 		}
 	}
 	return problems
+}
+
+// BackendHeaderFilter says whether a filter type is supported on a
+// backendRef (HTTPRoute and GRPCRoute use the same names): header
+// modifiers, applied when that backend is chosen.
+func BackendHeaderFilter(t string) bool {
+	return t == string(gwv1.HTTPRouteFilterRequestHeaderModifier) || t == string(gwv1.HTTPRouteFilterResponseHeaderModifier)
 }
 
 func supportedHTTPFilter(t gwv1.HTTPRouteFilterType) bool {
@@ -251,15 +266,21 @@ func supportedHTTPFilter(t gwv1.HTTPRouteFilterType) bool {
 
 // ResolveBackend resolves a route's backendRef to a Service port. A problem
 // means requests for that backend must fail (HTTP 500).
-func (m *Mesh) ResolveBackend(routeKind, routeNamespace string, b gwv1.BackendObjectReference) (*Service, *ServicePort, *Problem) {
+//
+// A backendRef to another namespace needs a ReferenceGrant there, except
+// to a Service the route names as a parentRef: a consumer route (GEP-1686)
+// that sends its namespace's calls on to the Service they were made to
+// reaches nothing its clients could not call directly.
+func (m *Mesh) ResolveBackend(r *Route, b gwv1.BackendObjectReference) (*Service, *ServicePort, *Problem) {
 	if !isServiceRef(b.Group, b.Kind) {
 		return nil, nil, &Problem{Reason: ReasonInvalidKind, Condition: meshv1alpha1.ConditionResolvedRefs,
 			Message: fmt.Sprintf("backendRef kind %s is not supported: only Services", ptrOr(b.Kind, ""))}
 	}
+	routeKind, routeNamespace := r.Kind, r.Namespace
 	ns := routeNamespace
 	if b.Namespace != nil && string(*b.Namespace) != routeNamespace {
 		ns = string(*b.Namespace)
-		if !m.granted(routeKind, routeNamespace, ns, string(b.Name)) {
+		if !r.hasServiceParent(ns, string(b.Name)) && !m.granted(routeKind, routeNamespace, ns, string(b.Name)) {
 			return nil, nil, &Problem{Reason: ReasonRefNotPermitted, Condition: meshv1alpha1.ConditionResolvedRefs,
 				Message: fmt.Sprintf("backendRef to Service %s/%s in another namespace needs a ReferenceGrant in %s from %s in %s", ns, b.Name, ns, routeKind, routeNamespace)}
 		}

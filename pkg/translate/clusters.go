@@ -2,6 +2,7 @@ package translate
 
 import (
 	"cmp"
+	"math"
 	"slices"
 	"strings"
 	"time"
@@ -75,11 +76,29 @@ func (t *translator) serviceCluster(svc *model.Service, port *model.ServicePort)
 			}},
 		})}
 	}
+	if !t.proxyless {
+		c.CircuitBreakers = unlimitedCircuitBreakers()
+	}
 	if svc.Policy != nil {
 		t.applyBackendPolicy(c, svc.Policy)
 	}
 	t.clusters[name] = c
 	return name
+}
+
+// unlimitedCircuitBreakers lifts Envoy's per-cluster defaults (1,024
+// connections, pending and active requests; 3 retries in flight) on a
+// sidecar's Service clusters, as Istio does: they are limits nobody chose.
+// Three retries in flight is the one that bites: when replicas go away
+// under load, every request that met a dead endpoint retries at once, and
+// the fourth fails with the first attempt's 503 although other endpoints
+// are healthy (seen scaling 3 → 1 replicas at 50 req/s). A BackendPolicy's
+// connection limits replace these values one by one.
+func unlimitedCircuitBreakers() *clusterv3.CircuitBreakers {
+	u := wrapperspb.UInt32(math.MaxUint32)
+	return &clusterv3.CircuitBreakers{Thresholds: []*clusterv3.CircuitBreakers_Thresholds{{
+		Priority: corev3.RoutingPriority_DEFAULT, MaxConnections: u, MaxPendingRequests: u, MaxRequests: u, MaxRetries: u,
+	}}}
 }
 
 func allMeshed(eps []model.Endpoint) bool {
@@ -137,21 +156,22 @@ func (t *translator) applyBackendPolicy(c *clusterv3.Cluster, p *model.BackendPo
 				c.ConnectTimeout = dur(d)
 			}
 		}
-		th := &clusterv3.CircuitBreakers_Thresholds{Priority: corev3.RoutingPriority_DEFAULT}
-		set := false
-		u32 := func(v *int32) *wrapperspb.UInt32Value {
-			if v == nil || *v < 0 {
-				return nil
+		// Set limits replace the defaults (unlimited on sidecars; Envoy's
+		// and gRPC's own on proxyless clients) one by one.
+		if cs.MaxConnections != nil || cs.MaxPendingRequests != nil || cs.MaxRequests != nil || cs.MaxRetries != nil {
+			if c.CircuitBreakers == nil {
+				c.CircuitBreakers = &clusterv3.CircuitBreakers{Thresholds: []*clusterv3.CircuitBreakers_Thresholds{{Priority: corev3.RoutingPriority_DEFAULT}}}
 			}
-			set = true
-			return wrapperspb.UInt32(uint32(*v))
-		}
-		th.MaxConnections = u32(cs.MaxConnections)
-		th.MaxPendingRequests = u32(cs.MaxPendingRequests)
-		th.MaxRequests = u32(cs.MaxRequests)
-		th.MaxRetries = u32(cs.MaxRetries)
-		if set {
-			c.CircuitBreakers = &clusterv3.CircuitBreakers{Thresholds: []*clusterv3.CircuitBreakers_Thresholds{th}}
+			th := c.CircuitBreakers.Thresholds[0]
+			set := func(dst **wrapperspb.UInt32Value, v *int32) {
+				if v != nil && *v >= 0 {
+					*dst = wrapperspb.UInt32(uint32(*v))
+				}
+			}
+			set(&th.MaxConnections, cs.MaxConnections)
+			set(&th.MaxPendingRequests, cs.MaxPendingRequests)
+			set(&th.MaxRequests, cs.MaxRequests)
+			set(&th.MaxRetries, cs.MaxRetries)
 		}
 	}
 	if od := spec.OutlierDetection; od != nil {

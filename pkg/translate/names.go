@@ -57,8 +57,15 @@ func InboundClusterName(port int32) string {
 	return "inbound|" + strconv.Itoa(int(port)) + "||"
 }
 
-// OutboundRouteName is the RDS name shared by every HTTP Service on a port.
+// OutboundRouteName is the RDS name of the HTTP ExternalServices on a port
+// (chosen by Host header, whatever the destination address).
 func OutboundRouteName(port int32) string { return "outbound|" + strconv.Itoa(int(port)) }
+
+// ServiceRouteName is the RDS name of one HTTP Service port, served to the
+// filter chain of its cluster IPs: the destination address picks the
+// Service, not the Host header (GAMMA's Service frontend). The name is the
+// cluster's: outbound|<port>||<host>.
+func ServiceRouteName(host string, port int32) string { return OutboundClusterName(host, port) }
 
 // hostPrefix returns ip/32 or ip/128, or an error for a malformed address.
 func hostPrefix(ip string) (netip.Prefix, error) {

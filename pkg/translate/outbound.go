@@ -86,8 +86,9 @@ func (t *translator) outboundListener() *listenerv3.Listener {
 				FilterChainMatch: &listenerv3.FilterChainMatch{PrefixRanges: cidrs(pfxs...), DestinationPort: wrapperspb.UInt32(uint32(port.Port))},
 			}
 			if port.Protocol.IsHTTP() {
-				httpPorts[port.Port] = true
-				fc.Filters = []*listenerv3.Filter{t.outboundHCM(OutboundRouteName(port.Port), cluster)}
+				rds := ServiceRouteName(svc.Hostname(), port.Port)
+				fc.Filters = []*listenerv3.Filter{t.outboundHCM(rds, cluster)}
+				t.routes[rds] = t.serviceRouteConfig(rds, svc, port)
 			} else {
 				fc.Filters = []*listenerv3.Filter{t.tcpProxy(cluster, cluster)}
 			}
@@ -104,9 +105,7 @@ func (t *translator) outboundListener() *listenerv3.Listener {
 				for _, h := range es.Spec.Hosts {
 					t.externalCluster(es, h, p)
 				}
-				if !httpPorts[p.Number] {
-					httpPorts[p.Number] = true
-				}
+				httpPorts[p.Number] = true
 				// Any destination IP on this port: the Host header picks the route.
 				name := fmt.Sprintf("outbound|%d||external-http", p.Number)
 				if _, dup := findChain(chains, name); !dup {
@@ -292,10 +291,21 @@ func hcmFilter(h *hcmv3.HttpConnectionManager) *listenerv3.Filter {
 	return &listenerv3.Filter{Name: "envoy.filters.network.http_connection_manager", ConfigType: &listenerv3.Filter_TypedConfig{TypedConfig: mustAny(h)}}
 }
 
-// outboundRouteConfig holds a virtual host per HTTP Service on the port,
-// answering to every name of the Service, plus the external hosts on the
-// port and a catch-all that passes through (AllowAny) or answers 502
-// (RegistryOnly).
+// serviceRouteConfig holds the routes of one HTTP Service port in one
+// virtual host answering to any Host: the chain that uses it matched the
+// Service's cluster IPs already. A request to this Service with another
+// Service's name in Host still goes to this one (GAMMA
+// MeshClusterIPMatching; it is what kube-proxy would have done).
+func (t *translator) serviceRouteConfig(name string, svc *model.Service, sp *model.ServicePort) *routev3.RouteConfiguration {
+	return &routev3.RouteConfiguration{Name: name, ValidateClusters: wrapperspb.Bool(false), VirtualHosts: []*routev3.VirtualHost{{
+		Name:    fmt.Sprintf("%s:%d", svc.Hostname(), sp.Port),
+		Domains: []string{"*"},
+		Routes:  t.serviceRoutes(svc, sp),
+	}}}
+}
+
+// outboundRouteConfig holds the external hosts on the port and a
+// catch-all that passes through (AllowAny) or answers 502 (RegistryOnly).
 func (t *translator) outboundRouteConfig(port int32) *routev3.RouteConfiguration {
 	rc := &routev3.RouteConfiguration{Name: OutboundRouteName(port), ValidateClusters: wrapperspb.Bool(false)}
 	domainsSeen := map[string]bool{}
@@ -308,21 +318,6 @@ func (t *translator) outboundRouteConfig(port int32) *routev3.RouteConfiguration
 			}
 		}
 		return out
-	}
-	for _, svc := range t.visibleServices() {
-		sp := svc.Port(port)
-		if sp == nil || !sp.Protocol.IsHTTP() || svc.Headless() {
-			continue
-		}
-		domains := uniq(t.serviceDomains(svc, port))
-		if len(domains) == 0 {
-			continue
-		}
-		rc.VirtualHosts = append(rc.VirtualHosts, &routev3.VirtualHost{
-			Name:    fmt.Sprintf("%s:%d", svc.Hostname(), port),
-			Domains: domains,
-			Routes:  t.serviceRoutes(svc, sp),
-		})
 	}
 	for _, es := range t.mesh.External {
 		for _, p := range es.Spec.Ports {
@@ -361,25 +356,4 @@ func (t *translator) outboundRouteConfig(port int32) *routev3.RouteConfiguration
 	}
 	rc.VirtualHosts = append(rc.VirtualHosts, catchAll)
 	return rc
-}
-
-// serviceDomains are the names a client may use for a Service port. The
-// short name only resolves inside the Service's namespace, so only proxies
-// there get it (which also keeps domains unique across namespaces).
-func (t *translator) serviceDomains(svc *model.Service, port int32) []string {
-	names := []string{svc.Name + "." + svc.Namespace, svc.Name + "." + svc.Namespace + ".svc", svc.Hostname()}
-	if svc.Namespace == t.proxy.Namespace {
-		names = append([]string{svc.Name}, names...)
-	}
-	var out []string
-	for _, n := range names {
-		out = append(out, n, fmt.Sprintf("%s:%d", n, port))
-	}
-	for _, ip := range svc.ClusterIPs {
-		out = append(out, ip, fmt.Sprintf("%s:%d", ip, port))
-		if a, err := netip.ParseAddr(ip); err == nil && a.Is6() {
-			out = append(out, fmt.Sprintf("[%s]:%d", ip, port))
-		}
-	}
-	return out
 }

@@ -207,16 +207,65 @@ func ptrOr[T any](p *T, def T) T {
 // Envoy cannot answer 500 from a weighted cluster, so their share goes to
 // the BlackHoleCluster (503) and a rule whose backends are all invalid
 // answers 500 directly.
-func (t *translator) backendAction(r *model.Route, refs []gwv1.BackendRef) (*routev3.RouteAction, bool) {
+// backend is a rule's backendRef with the header filters of its own
+// (HTTPRoute and GRPCRoute alike).
+type backend struct {
+	gwv1.BackendRef
+	request, response []*gwv1.HTTPHeaderFilter
+}
+
+func httpBackends(refs []gwv1.HTTPBackendRef) (out []backend, unsupported bool) {
+	for _, b := range refs {
+		be := backend{BackendRef: b.BackendRef}
+		for _, f := range b.Filters {
+			switch {
+			case f.Type == gwv1.HTTPRouteFilterRequestHeaderModifier && f.RequestHeaderModifier != nil:
+				be.request = append(be.request, f.RequestHeaderModifier)
+			case f.Type == gwv1.HTTPRouteFilterResponseHeaderModifier && f.ResponseHeaderModifier != nil:
+				be.response = append(be.response, f.ResponseHeaderModifier)
+			default:
+				unsupported = true // reported by the model
+			}
+		}
+		out = append(out, be)
+	}
+	return out, unsupported
+}
+
+func grpcBackends(refs []gwv1.GRPCBackendRef) (out []backend, unsupported bool) {
+	for _, b := range refs {
+		be := backend{BackendRef: b.BackendRef}
+		for _, f := range b.Filters {
+			switch {
+			case f.Type == gwv1.GRPCRouteFilterRequestHeaderModifier && f.RequestHeaderModifier != nil:
+				be.request = append(be.request, f.RequestHeaderModifier)
+			case f.Type == gwv1.GRPCRouteFilterResponseHeaderModifier && f.ResponseHeaderModifier != nil:
+				be.response = append(be.response, f.ResponseHeaderModifier)
+			default:
+				unsupported = true // reported by the model
+			}
+		}
+		out = append(out, be)
+	}
+	return out, unsupported
+}
+
+// backendAction routes to the rule's valid backends by weight; the share
+// of invalid ones goes to BlackHoleCluster. A backend with header filters
+// is always a weighted cluster (even alone): that is where Envoy applies
+// headers per backend.
+func (t *translator) backendAction(r *model.Route, refs []backend) (*routev3.RouteAction, bool) {
 	type wc struct {
-		name   string
-		weight uint32
+		name              string
+		weight            uint32
+		request, response []*gwv1.HTTPHeaderFilter
 	}
 	var valid []wc
 	invalid := uint32(0)
+	headers := false
 	for _, b := range refs {
 		w := uint32(max(ptrOr(b.Weight, 1), 0))
-		svc, sp, p := t.mesh.ResolveBackend(r.Kind, r.Namespace, b.BackendObjectReference)
+		svc, sp, p := t.mesh.ResolveBackend(r, b.BackendObjectReference)
 		if p != nil {
 			invalid += w
 			continue
@@ -229,17 +278,27 @@ func (t *translator) backendAction(r *model.Route, refs []gwv1.BackendRef) (*rou
 			invalid += w
 			continue
 		}
-		valid = append(valid, wc{t.serviceCluster(svc, sp), w})
+		valid = append(valid, wc{t.serviceCluster(svc, sp), w, b.request, b.response})
+		headers = headers || len(b.request)+len(b.response) > 0
 	}
 	if len(valid) == 0 {
 		return nil, false
 	}
-	if len(valid) == 1 && invalid == 0 {
+	if len(valid) == 1 && invalid == 0 && !headers {
 		return &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: valid[0].name}}, true
 	}
 	w := &routev3.WeightedCluster{}
 	for _, v := range valid {
-		w.Clusters = append(w.Clusters, &routev3.WeightedCluster_ClusterWeight{Name: v.name, Weight: wrapperspb.UInt32(v.weight)})
+		cw := &routev3.WeightedCluster_ClusterWeight{Name: v.name, Weight: wrapperspb.UInt32(v.weight)}
+		for _, h := range v.request {
+			cw.RequestHeadersToAdd = append(cw.RequestHeadersToAdd, headerOptions(h)...)
+			cw.RequestHeadersToRemove = append(cw.RequestHeadersToRemove, lower(h.Remove)...)
+		}
+		for _, h := range v.response {
+			cw.ResponseHeadersToAdd = append(cw.ResponseHeadersToAdd, headerOptions(h)...)
+			cw.ResponseHeadersToRemove = append(cw.ResponseHeadersToRemove, lower(h.Remove)...)
+		}
+		w.Clusters = append(w.Clusters, cw)
 	}
 	if invalid > 0 {
 		w.Clusters = append(w.Clusters, &routev3.WeightedCluster_ClusterWeight{Name: BlackHoleCluster, Weight: wrapperspb.UInt32(invalid)})
@@ -267,13 +326,9 @@ func (t *translator) httpRoute(svc *model.Service, sp *model.ServicePort, r *mod
 		if len(matches) == 0 {
 			matches = []gwv1.HTTPRouteMatch{{}}
 		}
-		refs := make([]gwv1.BackendRef, len(rule.BackendRefs))
-		unsupported := false
-		for k, b := range rule.BackendRefs {
-			refs[k] = b.BackendRef
-			unsupported = unsupported || len(b.Filters) > 0
-		}
+		refs, badFilter := httpBackends(rule.BackendRefs)
 		for j, m := range matches {
+			unsupported := badFilter
 			rm, rank, ok := httpMatch(m)
 			if !ok {
 				continue // reported by the model; the route is not attached
@@ -521,7 +576,7 @@ func (t *translator) applyMirrors(a *routev3.RouteAction, r *model.Route, filter
 }
 
 func (t *translator) addMirror(a *routev3.RouteAction, r *model.Route, m *gwv1.HTTPRequestMirrorFilter) {
-	svc, sp, p := t.mesh.ResolveBackend(r.Kind, r.Namespace, m.BackendRef)
+	svc, sp, p := t.mesh.ResolveBackend(r, m.BackendRef)
 	if p != nil {
 		return // reported by the model
 	}
@@ -547,17 +602,14 @@ func (t *translator) grpcRoute(svc *model.Service, sp *model.ServicePort, r *mod
 		if len(matches) == 0 {
 			matches = []gwv1.GRPCRouteMatch{{}}
 		}
-		refs := make([]gwv1.BackendRef, len(rule.BackendRefs))
-		for k, b := range rule.BackendRefs {
-			refs[k] = b.BackendRef
-		}
+		refs, badFilter := grpcBackends(rule.BackendRefs)
 		for j, m := range matches {
 			rm, rank, ok := grpcMatch(m)
 			if !ok {
 				continue
 			}
 			route := &routev3.Route{Name: fmt.Sprintf("%s/%s/rule/%d/match/%d", r.Namespace, r.Name, i, j), Match: rm}
-			unsupported := false
+			unsupported := badFilter
 			action, ok := t.backendAction(r, refs)
 			for _, f := range rule.Filters {
 				switch f.Type {

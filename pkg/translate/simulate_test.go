@@ -353,3 +353,19 @@ func TestUnmeshedEndpointsGetPlaintext(t *testing.T) {
 		t.Errorf("to a pod without a proxy: %s mtls=%v, want plaintext", r.Outcome, r.MTLS)
 	}
 }
+
+// TestClusterIPPicksTheService: the destination address chooses the
+// Service (GAMMA's Service frontend, MeshClusterIPMatching), whatever the
+// Host header names: a call to reviews-v1's cluster IP with Host reviews
+// goes to reviews-v1, not through reviews' split.
+func TestClusterIPPicksTheService(t *testing.T) {
+	s, p := world(t, "httproute-consumer-overrides-producer")
+	req := get("/")
+	req.DestIP, req.Host = "10.96.0.21", "reviews"
+	for range 50 {
+		r := send(t, s, p["shop/frontend-1"], req)
+		if want := "outbound|9080||reviews-v1.shop.svc.cluster.local"; r.Cluster != want || r.Outcome != simulate.Forwarded {
+			t.Fatalf("%s to %q via chain %q vhost %q; want %q", r.Outcome, r.Cluster, r.Chain, r.VirtualHost, want)
+		}
+	}
+}

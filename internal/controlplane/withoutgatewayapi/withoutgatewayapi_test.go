@@ -115,7 +115,7 @@ func TestMeshRunsWithoutGatewayAPI(t *testing.T) {
 	cluster := fmt.Sprintf("outbound|9080||reviews.%s.svc.cluster.local", ns)
 	if err := c.WaitFor(wctx, func(res map[string]map[string]proto.Message, _ map[string]int) bool {
 		return res[resource.ClusterType][cluster] != nil && res[resource.EndpointType][cluster] != nil &&
-			res[resource.RouteType]["outbound|9080"] != nil && len(res[resource.SecretType]) == 2
+			res[resource.RouteType][cluster] != nil && len(res[resource.SecretType]) == 2
 	}); err != nil {
 		t.Fatalf("no configuration for the proxy without Gateway API CRDs: %v", err)
 	}
