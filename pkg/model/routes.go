@@ -243,6 +243,10 @@ func (m *Mesh) validateRoute(r *Route) []Problem {
 				}
 			}
 			checkBackends(i, refs)
+			if rule.SessionPersistence != nil {
+				bad(fmt.Sprintf("spec.rules[%d].sessionPersistence", i), ReasonUnsupportedValue, meshv1alpha1.ConditionAccepted,
+					"sessionPersistence is not supported by Trellis and is ignored; use a BackendPolicy with loadBalancer.algorithm RingHash")
+			}
 		}
 	}
 	return problems
