@@ -214,38 +214,38 @@ type backend struct {
 	request, response []*gwv1.HTTPHeaderFilter
 }
 
+// filter records one of the backendRef's filters; false for a type
+// Trellis does not support there (HTTPRoute and GRPCRoute share the names).
+func (b *backend) filter(typ string, request, response *gwv1.HTTPHeaderFilter) bool {
+	switch {
+	case typ == string(gwv1.HTTPRouteFilterRequestHeaderModifier) && request != nil:
+		b.request = append(b.request, request)
+	case typ == string(gwv1.HTTPRouteFilterResponseHeaderModifier) && response != nil:
+		b.response = append(b.response, response)
+	default:
+		return false // reported by the model
+	}
+	return true
+}
+
 func httpBackends(refs []gwv1.HTTPBackendRef) (out []backend, unsupported bool) {
-	for _, b := range refs {
-		be := backend{BackendRef: b.BackendRef}
-		for _, f := range b.Filters {
-			switch {
-			case f.Type == gwv1.HTTPRouteFilterRequestHeaderModifier && f.RequestHeaderModifier != nil:
-				be.request = append(be.request, f.RequestHeaderModifier)
-			case f.Type == gwv1.HTTPRouteFilterResponseHeaderModifier && f.ResponseHeaderModifier != nil:
-				be.response = append(be.response, f.ResponseHeaderModifier)
-			default:
-				unsupported = true // reported by the model
-			}
+	for _, r := range refs {
+		b := backend{BackendRef: r.BackendRef}
+		for _, f := range r.Filters {
+			unsupported = !b.filter(string(f.Type), f.RequestHeaderModifier, f.ResponseHeaderModifier) || unsupported
 		}
-		out = append(out, be)
+		out = append(out, b)
 	}
 	return out, unsupported
 }
 
 func grpcBackends(refs []gwv1.GRPCBackendRef) (out []backend, unsupported bool) {
-	for _, b := range refs {
-		be := backend{BackendRef: b.BackendRef}
-		for _, f := range b.Filters {
-			switch {
-			case f.Type == gwv1.GRPCRouteFilterRequestHeaderModifier && f.RequestHeaderModifier != nil:
-				be.request = append(be.request, f.RequestHeaderModifier)
-			case f.Type == gwv1.GRPCRouteFilterResponseHeaderModifier && f.ResponseHeaderModifier != nil:
-				be.response = append(be.response, f.ResponseHeaderModifier)
-			default:
-				unsupported = true // reported by the model
-			}
+	for _, r := range refs {
+		b := backend{BackendRef: r.BackendRef}
+		for _, f := range r.Filters {
+			unsupported = !b.filter(string(f.Type), f.RequestHeaderModifier, f.ResponseHeaderModifier) || unsupported
 		}
-		out = append(out, be)
+		out = append(out, b)
 	}
 	return out, unsupported
 }
