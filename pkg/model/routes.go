@@ -143,6 +143,14 @@ func (m *Mesh) validateRoute(r *Route) []Problem {
 			bad(field, ReasonUnsupportedValue, meshv1alpha1.ConditionAccepted, "invalid RE2 regular expression %q: %v", expr, err)
 		}
 	}
+	// backendFilter reports a filter type Trellis does not apply on a
+	// backendRef (HTTPRoute and GRPCRoute share the names).
+	backendFilter := func(rule, ref, filter int, typ string) {
+		if typ != string(gwv1.HTTPRouteFilterRequestHeaderModifier) && typ != string(gwv1.HTTPRouteFilterResponseHeaderModifier) {
+			bad(fmt.Sprintf("spec.rules[%d].backendRefs[%d].filters[%d].type", rule, ref, filter), ReasonUnsupportedValue, meshv1alpha1.ConditionAccepted,
+				"filter %s on a backendRef is not supported by Trellis (only RequestHeaderModifier and ResponseHeaderModifier are): requests matching this rule get HTTP 500; put it on the rule instead", typ)
+		}
+	}
 	checkBackends := func(rule int, refs []gwv1.BackendRef) {
 		total := int32(0)
 		for k, b := range refs {
@@ -194,10 +202,7 @@ func (m *Mesh) validateRoute(r *Route) []Problem {
 			for k, b := range rule.BackendRefs {
 				refs[k] = b.BackendRef
 				for j, f := range b.Filters {
-					if !BackendHeaderFilter(string(f.Type)) {
-						bad(fmt.Sprintf("spec.rules[%d].backendRefs[%d].filters[%d].type", i, k, j), ReasonUnsupportedValue, meshv1alpha1.ConditionAccepted,
-							"filter %s on a backendRef is not supported by Trellis (only RequestHeaderModifier and ResponseHeaderModifier are): requests matching this rule get HTTP 500; put it on the rule instead", f.Type)
-					}
+					backendFilter(i, k, j, string(f.Type))
 				}
 			}
 			checkBackends(i, refs)
@@ -236,10 +241,7 @@ func (m *Mesh) validateRoute(r *Route) []Problem {
 			for k, b := range rule.BackendRefs {
 				refs[k] = b.BackendRef
 				for j, f := range b.Filters {
-					if !BackendHeaderFilter(string(f.Type)) {
-						bad(fmt.Sprintf("spec.rules[%d].backendRefs[%d].filters[%d].type", i, k, j), ReasonUnsupportedValue, meshv1alpha1.ConditionAccepted,
-							"filter %s on a backendRef is not supported by Trellis (only RequestHeaderModifier and ResponseHeaderModifier are): requests matching this rule get HTTP 500; put it on the rule instead", f.Type)
-					}
+					backendFilter(i, k, j, string(f.Type))
 				}
 			}
 			checkBackends(i, refs)
@@ -250,13 +252,6 @@ func (m *Mesh) validateRoute(r *Route) []Problem {
 		}
 	}
 	return problems
-}
-
-// BackendHeaderFilter says whether a filter type is supported on a
-// backendRef (HTTPRoute and GRPCRoute use the same names): header
-// modifiers, applied when that backend is chosen.
-func BackendHeaderFilter(t string) bool {
-	return t == string(gwv1.HTTPRouteFilterRequestHeaderModifier) || t == string(gwv1.HTTPRouteFilterResponseHeaderModifier)
 }
 
 func supportedHTTPFilter(t gwv1.HTTPRouteFilterType) bool {
@@ -280,13 +275,12 @@ func (m *Mesh) ResolveBackend(r *Route, b gwv1.BackendObjectReference) (*Service
 		return nil, nil, &Problem{Reason: ReasonInvalidKind, Condition: meshv1alpha1.ConditionResolvedRefs,
 			Message: fmt.Sprintf("backendRef kind %s is not supported: only Services", ptrOr(b.Kind, ""))}
 	}
-	routeKind, routeNamespace := r.Kind, r.Namespace
-	ns := routeNamespace
-	if b.Namespace != nil && string(*b.Namespace) != routeNamespace {
+	ns := r.Namespace
+	if b.Namespace != nil && string(*b.Namespace) != r.Namespace {
 		ns = string(*b.Namespace)
-		if !r.hasServiceParent(ns, string(b.Name)) && !m.granted(routeKind, routeNamespace, ns, string(b.Name)) {
+		if !r.hasServiceParent(ns, string(b.Name)) && !m.granted(r.Kind, r.Namespace, ns, string(b.Name)) {
 			return nil, nil, &Problem{Reason: ReasonRefNotPermitted, Condition: meshv1alpha1.ConditionResolvedRefs,
-				Message: fmt.Sprintf("backendRef to Service %s/%s in another namespace needs a ReferenceGrant in %s from %s in %s", ns, b.Name, ns, routeKind, routeNamespace)}
+				Message: fmt.Sprintf("backendRef to Service %s/%s in another namespace needs a ReferenceGrant in %s from %s in %s", ns, b.Name, ns, r.Kind, r.Namespace)}
 		}
 	}
 	svc := m.Service(ns, string(b.Name))

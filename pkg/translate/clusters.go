@@ -95,9 +95,9 @@ func (t *translator) serviceCluster(svc *model.Service, port *model.ServicePort)
 // are healthy (seen scaling 3 → 1 replicas at 50 req/s). A BackendPolicy's
 // connection limits replace these values one by one.
 func unlimitedCircuitBreakers() *clusterv3.CircuitBreakers {
-	u := wrapperspb.UInt32(math.MaxUint32)
+	u := func() *wrapperspb.UInt32Value { return wrapperspb.UInt32(math.MaxUint32) }
 	return &clusterv3.CircuitBreakers{Thresholds: []*clusterv3.CircuitBreakers_Thresholds{{
-		Priority: corev3.RoutingPriority_DEFAULT, MaxConnections: u, MaxPendingRequests: u, MaxRequests: u, MaxRetries: u,
+		Priority: corev3.RoutingPriority_DEFAULT, MaxConnections: u(), MaxPendingRequests: u(), MaxRequests: u(), MaxRetries: u(),
 	}}}
 }
 

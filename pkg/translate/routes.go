@@ -202,11 +202,6 @@ func ptrOr[T any](p *T, def T) T {
 	return *p
 }
 
-// backendAction builds the cluster or weighted clusters of a rule. Invalid
-// backends keep their share of traffic but fail it (Gateway API: HTTP 500);
-// Envoy cannot answer 500 from a weighted cluster, so their share goes to
-// the BlackHoleCluster (503) and a rule whose backends are all invalid
-// answers 500 directly.
 // backend is a rule's backendRef with the header filters of its own
 // (HTTPRoute and GRPCRoute alike).
 type backend struct {
@@ -250,10 +245,12 @@ func grpcBackends(refs []gwv1.GRPCBackendRef) (out []backend, unsupported bool) 
 	return out, unsupported
 }
 
-// backendAction routes to the rule's valid backends by weight; the share
-// of invalid ones goes to BlackHoleCluster. A backend with header filters
-// is always a weighted cluster (even alone): that is where Envoy applies
-// headers per backend.
+// backendAction builds the cluster or weighted clusters of a rule. Invalid
+// backends keep their share of traffic but fail it (Gateway API: HTTP 500);
+// Envoy cannot answer 500 from a weighted cluster, so their share goes to
+// the BlackHoleCluster (503) and a rule whose backends are all invalid
+// answers 500 directly. A backend with header filters is always a weighted
+// cluster (even alone): that is where Envoy applies headers per backend.
 func (t *translator) backendAction(r *model.Route, refs []backend) (*routev3.RouteAction, bool) {
 	type wc struct {
 		name              string
