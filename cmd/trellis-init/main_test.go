@@ -1,9 +1,14 @@
 package main
 
 import (
+	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
+	"time"
+
+	"github.com/trellis-mesh/trellis/internal/testenv"
 )
 
 // TestHelpExitsZero: asking for the usage is no failure (trellis-init
@@ -27,6 +32,79 @@ func TestHelpExitsZero(t *testing.T) {
 		}
 		if err := exec.Command(bin, "--no-such-flag").Run(); err == nil {
 			t.Errorf("%s --no-such-flag succeeded", cmd)
+		}
+	}
+}
+
+// TestREADMEFlagsTable: the README's trellis-controller flags table names
+// every flag `trellis-controller --help` prints and no other, and where a
+// row documents one flag with one default, the default is --help's.
+func TestREADMEFlagsTable(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "trellis-controller")
+	if out, err := exec.Command("go", "build", "-o", bin, "github.com/trellis-mesh/trellis/cmd/trellis-controller").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v: %s", err, out)
+	}
+	help, err := exec.Command(bin, "--help").CombinedOutput()
+	if err != nil {
+		t.Fatalf("--help: %v\n%s", err, help)
+	}
+	// "  -name type\n    \tusage (default "x")" blocks.
+	flags := map[string]string{} // name -> default ("" when none printed)
+	name := ""
+	for _, line := range strings.Split(string(help), "\n") {
+		if rest, ok := strings.CutPrefix(line, "  -"); ok {
+			name, _, _ = strings.Cut(rest, " ")
+			flags[name] = ""
+			continue
+		}
+		if name == "" {
+			continue
+		}
+		if _, d, ok := strings.Cut(line, "(default "); ok {
+			flags[name] = strings.Trim(strings.TrimSuffix(strings.TrimSpace(d), ")"), `"`)
+		}
+	}
+	if len(flags) < 10 {
+		t.Fatalf("parsed %d flags from --help:\n%s", len(flags), help)
+	}
+	root, err := testenv.RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	readme, err := os.ReadFile(filepath.Join(root, "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows := testenv.MarkdownTable(string(readme), "| flag | default | what |")
+	if len(rows) == 0 {
+		t.Fatal(`README has no "| flag | default | what |" table`)
+	}
+	documented := map[string]bool{}
+	for _, r := range rows {
+		names := testenv.CodeSpans(r[0])
+		for _, n := range names {
+			n = strings.TrimPrefix(n, "--")
+			documented[n] = true
+			if _, ok := flags[n]; !ok {
+				t.Errorf("README documents --%s, which trellis-controller does not have", n)
+			}
+		}
+		defaults := testenv.CodeSpans(r[1])
+		if len(names) != 1 || len(defaults) != 1 || strings.Contains(r[1], ",") {
+			continue
+		}
+		n, want := strings.TrimPrefix(names[0], "--"), flags[strings.TrimPrefix(names[0], "--")]
+		got := defaults[0]
+		if d, err := time.ParseDuration(got); err == nil {
+			got = d.String()
+		}
+		if want != "" && got != want {
+			t.Errorf("README says --%s defaults to %q, --help says %q", n, defaults[0], want)
+		}
+	}
+	for n := range flags {
+		if !documented[n] {
+			t.Errorf("--%s is not in README's flags table", n)
 		}
 	}
 }

@@ -59,7 +59,9 @@ func run() error {
 	}
 	start := time.Now()
 	fmt.Println("demo: building, then starting etcd, kube-apiserver, kube-controller-manager and trellis-controller ...")
-	env, err := framework.Start(ctx, framework.Options{Dir: dir})
+	env, err := framework.Start(ctx, framework.Options{Dir: dir, Progress: func(step string, took time.Duration) {
+		fmt.Printf("demo:   %-55s %5.1fs\n", step, took.Seconds())
+	}})
 	if err != nil {
 		return err
 	}
@@ -68,6 +70,8 @@ func run() error {
 		env.Stop()
 		fmt.Println("demo: stopped; no process, namespace or interface left behind (logs kept in " + dir + ")")
 	}()
+	// As a Deployment would, a killed or crashed controller is started again.
+	go env.KeepControllerRunning(ctx, func(format string, args ...any) { fmt.Printf("demo: "+format+"\n", args...) })
 	c := env.Cluster.Client()
 	if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: demoNamespace, Labels: map[string]string{"trellis.dev/inject": "enabled"}}}); err != nil {
 		return err
@@ -99,6 +103,11 @@ func run() error {
                tail -f %[3]s     (the frontend's calls, one JSON line each)
                bin/trellisctl analyze -f config/samples/demo -n demo     (offline checks of the demo's manifests)
   trellis-controller log: %[4]s
+               (kill it, e.g. pkill -f bin/e2e/trellis-controller: the demo starts it again, as a
+               Deployment would, with the kubelet's back-off: at once, then 10 s, 20 s, … 5 min)
+  Helm:        make bin/helm && bin/helm --kubeconfig %[1]s -n trellis-system upgrade trellis charts/trellis --reuse-values --set controller.logLevel=debug
+               (the release is the chart's; the controller runs as a local process with the
+               Deployment's arguments, read again when it restarts: kill it to apply an upgrade)
   connected proxies:   curl -s http://127.0.0.1:%[5]d/debug/proxies   (per proxy: class, ACKed versions, last NACK)
   controller metrics:  curl -s http://127.0.0.1:%[5]d/metrics
   readiness:           curl -s http://127.0.0.1:%[6]d/readyz

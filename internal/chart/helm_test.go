@@ -212,6 +212,38 @@ func TestRenderedProperties(t *testing.T) {
 
 // TestSchemaRejectsBadValues: a wrong type or an unknown key fails before
 // anything is rendered, with the field's path in the message.
+// TestWebhookURL: with webhooks.url (a controller outside the cluster, as
+// make demo runs it) every webhook calls the URL with its own path and none
+// names the Service (the apiserver refuses a clientConfig with both).
+func TestWebhookURL(t *testing.T) {
+	rel, err := render(t, map[string]any{"webhooks": map[string]any{"url": "https://127.0.0.1:19443/"}}, goldenNamespace)
+	if err != nil {
+		t.Fatal(err)
+	}
+	objs := objects(t, rel.Manifest)
+	var m admissionv1.MutatingWebhookConfiguration
+	find(t, objs, "MutatingWebhookConfiguration", "trellis-injection", &m)
+	var v admissionv1.ValidatingWebhookConfiguration
+	find(t, objs, "ValidatingWebhookConfiguration", "trellis-validation", &v)
+	var got []string
+	for _, w := range m.Webhooks {
+		if w.ClientConfig.Service != nil || w.ClientConfig.URL == nil {
+			t.Fatalf("webhook %s clientConfig %+v, want a URL only", w.Name, w.ClientConfig)
+		}
+		got = append(got, *w.ClientConfig.URL)
+	}
+	for _, w := range v.Webhooks {
+		if w.ClientConfig.Service != nil || w.ClientConfig.URL == nil {
+			t.Fatalf("webhook %s clientConfig %+v, want a URL only", w.Name, w.ClientConfig)
+		}
+		got = append(got, *w.ClientConfig.URL)
+	}
+	want := []string{"https://127.0.0.1:19443/inject", "https://127.0.0.1:19443/validate", "https://127.0.0.1:19443/validate"} // routes share the validating path
+	if !slices.Equal(got, want) {
+		t.Errorf("webhook URLs %q, want %q", got, want)
+	}
+}
+
 func TestSchemaRejectsBadValues(t *testing.T) {
 	for _, tc := range []struct {
 		name string
@@ -224,6 +256,8 @@ func TestSchemaRejectsBadValues(t *testing.T) {
 		{"bad enum", map[string]any{"webhooks": map[string]any{"injection": map[string]any{"failurePolicy": "Never"}}}, []string{"/webhooks/injection/failurePolicy", "Fail", "Ignore"}},
 		{"bad duration", map[string]any{"xds": map[string]any{"maxConnectionAge": "30 minutes"}}, []string{"/xds/maxConnectionAge"}},
 		{"port out of range", map[string]any{"metrics": map[string]any{"port": 70000}}, []string{"/metrics/port"}},
+		{"webhook URL with a path", map[string]any{"webhooks": map[string]any{"url": "https://10.0.0.1:9443/inject"}}, []string{"/webhooks/url"}},
+		{"plain-HTTP webhook URL", map[string]any{"webhooks": map[string]any{"url": "http://10.0.0.1:9443"}}, []string{"/webhooks/url"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := render(t, tc.vals, goldenNamespace)

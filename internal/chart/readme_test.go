@@ -10,6 +10,7 @@ import (
 	rbacv1 "k8s.io/api/rbac/v1"
 
 	"github.com/trellis-mesh/trellis/internal/localcluster"
+	"github.com/trellis-mesh/trellis/internal/testenv"
 )
 
 // permission is one (scope, group, resource, resourceName, verb).
@@ -115,5 +116,71 @@ func TestREADMEExplainsEveryPermission(t *testing.T) {
 	}
 	if len(extra) > 0 {
 		t.Errorf("README explains permissions that are not granted: %v", extra)
+	}
+}
+
+// TestREADMEValuesTable: the README's Helm values table names only values
+// the chart has, and every value of values.yaml is in it (a row's key
+// covers the values under it). A row's keys are written `a.b.c`, then
+// `.d` (a sibling: a.b.d) or `e` (a.b.e), and `a.b.*` for all under a.b.
+func TestREADMEValuesTable(t *testing.T) {
+	raw, err := os.ReadFile(filepath.Join(env.Root, "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rows := testenv.MarkdownTable(string(raw), "| value | default | what |")
+	if len(rows) == 0 {
+		t.Fatal(`README has no "| value | default | what |" table`)
+	}
+	values := readValues(t, filepath.Join(chartDir(), "values.yaml"))
+	var leaves []string
+	var walk func(prefix string, v any)
+	walk = func(prefix string, v any) {
+		if m, ok := v.(map[string]any); ok && len(m) > 0 {
+			for k, sub := range m {
+				walk(strings.TrimPrefix(prefix+"."+k, "."), sub)
+			}
+			return
+		}
+		leaves = append(leaves, prefix)
+	}
+	walk("", values)
+	exists := func(key string) bool {
+		var v any = values
+		for _, part := range strings.Split(key, ".") {
+			m, ok := v.(map[string]any)
+			if !ok {
+				return false
+			}
+			if v, ok = m[part]; !ok {
+				return false
+			}
+		}
+		return true
+	}
+	var documented []string
+	for _, r := range rows {
+		parent := ""
+		for _, k := range testenv.CodeSpans(r[0]) {
+			switch {
+			case strings.HasPrefix(k, "."):
+				k = parent + k
+			case !strings.Contains(k, ".") && parent != "":
+				k = parent + "." + k
+			}
+			k = strings.TrimSuffix(k, ".*")
+			if i := strings.LastIndex(k, "."); i >= 0 {
+				parent = k[:i]
+			}
+			if !exists(k) {
+				t.Errorf("README documents value %s, which values.yaml does not have", k)
+			}
+			documented = append(documented, k)
+		}
+	}
+	for _, l := range leaves {
+		if !slices.ContainsFunc(documented, func(d string) bool { return l == d || strings.HasPrefix(l, d+".") }) {
+			t.Errorf("value %s (values.yaml) is not in README's values table", l)
+		}
 	}
 }

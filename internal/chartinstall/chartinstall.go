@@ -58,6 +58,10 @@ func Install(ctx context.Context, kubeconfig, namespace, release, chartDir strin
 	if err != nil {
 		return nil, fmt.Errorf("load chart: %w", err)
 	}
+	// The helm CLI's field manager, so that `helm upgrade` with the CLI
+	// owns what this install applied (with another manager, server-side
+	// apply reports conflicts on every field the chart sets).
+	kube.ManagedFieldsManager = "helm"
 	inst := action.NewInstall(cfg)
 	inst.Namespace, inst.ReleaseName, inst.CreateNamespace = namespace, release, true
 	inst.WaitStrategy, inst.Timeout = kube.HookOnlyStrategy, 2*time.Minute

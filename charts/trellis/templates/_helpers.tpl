@@ -52,3 +52,19 @@ app.kubernetes.io/component: controller
 {{- define "trellis.webhookCertManager" -}}
 {{- if and .Values.certManager.enabled .Values.certManager.webhook.enabled -}}true{{- end -}}
 {{- end }}
+
+{{/* A webhook's clientConfig without caBundle: the trellis-webhook Service,
+or webhooks.url for a controller outside the cluster. Takes (list . path). */}}
+{{- define "trellis.webhookClientConfig" -}}
+{{- $ := index . 0 -}}
+{{- $path := index . 1 -}}
+{{- if $.Values.webhooks.url -}}
+url: {{ printf "%s%s" (trimSuffix "/" $.Values.webhooks.url) $path | quote }}
+{{- else -}}
+service:
+  name: trellis-webhook
+  namespace: {{ $.Release.Namespace }}
+  path: {{ $path }}
+  port: 443
+{{- end -}}
+{{- end -}}
