@@ -13,10 +13,10 @@ import (
 
 // TestHelpExitsZero: asking for the usage is no failure (trellis-init
 // exited 1 printing "flag: help requested"); an unknown flag still fails.
-// Both binaries are built and run as a user would run them.
+// Every binary under cmd/ is built and run as a user would run it.
 func TestHelpExitsZero(t *testing.T) {
 	dir := t.TempDir()
-	for _, cmd := range []string{"trellis-init", "trellis-controller"} {
+	for _, cmd := range []string{"trellis-init", "trellis-controller", "trellisctl"} {
 		bin := filepath.Join(dir, cmd)
 		if out, err := exec.Command("go", "build", "-o", bin, "github.com/trellis-mesh/trellis/cmd/"+cmd).CombinedOutput(); err != nil {
 			t.Fatalf("build %s: %v: %s", cmd, err, out)
