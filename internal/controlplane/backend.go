@@ -22,7 +22,7 @@ type meshBackend struct {
 	builtIn   ca.Backend
 	client    client.Client
 	namespace string
-	clock     clock.PassiveClock
+	clock     clock.Clock
 	mesh      func() model.Mesh
 
 	mu          sync.Mutex

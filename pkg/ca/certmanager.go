@@ -1,6 +1,7 @@
 package ca
 
 import (
+	"cmp"
 	"context"
 	"encoding/pem"
 	"errors"
@@ -28,7 +29,8 @@ type CertManager struct {
 	Client    client.Client
 	Namespace string
 	IssuerRef cmmeta.IssuerReference
-	Clock     clock.PassiveClock
+	// Clock paces the polling of a pending request.
+	Clock clock.Clock
 	// Poll is how often a pending request is checked (default 200 ms).
 	Poll time.Duration
 
@@ -55,7 +57,12 @@ func (c *CertManager) Sign(ctx context.Context, csrDER []byte, id spiffeid.ID, t
 		return nil, fmt.Errorf("create CertificateRequest: %w", err)
 	}
 	// The request has served its purpose once answered either way.
-	defer func() { _ = c.Client.Delete(context.WithoutCancel(ctx), cr) }()
+	defer func() {
+		// Also after the caller gave up, but bounded.
+		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		defer cancel()
+		_ = c.Client.Delete(dctx, cr)
+	}()
 	poll := c.Poll
 	if poll <= 0 {
 		poll = 200 * time.Millisecond
@@ -86,8 +93,10 @@ func (c *CertManager) Sign(ctx context.Context, csrDER []byte, id spiffeid.ID, t
 		}
 		select {
 		case <-ctx.Done():
-			return nil, fmt.Errorf("waiting for CertificateRequest %s to be approved and issued: %w", cr.Name, ctx.Err())
-		case <-time.After(poll):
+			// The caller's deadline (xds.Pusher.IssueTimeout) or its end.
+			return nil, fmt.Errorf("CertificateRequest %s/%s for issuer %s %s was not approved and issued: %w (is an approver running: cert-manager's own, or approver-policy with a policy for this issuer?); the request is deleted and retried",
+				c.Namespace, cr.Name, cmp.Or(c.IssuerRef.Kind, "Issuer"), c.IssuerRef.Name, context.Cause(ctx))
+		case <-c.Clock.After(poll):
 		}
 	}
 }

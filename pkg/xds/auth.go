@@ -1,6 +1,7 @@
 package xds
 
 import (
+	"cmp"
 	"context"
 	"crypto/sha256"
 	"encoding/base64"
@@ -77,6 +78,10 @@ type Authenticator struct {
 	Clock        clock.PassiveClock
 	// CacheTTL bounds how long a successful review is reused.
 	CacheTTL time.Duration
+	// ReviewTimeout bounds one TokenReview call (default
+	// DefaultReviewTimeout): a hung apiserver fails the stream with
+	// Unavailable, and the proxy retries, instead of holding it open.
+	ReviewTimeout time.Duration
 	// OnCache is called with "hit" or "miss" for metrics.
 	OnCache func(result string)
 
@@ -88,6 +93,9 @@ type cachedReview struct {
 	user    authnv1.UserInfo
 	expires time.Time
 }
+
+// DefaultReviewTimeout is Authenticator.ReviewTimeout's default.
+const DefaultReviewTimeout = 10 * time.Second
 
 const (
 	extraPodName = "authentication.kubernetes.io/pod-name"
@@ -186,6 +194,8 @@ func (a *Authenticator) review(ctx context.Context, token string) (authnv1.UserI
 	}
 	a.mu.Unlock()
 	a.count("miss")
+	ctx, cancel := context.WithTimeout(ctx, cmp.Or(a.ReviewTimeout, DefaultReviewTimeout))
+	defer cancel()
 	tr, err := a.TokenReviews.Create(ctx, &authnv1.TokenReview{Spec: authnv1.TokenReviewSpec{Token: token, Audiences: []string{a.Audience}}}, metav1.CreateOptions{})
 	if err != nil {
 		return authnv1.UserInfo{}, status.Errorf(codes.Unavailable, "TokenReview: %v", err)

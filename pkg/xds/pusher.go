@@ -1,6 +1,7 @@
 package xds
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"runtime"
@@ -44,6 +45,10 @@ type Pusher struct {
 	OnExpiry func(identity string, soonest time.Time)
 	// OnRotationFailure counts failed renewals.
 	OnRotationFailure func()
+	// IssueTimeout bounds one NodeSecrets call (default
+	// DefaultIssueTimeout): a cert-manager CertificateRequest nobody
+	// approves fails after it, on Clock, and is retried with back-off.
+	IssueTimeout time.Duration
 
 	mu         sync.Mutex
 	mesh       *model.Mesh
@@ -66,6 +71,29 @@ type nodeInfo struct {
 	// loads numbers loadSecrets calls: only the latest one's result is
 	// served (see loadSecrets).
 	loads uint64
+	// failures counts issuances failed in a row (the retry back-off).
+	failures int
+	// ctx ends when the node disconnects, ending its issuances in flight.
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+// DefaultIssueTimeout is Pusher.IssueTimeout's default.
+const DefaultIssueTimeout = 30 * time.Second
+
+// Retry back-off of a failed issuance: 10 s, doubling, at most 2 min.
+const (
+	issueRetryInitial = 10 * time.Second
+	issueRetryMax     = 2 * time.Minute
+)
+
+// issueRetryDelay is the wait after the n-th failure in a row (n >= 1).
+func issueRetryDelay(n int) time.Duration {
+	d := issueRetryInitial
+	for i := 1; i < n && d < issueRetryMax; i++ {
+		d *= 2
+	}
+	return min(d, issueRetryMax)
 }
 
 type classInfo struct {
@@ -111,7 +139,15 @@ func (p *Pusher) Connect(id *Identity) string {
 		}
 	}
 	nodeID := id.NodeID.String()
-	p.nodes[nodeID] = &nodeInfo{ident: id, class: key}
+	if old := p.nodes[nodeID]; old != nil {
+		// A reconnect replaces the node: its issuances and renewal end.
+		old.cancel()
+		if old.renew != nil {
+			old.renew.Stop()
+		}
+	}
+	nctx, cancel := context.WithCancel(context.Background())
+	p.nodes[nodeID] = &nodeInfo{ident: id, class: key, ctx: nctx, cancel: cancel}
 	_, known := p.classes[key]
 	p.mu.Unlock()
 	if key != "" {
@@ -142,27 +178,43 @@ func (p *Pusher) Connect(id *Identity) string {
 func (p *Pusher) loadSecrets(id *Identity) {
 	nodeID := id.NodeID.String()
 	p.mu.Lock()
-	var seq uint64
-	if n, ok := p.nodes[nodeID]; ok {
-		n.loads++
-		seq = n.loads
+	n, ok := p.nodes[nodeID]
+	if !ok {
+		p.mu.Unlock()
+		return // disconnected meanwhile
 	}
+	n.loads++
+	seq, nctx := n.loads, n.ctx
 	p.mu.Unlock()
 	latest := func() bool {
 		n, ok := p.nodes[nodeID]
 		return ok && n.loads == seq
 	}
-	ns, err := p.NodeSecrets(context.Background(), id)
+	// Every issuance has a deadline, on the injected clock, and ends when
+	// the node disconnects.
+	timeout := cmp.Or(p.IssueTimeout, DefaultIssueTimeout)
+	ctx, cancel := context.WithCancelCause(nctx)
+	deadline := p.Clock.AfterFunc(timeout, func() { cancel(fmt.Errorf("no certificate within %s", timeout)) })
+	ns, err := p.NodeSecrets(ctx, id)
+	deadline.Stop()
+	cancel(nil)
 	if err != nil {
-		p.Log.Error(err, "issue workload certificate; retrying", "node", nodeID)
-		if p.OnRotationFailure != nil {
-			p.OnRotationFailure()
-		}
 		p.mu.Lock()
 		ok := latest()
-		p.mu.Unlock()
+		var delay time.Duration
 		if ok {
-			p.schedule(id, p.Clock.Now().Add(10*time.Second))
+			n := p.nodes[nodeID]
+			n.failures++
+			delay = issueRetryDelay(n.failures)
+		}
+		p.mu.Unlock()
+		if !ok {
+			return // disconnected or superseded: nobody waits for this one
+		}
+		p.Log.Error(err, "issue workload certificate; retrying", "node", nodeID, "retryIn", delay.String())
+		p.schedule(id, p.Clock.Now().Add(delay))
+		if p.OnRotationFailure != nil {
+			p.OnRotationFailure()
 		}
 		return
 	}
@@ -174,7 +226,7 @@ func (p *Pusher) loadSecrets(id *Identity) {
 	still := latest()
 	if still {
 		n := p.nodes[nodeID]
-		n.identity, n.notAfter = ns.Identity, ns.NotAfter
+		n.identity, n.notAfter, n.failures = ns.Identity, ns.NotAfter, 0
 	}
 	p.mu.Unlock()
 	if still {
@@ -246,6 +298,7 @@ func (p *Pusher) Disconnect(nodeID string) {
 	delete(p.nodes, nodeID)
 	p.mu.Unlock()
 	if n != nil {
+		n.cancel()
 		if n.renew != nil {
 			n.renew.Stop()
 		}

@@ -68,6 +68,8 @@ type Server struct {
 }
 
 type streamState struct {
+	// ctx is the stream's: authentication ends when the stream does.
+	ctx           context.Context
 	token, peerIP string
 	delta         bool
 	ident         *Identity
@@ -164,7 +166,7 @@ func peerIP(ctx context.Context) string {
 func (s *Server) open(ctx context.Context, id int64, delta bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.streams[id] = &streamState{token: bearer(ctx), peerIP: peerIP(ctx), delta: delta, sentAt: map[string]time.Time{}}
+	s.streams[id] = &streamState{ctx: ctx, token: bearer(ctx), peerIP: peerIP(ctx), delta: delta, sentAt: map[string]time.Time{}}
 	return nil
 }
 
@@ -201,7 +203,7 @@ func (s *Server) request(id int64, node *corev3.Node, typeURL, version, nonce st
 	}
 	if st.ident == nil {
 		nodeID := node.GetId()
-		ident, err := s.Auth.Authenticate(context.Background(), st.token, st.peerIP, nodeID)
+		ident, err := s.Auth.Authenticate(st.ctx, st.token, st.peerIP, nodeID)
 		if err != nil {
 			s.Metrics.AuthFailures.WithLabelValues(status.Code(err).String()).Inc()
 			s.Log.Info("rejected xDS stream", "node", nodeID, "peer", st.peerIP, "reason", err.Error())
