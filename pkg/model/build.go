@@ -68,6 +68,12 @@ func Defaults(spec meshv1alpha1.MeshConfigSpec) meshv1alpha1.MeshConfigSpec {
 	if spec.Issuer.Type == "" {
 		spec.Issuer.Type = meshv1alpha1.IssuerBuiltIn
 	}
+	if cm := spec.Issuer.CertManager; cm != nil && (cm.IssuerRef.Kind == "" || cm.IssuerRef.Group == "") {
+		c := *cm
+		c.IssuerRef.Kind = cmp.Or(c.IssuerRef.Kind, "Issuer")
+		c.IssuerRef.Group = cmp.Or(c.IssuerRef.Group, "cert-manager.io")
+		spec.Issuer.CertManager = &c
+	}
 	if spec.Sidecar.Image == "" {
 		spec.Sidecar.Image = "envoyproxy/envoy:v1.40.0"
 	}
@@ -81,7 +87,9 @@ func Defaults(spec meshv1alpha1.MeshConfigSpec) meshv1alpha1.MeshConfigSpec {
 		spec.DefaultAccess = meshv1alpha1.DefaultAccessAllow
 	}
 	if spec.AccessLog != nil && spec.AccessLog.Encoding == "" {
-		spec.AccessLog = &meshv1alpha1.AccessLog{Encoding: "Text"}
+		a := *spec.AccessLog
+		a.Encoding = "Text"
+		spec.AccessLog = &a
 	}
 	if spec.Tracing != nil && spec.Tracing.SamplingPercent == 0 {
 		t := *spec.Tracing
@@ -342,7 +350,7 @@ func (m *Mesh) attachBackendPolicies(policies []*meshv1alpha1.BackendPolicy) []P
 		return cmp.Or(a.CreationTimestamp.Compare(b.CreationTimestamp.Time), cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
 	})
 	for _, p := range sorted {
-		bp := &BackendPolicy{Namespace: p.Namespace, Name: p.Name, Spec: p.Spec}
+		bp := &BackendPolicy{Namespace: p.Namespace, Name: p.Name, Spec: BackendPolicyDefaults(p.Spec)}
 		for i, t := range p.Spec.TargetRefs {
 			svc := m.Service(p.Namespace, t.Name)
 			if svc == nil {
@@ -372,7 +380,7 @@ func (m *Mesh) attachAccessPolicies(policies []*meshv1alpha1.AccessPolicy) []Pro
 		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
 	})
 	for _, p := range sorted {
-		ap := &AccessPolicy{Namespace: p.Namespace, Name: p.Name, Spec: p.Spec}
+		ap := &AccessPolicy{Namespace: p.Namespace, Name: p.Name, Spec: AccessPolicyDefaults(p.Spec)}
 		for i, t := range p.Spec.TargetRefs {
 			svc := m.Service(p.Namespace, t.Name)
 			if svc == nil {

@@ -179,10 +179,10 @@ func (t *translator) applyBackendPolicy(c *clusterv3.Cluster, p *model.BackendPo
 			Consecutive_5Xx:    wrapperspb.UInt32(uint32(max(od.Consecutive5xxErrors, 1))),
 			MaxEjectionPercent: wrapperspb.UInt32(uint32(min(max(od.MaxEjectionPercent, 0), 100))),
 		}
-		if d, ok := parseDuration(string(cmp.Or(od.Interval, "10s"))); ok && d > 0 {
+		if d, ok := parseDuration(string(od.Interval)); ok && d > 0 {
 			o.Interval = dur(d)
 		}
-		if d, ok := parseDuration(string(cmp.Or(od.BaseEjectionTime, "30s"))); ok && d > 0 {
+		if d, ok := parseDuration(string(od.BaseEjectionTime)); ok && d > 0 {
 			o.BaseEjectionTime = dur(d)
 		}
 		if t.proxyless {

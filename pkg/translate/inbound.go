@@ -168,7 +168,7 @@ func (t *translator) inboundFilters(ip *inboundPort, cluster string) []*listener
 	}
 	if p := t.inboundPolicy(ip); p != nil {
 		if rl := p.Spec.RateLimit; rl != nil {
-			interval, ok := parseDuration(string(cmp.Or(rl.Interval, "1s")))
+			interval, ok := parseDuration(string(rl.Interval))
 			if ok && interval > 0 && rl.Requests > 0 {
 				h.HttpFilters = append(h.HttpFilters, &hcmv3.HttpFilter{Name: "envoy.filters.http.local_ratelimit", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&localratelimitv3.LocalRateLimit{
 					StatPrefix:     "local_rate_limit",
