@@ -53,13 +53,21 @@ func (c *CertManager) Sign(ctx context.Context, csrDER []byte, id spiffeid.ID, t
 			Usages:    []cmapi.KeyUsage{cmapi.UsageDigitalSignature, cmapi.UsageKeyEncipherment, cmapi.UsageServerAuth, cmapi.UsageClientAuth},
 		},
 	}
-	if err := c.Client.Create(ctx, cr); err != nil {
+	// Create and delete run to completion (bounded) even when the caller
+	// gives up meanwhile: a create cancelled in flight could leave a
+	// request behind whose generated name nobody knows.
+	bounded := func() (context.Context, context.CancelFunc) {
+		return context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+	}
+	cctx, cancel := bounded()
+	err := c.Client.Create(cctx, cr)
+	cancel()
+	if err != nil {
 		return nil, fmt.Errorf("create CertificateRequest: %w", err)
 	}
 	// The request has served its purpose once answered either way.
 	defer func() {
-		// Also after the caller gave up, but bounded.
-		dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+		dctx, cancel := bounded()
 		defer cancel()
 		_ = c.Client.Delete(dctx, cr)
 	}()
