@@ -11,7 +11,7 @@ import (
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	tracev3 "github.com/envoyproxy/go-control-plane/envoy/config/trace/v3"
 	filev3 "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/file/v3"
-	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
+	healthcheckv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/health_check/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	httpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
@@ -137,14 +137,10 @@ func http2Options() *anypb.Any {
 	})
 }
 
-func routerFilter() *hcmv3.HttpFilter {
-	return &hcmv3.HttpFilter{Name: "envoy.filters.http.router", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&routerv3.Router{})}}
-}
-
 // adminListener serves a few paths of Envoy's admin interface (which stays
 // bound to 127.0.0.1:15000) on a pod port, for Prometheus and kubelet probes,
-// then the extra routes; the extra filters run before the router.
-func adminListener(name string, port uint32, paths map[string]string, extraRoutes []*routev3.Route, extraFilters []*hcmv3.HttpFilter) *listenerv3.Listener {
+// then the extra routes; the health checks answer their paths before routing.
+func adminListener(name string, port uint32, paths map[string]string, extraRoutes []*routev3.Route, healthChecks []*healthcheckv3.HealthCheck) *listenerv3.Listener {
 	vh := &routev3.VirtualHost{Name: name, Domains: []string{"*"}}
 	for _, from := range sortedKeys(paths) {
 		to := paths[from]
@@ -163,7 +159,7 @@ func adminListener(name string, port uint32, paths map[string]string, extraRoute
 		CodecType:  hcmv3.HttpConnectionManager_AUTO,
 		// Not validated against Envoy's clusters, as the inbound routes (inbound.go).
 		RouteSpecifier: &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: &routev3.RouteConfiguration{Name: name, ValidateClusters: wrapperspb.Bool(false), VirtualHosts: []*routev3.VirtualHost{vh}}},
-		HttpFilters:    append(extraFilters, routerFilter()),
+		HttpFilters:    buildHTTPFilters(httpFilterInput{healthChecks: healthChecks}),
 	}
 	return &listenerv3.Listener{
 		Name:         name,

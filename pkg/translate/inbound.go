@@ -12,7 +12,6 @@ import (
 	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	localratelimitv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/local_ratelimit/v3"
-	rbachttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	origdstv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/original_dst/v3"
 	tlsinspectorv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/listener/tls_inspector/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
@@ -160,29 +159,22 @@ func (t *translator) inboundFilters(ip *inboundPort, cluster string) []*listener
 			Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: cluster}, Timeout: dur(0)}},
 		}}}},
 	}}
-	if deny != nil {
-		h.HttpFilters = append(h.HttpFilters, &hcmv3.HttpFilter{Name: "envoy.filters.http.rbac", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&rbachttpv3.RBAC{Rules: deny, RulesStatPrefix: "deny."})}})
-	}
-	if allow != nil {
-		h.HttpFilters = append(h.HttpFilters, &hcmv3.HttpFilter{Name: "envoy.filters.http.rbac", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&rbachttpv3.RBAC{Rules: allow, RulesStatPrefix: "allow."})}})
-	}
+	in := httpFilterInput{deny: deny, allow: allow, rbacStatPrefixes: true}
 	if p := t.inboundPolicy(ip); p != nil {
 		if rl := p.Spec.RateLimit; rl != nil {
 			interval, ok := parseDuration(string(rl.Interval))
 			if ok && interval > 0 && rl.Requests > 0 {
-				h.HttpFilters = append(h.HttpFilters, &hcmv3.HttpFilter{Name: "envoy.filters.http.local_ratelimit", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&localratelimitv3.LocalRateLimit{
+				in.rateLimit = &localratelimitv3.LocalRateLimit{
 					StatPrefix:     "local_rate_limit",
 					TokenBucket:    &typev3.TokenBucket{MaxTokens: uint32(rl.Requests), TokensPerFill: wrapperspb.UInt32(uint32(rl.Requests)), FillInterval: dur(interval)},
 					FilterEnabled:  &corev3.RuntimeFractionalPercent{DefaultValue: percent(100), RuntimeKey: "local_rate_limit_enabled"},
 					FilterEnforced: &corev3.RuntimeFractionalPercent{DefaultValue: percent(100), RuntimeKey: "local_rate_limit_enforced"},
-				})}})
+				}
 			}
 		}
-		if f := faultFilter(p.Spec.FaultInjection); f != nil {
-			h.HttpFilters = append(h.HttpFilters, &hcmv3.HttpFilter{Name: "envoy.filters.http.fault", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(f)}})
-		}
+		in.fault = faultFilter(p.Spec.FaultInjection)
 	}
-	h.HttpFilters = append(h.HttpFilters, routerFilter())
+	h.HttpFilters = buildHTTPFilters(in)
 	return []*listenerv3.Filter{hcmFilter(h)}
 }
 

@@ -283,7 +283,7 @@ func (t *translator) tcpProxy(statPrefix, cluster string) *listenerv3.Filter {
 func (t *translator) outboundHCM(rdsName, statPrefix string) *listenerv3.Filter {
 	h := t.baseHCM(statPrefix, false)
 	h.RouteSpecifier = &hcmv3.HttpConnectionManager_Rds{Rds: &hcmv3.Rds{RouteConfigName: rdsName, ConfigSource: adsConfigSource()}}
-	h.HttpFilters = []*hcmv3.HttpFilter{routerFilter()}
+	h.HttpFilters = buildHTTPFilters(httpFilterInput{})
 	return hcmFilter(h)
 }
 

@@ -11,7 +11,6 @@ import (
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	healthcheckv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/health_check/v3"
-	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
@@ -103,7 +102,7 @@ func (t *translator) probeClusterFor(path string, p model.AppProbe) string {
 // statsListener serves Prometheus stats and the application probes on 15020.
 func (t *translator) statsListener() *listenerv3.Listener {
 	var routes []*routev3.Route
-	var checks []*hcmv3.HttpFilter
+	var checks []*healthcheckv3.HealthCheck
 	for _, path := range sortedKeys(t.proxy.Probes) {
 		p := t.proxy.Probes[path]
 		cluster := t.probeClusterFor(path, p)
@@ -119,15 +118,12 @@ func (t *translator) statsListener() *listenerv3.Listener {
 			})
 			continue
 		}
-		checks = append(checks, &hcmv3.HttpFilter{
-			Name: "envoy.filters.http.health_check",
-			ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&healthcheckv3.HealthCheck{
-				PassThroughMode: wrapperspb.Bool(false),
-				Headers: []*routev3.HeaderMatcher{{Name: ":path", HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{
-					StringMatch: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: path}},
-				}}},
-				ClusterMinHealthyPercentages: map[string]*typev3.Percent{cluster: {Value: 100}},
-			})},
+		checks = append(checks, &healthcheckv3.HealthCheck{
+			PassThroughMode: wrapperspb.Bool(false),
+			Headers: []*routev3.HeaderMatcher{{Name: ":path", HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{
+				StringMatch: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: path}},
+			}}},
+			ClusterMinHealthyPercentages: map[string]*typev3.Percent{cluster: {Value: 100}},
 		})
 	}
 	return adminListener(StatsListenerName, StatsPort, map[string]string{"/stats/prometheus": "/stats/prometheus"}, routes, checks)

@@ -10,7 +10,6 @@ import (
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	faultcommonv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/common/fault/v3"
 	faultv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/fault/v3"
-	rbachttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	hcmv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
@@ -79,10 +78,7 @@ func ProxylessGRPC(mesh *model.Mesh, w *model.Workload) (*Resources, []model.Pro
 				StatPrefix:     name,
 				RouteSpecifier: &hcmv3.HttpConnectionManager_Rds{Rds: &hcmv3.Rds{RouteConfigName: name, ConfigSource: adsConfigSource()}},
 			}
-			if f := clientFault(svc); f != nil {
-				h.HttpFilters = append(h.HttpFilters, &hcmv3.HttpFilter{Name: "envoy.filters.http.fault", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(f)}})
-			}
-			h.HttpFilters = append(h.HttpFilters, routerFilter())
+			h.HttpFilters = buildHTTPFilters(httpFilterInput{fault: clientFault(svc)})
 			res.Listeners = append(res.Listeners, &listenerv3.Listener{
 				Name:        name,
 				ApiListener: &listenerv3.ApiListener{ApiListener: mustAny(h)},
@@ -201,13 +197,7 @@ func (t *translator) grpcServerListener(ip *inboundPort) *listenerv3.Listener {
 		}},
 	}
 	deny, allow := t.rbacPolicies(ip)
-	if deny != nil {
-		h.HttpFilters = append(h.HttpFilters, &hcmv3.HttpFilter{Name: "envoy.filters.http.rbac", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&rbachttpv3.RBAC{Rules: deny})}})
-	}
-	if allow != nil {
-		h.HttpFilters = append(h.HttpFilters, &hcmv3.HttpFilter{Name: "envoy.filters.http.rbac", ConfigType: &hcmv3.HttpFilter_TypedConfig{TypedConfig: mustAny(&rbachttpv3.RBAC{Rules: allow})}})
-	}
-	h.HttpFilters = append(h.HttpFilters, routerFilter())
+	h.HttpFilters = buildHTTPFilters(httpFilterInput{deny: deny, allow: allow})
 	tls := &tlsv3.DownstreamTlsContext{CommonTlsContext: grpcTLS(nil), RequireClientCertificate: wrapperspb.Bool(true)}
 	return &listenerv3.Listener{
 		Name:    ServerListenerName(ip.port),

@@ -369,3 +369,19 @@ func TestClusterIPPicksTheService(t *testing.T) {
 		}
 	}
 }
+
+// TestSimulatorKnowsEveryHTTPFilter: every HTTP filter the translator may
+// emit (its one ordered list) has a handler in the simulator, so a new
+// filter cannot be forgotten there.
+func TestSimulatorKnowsEveryHTTPFilter(t *testing.T) {
+	known := simulate.HTTPFilterConfigTypes()
+	types := translate.HTTPFilterConfigTypes()
+	if len(types) == 0 || types[len(types)-1] != "envoy.extensions.filters.http.router.v3.Router" {
+		t.Fatalf("filter list %v does not end with the router", types)
+	}
+	for _, ty := range types {
+		if !known[ty] {
+			t.Errorf("the simulator has no handler for HTTP filter config %s", ty)
+		}
+	}
+}

@@ -23,6 +23,7 @@ import (
 	rbacv3 "github.com/envoyproxy/go-control-plane/envoy/config/rbac/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
 	faultv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/fault/v3"
+	healthcheckv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/health_check/v3"
 	localratelimitv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/local_ratelimit/v3"
 	rbachttpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
 	routerv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/router/v3"
@@ -32,6 +33,7 @@ import (
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"google.golang.org/protobuf/proto"
+	"google.golang.org/protobuf/reflect/protoreflect"
 
 	"github.com/trellis-mesh/trellis/pkg/translate"
 )
@@ -490,9 +492,9 @@ func Inbound(server *Proxy, req InboundRequest) (*InboundResult, error) {
 	return nil, fmt.Errorf("inbound chain %q has no terminal filter", fc.Name)
 }
 
-// inboundHTTP runs the HTTP filters in order: the first RBAC filter that
-// denies ends the request with 403
-// (https://www.envoyproxy.io/docs/envoy/latest/configuration/http/http_filters/rbac_filter).
+// inboundHTTP runs the HTTP filters in order, each by its handler in
+// httpFilterSims: the first RBAC filter that denies ends the request with
+// 403 (https://www.envoyproxy.io/docs/envoy/latest/configuration/http/http_filters/rbac_filter).
 func inboundHTTP(h *hcmv3.HttpConnectionManager, out *InboundResult, req InboundRequest) (*InboundResult, error) {
 	for _, f := range h.HttpFilters {
 		msg, err := f.GetTypedConfig().UnmarshalNew()
@@ -500,38 +502,83 @@ func inboundHTTP(h *hcmv3.HttpConnectionManager, out *InboundResult, req Inbound
 			return nil, err
 		}
 		out.Filters = append(out.Filters, f.Name)
-		switch cfg := msg.(type) {
-		case *rbachttpv3.RBAC:
-			allowed, policy, err := rbacAllows(cfg.GetRules(), out.Peer, req, true)
-			if err != nil {
-				return nil, err
-			}
-			if cfg.GetRules().GetAction() == rbacv3.RBAC_ALLOW || !allowed {
-				out.Policy = policy
-			}
-			if !allowed {
-				out.Outcome, out.DeniedBy = Denied, strings.ToLower(cfg.GetRules().GetAction().String())
-				return out, nil
-			}
-		case *localratelimitv3.LocalRateLimit, *faultv3.HTTPFault:
-			// recorded in Filters; their effect is probabilistic or time-based
-		case *routerv3.Router:
-			rc := h.GetRouteConfig()
-			if rc == nil {
-				return nil, errors.New("inbound HTTP connection manager without inline routes")
-			}
-			_, route := matchRoute(rc, Request{Path: req.Path, Method: req.Method, Headers: req.Headers, HTTP: true, Host: "inbound"})
-			if route == nil {
-				out.Outcome = Responded
-				return out, nil
-			}
-			out.Outcome, out.Cluster = Forwarded, route.GetRoute().GetCluster()
-			return out, nil
-		default:
+		sim, ok := httpFilterSims[proto.MessageName(msg)]
+		if !ok {
 			return nil, fmt.Errorf("unsupported HTTP filter %T", msg)
+		}
+		done, err := sim(h, msg, out, req)
+		if err != nil {
+			return nil, err
+		}
+		if done {
+			return out, nil
 		}
 	}
 	return nil, errors.New("HTTP filters without a router")
+}
+
+// httpFilterSim applies one HTTP filter to an inbound request; done ends
+// the filter chain (the request was answered, denied or forwarded).
+type httpFilterSim func(h *hcmv3.HttpConnectionManager, cfg proto.Message, out *InboundResult, req InboundRequest) (done bool, err error)
+
+// httpFilterSims has a handler for every filter config type the translator
+// emits (translate.HTTPFilterConfigTypes; TestSimulatorKnowsEveryHTTPFilter).
+var httpFilterSims = map[protoreflect.FullName]httpFilterSim{
+	proto.MessageName(&rbachttpv3.RBAC{}): func(_ *hcmv3.HttpConnectionManager, m proto.Message, out *InboundResult, req InboundRequest) (bool, error) {
+		cfg := m.(*rbachttpv3.RBAC)
+		allowed, policy, err := rbacAllows(cfg.GetRules(), out.Peer, req, true)
+		if err != nil {
+			return false, err
+		}
+		if cfg.GetRules().GetAction() == rbacv3.RBAC_ALLOW || !allowed {
+			out.Policy = policy
+		}
+		if !allowed {
+			out.Outcome, out.DeniedBy = Denied, strings.ToLower(cfg.GetRules().GetAction().String())
+			return true, nil
+		}
+		return false, nil
+	},
+	// Recorded in Filters; their effect is probabilistic or time-based.
+	proto.MessageName(&localratelimitv3.LocalRateLimit{}): passThrough,
+	proto.MessageName(&faultv3.HTTPFault{}):               passThrough,
+	// A health check (pass_through_mode false) answers the requests its
+	// headers match itself.
+	proto.MessageName(&healthcheckv3.HealthCheck{}): func(_ *hcmv3.HttpConnectionManager, m proto.Message, out *InboundResult, req InboundRequest) (bool, error) {
+		for _, hm := range m.(*healthcheckv3.HealthCheck).GetHeaders() {
+			if hm.GetName() != ":path" || hm.GetStringMatch().GetExact() != req.Path {
+				return false, nil
+			}
+		}
+		out.Outcome = Responded
+		return true, nil
+	},
+	proto.MessageName(&routerv3.Router{}): func(h *hcmv3.HttpConnectionManager, _ proto.Message, out *InboundResult, req InboundRequest) (bool, error) {
+		rc := h.GetRouteConfig()
+		if rc == nil {
+			return false, errors.New("inbound HTTP connection manager without inline routes")
+		}
+		_, route := matchRoute(rc, Request{Path: req.Path, Method: req.Method, Headers: req.Headers, HTTP: true, Host: "inbound"})
+		if route == nil {
+			out.Outcome = Responded
+			return true, nil
+		}
+		out.Outcome, out.Cluster = Forwarded, route.GetRoute().GetCluster()
+		return true, nil
+	},
+}
+
+func passThrough(*hcmv3.HttpConnectionManager, proto.Message, *InboundResult, InboundRequest) (bool, error) {
+	return false, nil
+}
+
+// HTTPFilterConfigTypes are the filter config types the simulator handles.
+func HTTPFilterConfigTypes() map[string]bool {
+	out := map[string]bool{}
+	for n := range httpFilterSims {
+		out[string(n)] = true
+	}
+	return out
 }
 
 func terminalFilter(fc *listenerv3.FilterChain) (proto.Message, error) {
