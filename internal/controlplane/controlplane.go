@@ -65,8 +65,9 @@ type Options struct {
 	Audience                string
 	VerifyPeerIP            bool
 	TokenReviewTTL          time.Duration
-	// Authority signs workload and serving certificates; nil creates an
-	// in-memory root.
+	// Authority signs workload and serving certificates. Nil: the root in
+	// the Secret trellis-ca of Namespace (loaded, or created by the first
+	// replica), with root rotation; set: that authority, no rotation (tests).
 	Authority *ca.Authority
 	// Registry receives the Prometheus metrics; nil uses controller-runtime's.
 	Registry metrics.RegistererGatherer

@@ -222,7 +222,7 @@ func Build(o *Objects, opts Options) *Cluster {
 		if w.Mode == model.ProxyNone {
 			continue
 		}
-		_, tp := translate.For(mesh, w)
+		_, tp := translate.ForWorkload(mesh, w)
 		problems = append(problems, tp...)
 	}
 	for _, p := range problems {

@@ -3,6 +3,15 @@
 // the control plane's own listeners. Private keys are generated in memory
 // and never leave the process except over an authenticated xDS stream.
 //
-// This is the in-memory authority the control plane starts with; keeping the
-// root in a Secret, the cert-manager backend and root rotation build on it.
+//   - Authority is the built-in CA: a self-signed root (NewSelfSigned),
+//     kept in a Secret (LoadOrCreate, SecretData: the root's key is the
+//     only key stored) and able to cross-sign its successor.
+//   - Backend signs CSRs: an Authority, Rotating (the signer and trusted
+//     roots of a root rotation, swapped atomically) or CertManager (a
+//     cert-manager CertificateRequest per CSR).
+//   - Issuer does the work around a Backend: key, CSR, metrics. Its caller
+//     (xds.Pusher) owns the deadline (IssueTimeout), the retry back-off and
+//     the renewal time (RotateAt).
+//
+// Root rotation's phases are driven by pkg/controller's RootRotation.
 package ca

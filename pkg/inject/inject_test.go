@@ -178,7 +178,7 @@ func TestRewrittenProbesAreAnswered(t *testing.T) {
 			if len(problems) > 0 {
 				t.Fatalf("the injector wrote probes the model rejects: %v", problems)
 			}
-			res, _ := translate.For(mesh, mesh.Workload(got.Namespace, got.Name))
+			res, _ := translate.ForWorkload(mesh, mesh.Workload(got.Namespace, got.Name))
 			routes, checks := statsPaths(t, res)
 			clusters := map[string]*clusterv3.Cluster{}
 			for _, c := range res.Clusters {

@@ -24,7 +24,7 @@ func TestClassKeyDecidesTheResult(t *testing.T) {
 		mesh, _ := model.Build(in)
 		byKey := map[string]*translate.Resources{}
 		for _, w := range mesh.Workloads {
-			res, _ := translate.For(mesh, w)
+			res, _ := translate.ForWorkload(mesh, w)
 			key := translate.ClassKey(mesh, w)
 			if prev, ok := byKey[key]; ok {
 				shared++

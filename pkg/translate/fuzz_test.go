@@ -24,7 +24,7 @@ import (
 func checkAll(t *testing.T, in model.Input) {
 	mesh, _ := model.Build(in)
 	for _, w := range mesh.Workloads {
-		res, _ := translate.For(mesh, w)
+		res, _ := translate.ForWorkload(mesh, w)
 		if err := res.Validate(); err != nil {
 			t.Fatalf("proxy %s/%s: ValidateAll: %v", w.Namespace, w.Name, err)
 		}

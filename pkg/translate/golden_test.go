@@ -39,7 +39,7 @@ func translateCase(t testing.TB, path string) (*translate.Resources, []model.Pro
 	if w == nil {
 		t.Fatalf("%s: proxy pod %s is not in the input", path, h.Proxy)
 	}
-	res, tp := translate.For(mesh, w)
+	res, tp := translate.ForWorkload(mesh, w)
 	for _, name := range h.OnDemand {
 		c, ok := translate.PodIPCluster(mesh, name)
 		if !ok {

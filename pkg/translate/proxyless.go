@@ -210,8 +210,9 @@ func (t *translator) grpcServerListener(ip *inboundPort) *listenerv3.Listener {
 	}
 }
 
-// For returns the resources of workload w in the shape its proxy mode needs.
-func For(mesh *model.Mesh, w *model.Workload) (*Resources, []model.Problem) {
+// ForWorkload returns the resources of workload w in the shape its proxy
+// mode needs (Sidecar for Envoy, ProxylessGRPC for gRPC's xDS client).
+func ForWorkload(mesh *model.Mesh, w *model.Workload) (*Resources, []model.Problem) {
 	if w.Mode == model.ProxyGRPC {
 		return ProxylessGRPC(mesh, w)
 	}

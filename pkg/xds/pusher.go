@@ -439,7 +439,7 @@ func (p *Pusher) round(ctx context.Context) {
 	for _, j := range jobs {
 		g.Go(func() error {
 			t0 := p.Clock.Now()
-			res, problems := translate.For(mesh, j.w)
+			res, problems := translate.ForWorkload(mesh, j.w)
 			r := &result{problems: problems}
 			if err := res.Validate(); err != nil {
 				r.err = fmt.Errorf("invalid resources: %w", err)
