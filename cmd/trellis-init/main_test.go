@@ -1,26 +1,59 @@
 package main
 
 import (
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/trellis-mesh/trellis/internal/testenv"
 )
 
+// cmdBinaries builds every command under cmd/ once, with one go build,
+// into a directory shared by this package's tests, and returns it.
+var cmdBinaries = sync.OnceValues(func() (string, error) {
+	dir, err := os.MkdirTemp("", "trellis-cmd-test")
+	if err != nil {
+		return "", err
+	}
+	builtDir = dir
+	if out, err := exec.Command("go", "build", "-o", dir+"/", "github.com/trellis-mesh/trellis/cmd/...").CombinedOutput(); err != nil {
+		return "", fmt.Errorf("go build ./cmd/...: %v: %s", err, out)
+	}
+	return dir, nil
+})
+
+// cmdBinary is the built binary of cmd/<name>.
+func cmdBinary(t *testing.T, name string) string {
+	t.Helper()
+	dir, err := cmdBinaries()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return filepath.Join(dir, name)
+}
+
+// builtDir is cmdBinaries' directory once made, removed after the tests.
+var builtDir string
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if builtDir != "" {
+		_ = os.RemoveAll(builtDir)
+	}
+	os.Exit(code)
+}
+
 // TestHelpExitsZero: asking for the usage is no failure (trellis-init
 // exited 1 printing "flag: help requested"); an unknown flag still fails.
 // Every binary under cmd/ is built and run as a user would run it.
 func TestHelpExitsZero(t *testing.T) {
-	dir := t.TempDir()
 	for _, cmd := range []string{"trellis-init", "trellis-controller", "trellisctl"} {
-		bin := filepath.Join(dir, cmd)
-		if out, err := exec.Command("go", "build", "-o", bin, "github.com/trellis-mesh/trellis/cmd/"+cmd).CombinedOutput(); err != nil {
-			t.Fatalf("build %s: %v: %s", cmd, err, out)
-		}
+		bin := cmdBinary(t, cmd)
 		for _, help := range []string{"--help", "-h"} {
 			out, err := exec.Command(bin, help).CombinedOutput()
 			if err != nil {
@@ -40,11 +73,7 @@ func TestHelpExitsZero(t *testing.T) {
 // every flag `trellis-controller --help` prints and no other, and where a
 // row documents one flag with one default, the default is --help's.
 func TestREADMEFlagsTable(t *testing.T) {
-	bin := filepath.Join(t.TempDir(), "trellis-controller")
-	if out, err := exec.Command("go", "build", "-o", bin, "github.com/trellis-mesh/trellis/cmd/trellis-controller").CombinedOutput(); err != nil {
-		t.Fatalf("build: %v: %s", err, out)
-	}
-	help, err := exec.Command(bin, "--help").CombinedOutput()
+	help, err := exec.Command(cmdBinary(t, "trellis-controller"), "--help").CombinedOutput()
 	if err != nil {
 		t.Fatalf("--help: %v\n%s", err, help)
 	}

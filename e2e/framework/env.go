@@ -225,21 +225,17 @@ func (e *Env) SetImageFile(image, path, hostFile string) (undo func()) {
 // ControllerNamespace is where the chart is installed.
 const ControllerNamespace = "trellis-system"
 
-// installChart installs charts/trellis with Helm's SDK, as a user would —
+// installChart installs charts/trellis with Helm's Go SDK, as a user would —
 // CRDs, ServiceAccount and RBAC, Services, webhook configurations, the
 // Deployment — with values for this environment: the init image the
 // stand-in kubelet knows, and a nodeSelector no node matches, so the
 // Deployment's pod stays Pending as a scheduler would leave it. The
-// controller runs instead as a local process with the chart's arguments and
-// ServiceAccount token (StartController), and the webhook configurations are
-// pointed at it (the apiserver here cannot reach Service IPs). The MeshConfig
-// is left to the tests (meshConfig.create=false).
-// installChart installs the chart with Helm's Go SDK. The controller runs
-// as a local process, not as the chart's Deployment (which a nodeSelector
-// keeps Pending), so the webhooks call it by URL (chart value webhooks.url)
-// rather than through the trellis-webhook Service. `helm upgrade
-// --reuse-values` works on this release; a restarted controller takes the
-// upgraded Deployment's arguments.
+// controller runs instead as a local process with the Deployment's
+// arguments and ServiceAccount token (StartController; a restarted one
+// takes an upgraded Deployment's arguments), and the webhooks call it by URL
+// (chart value webhooks.url; the apiserver here cannot reach Service IPs),
+// so `helm upgrade --reuse-values` works on this release. The MeshConfig is
+// left to the tests (meshConfig.create=false).
 func (e *Env) installChart(ctx context.Context) error {
 	repo, tag, _ := strings.Cut(InitImage, ":")
 	values := map[string]any{

@@ -29,21 +29,19 @@ func supervise(ctx context.Context, b backoff, start func() (<-chan struct{}, fu
 	for restarts := 1; ; restarts++ {
 		began := time.Now()
 		done, how, err := start()
+		if err == nil {
+			select {
+			case <-ctx.Done():
+			case <-done:
+			}
+		}
+		if ctx.Err() != nil {
+			return // stopping: an exit now is the shutdown's
+		}
 		if err != nil {
 			logf("start failed: %v", err)
 		} else {
-			select {
-			case <-ctx.Done():
-				return
-			case <-done:
-			}
-			if ctx.Err() != nil {
-				return
-			}
 			logf("exited: %s", how())
-		}
-		if ctx.Err() != nil {
-			return
 		}
 		if err == nil && time.Since(began) >= b.reset {
 			next = 0

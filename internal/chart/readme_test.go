@@ -56,21 +56,18 @@ func readmePermissions(t *testing.T) map[permission]bool {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, section, ok := strings.Cut(string(raw), "### Why each permission")
-	if !ok {
-		t.Fatal("README has no \"Why each permission\" section")
+	rows := testenv.MarkdownTable(string(raw), "| scope | API group | resources | verbs | why |")
+	if len(rows) == 0 {
+		t.Fatal(`README has no "| scope | API group | resources | verbs | why |" table (section "Why each permission")`)
 	}
 	out := map[permission]bool{}
-	for _, line := range strings.Split(section, "\n") {
-		if strings.HasPrefix(line, "#") {
-			break
-		}
-		cells := strings.Split(strings.Trim(line, "| "), " | ")
+	for _, cells := range rows {
 		if len(cells) != 5 || (cells[0] != "cluster" && cells[0] != "namespace") {
+			t.Errorf("README permission row is not scope | group | resources | verbs | why: %q", cells)
 			continue
 		}
-		if strings.TrimSpace(cells[4]) == "" {
-			t.Errorf("README permission row without a reason: %s", line)
+		if cells[4] == "" {
+			t.Errorf("README permission row without a reason: %q", cells)
 		}
 		group := cells[1]
 		if group == "core" {
