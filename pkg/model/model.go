@@ -267,39 +267,3 @@ type ExternalService struct {
 	Name      string
 	Spec      meshv1alpha1.ExternalServiceSpec
 }
-
-// Route is an HTTPRoute or GRPCRoute attached to a Service (GAMMA).
-type Route struct {
-	Kind      string // "HTTPRoute" or "GRPCRoute"
-	Namespace string
-	Name      string
-	// Created orders routes of equal precedence, oldest first (Gateway API).
-	Created int64
-	HTTP    *gwv1.HTTPRouteSpec
-	GRPC    *gwv1.GRPCRouteSpec
-	// Port is the parentRef port, 0 for every port of the Service.
-	Port int32
-	// Parent is the index of the parentRef this attachment comes from.
-	Parent int
-}
-
-// Ref returns the route's object reference.
-func (r *Route) Ref() Ref { return Ref{Kind: r.Kind, Namespace: r.Namespace, Name: r.Name} }
-
-// hasServiceParent says whether one of the route's parentRefs is the
-// Service namespace/name.
-func (r *Route) hasServiceParent(namespace, name string) bool {
-	var parents []gwv1.ParentReference
-	switch {
-	case r.HTTP != nil:
-		parents = r.HTTP.ParentRefs
-	case r.GRPC != nil:
-		parents = r.GRPC.ParentRefs
-	}
-	for _, p := range parents {
-		if isServiceRef(p.Group, p.Kind) && string(p.Name) == name && string(ptrOr(p.Namespace, gwv1.Namespace(r.Namespace))) == namespace {
-			return true
-		}
-	}
-	return false
-}

@@ -27,17 +27,14 @@ func isServiceRef(group *gwv1.Group, kind *gwv1.Kind) bool {
 
 func (m *Mesh) attachRoutes(httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRPCRoute) []Problem {
 	var problems []Problem
-	var routes []*Route
-	var parents [][]gwv1.ParentReference
+	var routes []*rawRoute
 	for _, r := range httpRoutes {
-		routes = append(routes, &Route{Kind: "HTTPRoute", Namespace: r.Namespace, Name: r.Name, Created: r.CreationTimestamp.Unix(), HTTP: &r.Spec})
-		parents = append(parents, r.Spec.ParentRefs)
+		routes = append(routes, &rawRoute{kind: "HTTPRoute", namespace: r.Namespace, name: r.Name, created: r.CreationTimestamp.Unix(), http: &r.Spec, parents: r.Spec.ParentRefs})
 	}
 	for _, r := range grpcRoutes {
-		routes = append(routes, &Route{Kind: "GRPCRoute", Namespace: r.Namespace, Name: r.Name, Created: r.CreationTimestamp.Unix(), GRPC: &r.Spec})
-		parents = append(parents, r.Spec.ParentRefs)
+		routes = append(routes, &rawRoute{kind: "GRPCRoute", namespace: r.Namespace, name: r.Name, created: r.CreationTimestamp.Unix(), grpc: &r.Spec, parents: r.Spec.ParentRefs})
 	}
-	for i, r := range routes {
+	for _, r := range routes {
 		invalid := m.validateRoute(r)
 		problems = append(problems, invalid...)
 		if slices.ContainsFunc(invalid, func(p Problem) bool {
@@ -45,36 +42,38 @@ func (m *Mesh) attachRoutes(httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRP
 		}) {
 			continue // a rule that cannot be matched correctly: the route is not programmed
 		}
-		for j, pr := range parents[i] {
+		var rules []RouteRule
+		for j, pr := range r.parents {
 			if !isServiceRef(pr.Group, pr.Kind) {
 				continue // a Gateway parent: not ours
 			}
-			ns := r.Namespace
+			ns := r.namespace
 			if pr.Namespace != nil && *pr.Namespace != "" {
 				ns = string(*pr.Namespace)
 			}
 			svc := m.Service(ns, string(pr.Name))
 			field := fmt.Sprintf("spec.parentRefs[%d]", j)
 			if svc == nil {
-				problems = append(problems, Problem{Object: r.Ref(), Field: field, Reason: ReasonNoMatchingParent, Condition: meshv1alpha1.ConditionAccepted,
+				problems = append(problems, Problem{Object: r.ref(), Field: field, Reason: ReasonNoMatchingParent, Condition: meshv1alpha1.ConditionAccepted,
 					Message: fmt.Sprintf("parent Service %s/%s does not exist", ns, pr.Name)})
 				continue
 			}
-			c := *r
-			c.Parent = j
-			attached := &c
+			if rules == nil {
+				rules = m.resolve(r)
+			}
+			attached := &Route{Kind: r.kind, Namespace: r.namespace, Name: r.name, Created: r.created, Parent: j, Rules: rules}
 			if pr.Port != nil {
 				if svc.Port(int32(*pr.Port)) == nil {
-					problems = append(problems, Problem{Object: r.Ref(), Field: field + ".port", Reason: ReasonNoMatchingParent, Condition: meshv1alpha1.ConditionAccepted,
+					problems = append(problems, Problem{Object: r.ref(), Field: field + ".port", Reason: ReasonNoMatchingParent, Condition: meshv1alpha1.ConditionAccepted,
 						Message: fmt.Sprintf("parent Service %s/%s has no port %d", ns, pr.Name, *pr.Port)})
 					continue
 				}
 				attached.Port = int32(*pr.Port)
 			}
-			if ns == r.Namespace {
+			if ns == r.namespace {
 				svc.ProducerRoutes = append(svc.ProducerRoutes, attached)
 			} else {
-				svc.ConsumerRoutes[r.Namespace] = append(svc.ConsumerRoutes[r.Namespace], attached)
+				svc.ConsumerRoutes[r.namespace] = append(svc.ConsumerRoutes[r.namespace], attached)
 			}
 		}
 	}
@@ -133,10 +132,10 @@ func isMatchField(field string) bool { return matchField.MatchString(field) }
 // Invalid matches make the route unprogrammable (reported on matches);
 // invalid backends and unsupported filters make the rule answer HTTP 500,
 // as Gateway API requires.
-func (m *Mesh) validateRoute(r *Route) []Problem {
+func (m *Mesh) validateRoute(r *rawRoute) []Problem {
 	var problems []Problem
 	bad := func(field, reason, cond, format string, args ...any) {
-		problems = append(problems, Problem{Object: r.Ref(), Field: field, Reason: reason, Condition: cond, Message: fmt.Sprintf(format, args...)})
+		problems = append(problems, Problem{Object: r.ref(), Field: field, Reason: reason, Condition: cond, Message: fmt.Sprintf(format, args...)})
 	}
 	checkRegex := func(field, expr string) {
 		if _, err := regexp.Compile(expr); err != nil {
@@ -156,8 +155,8 @@ func (m *Mesh) validateRoute(r *Route) []Problem {
 		for k, b := range refs {
 			field := fmt.Sprintf("spec.rules[%d].backendRefs[%d]", rule, k)
 			total += ptrOr(b.Weight, 1)
-			if _, _, p := m.ResolveBackend(r, b.BackendObjectReference); p != nil {
-				p.Object, p.Field = r.Ref(), field
+			if _, _, p := m.resolveBackend(r, b.BackendObjectReference); p != nil {
+				p.Object, p.Field = r.ref(), field
 				problems = append(problems, *p)
 			}
 		}
@@ -166,8 +165,8 @@ func (m *Mesh) validateRoute(r *Route) []Problem {
 				"every backendRef has weight 0: requests matching this rule get HTTP 500")
 		}
 	}
-	if r.HTTP != nil {
-		for i, rule := range r.HTTP.Rules {
+	if r.http != nil {
+		for i, rule := range r.http.Rules {
 			for j, mt := range rule.Matches {
 				if mt.Path != nil && mt.Path.Type != nil && *mt.Path.Type == gwv1.PathMatchRegularExpression {
 					checkRegex(fmt.Sprintf("spec.rules[%d].matches[%d].path.value", i, j), ptrOr(mt.Path.Value, ""))
@@ -192,8 +191,8 @@ func (m *Mesh) validateRoute(r *Route) []Problem {
 						"filter %s is not supported by Trellis: requests matching this rule get HTTP 500", f.Type)
 				}
 				if f.RequestMirror != nil {
-					if _, _, p := m.ResolveBackend(r, f.RequestMirror.BackendRef); p != nil {
-						p.Object, p.Field = r.Ref(), fmt.Sprintf("spec.rules[%d].filters[%d].requestMirror.backendRef", i, j)
+					if _, _, p := m.resolveBackend(r, f.RequestMirror.BackendRef); p != nil {
+						p.Object, p.Field = r.ref(), fmt.Sprintf("spec.rules[%d].filters[%d].requestMirror.backendRef", i, j)
 						problems = append(problems, *p)
 					}
 				}
@@ -212,8 +211,8 @@ func (m *Mesh) validateRoute(r *Route) []Problem {
 			}
 		}
 	}
-	if r.GRPC != nil {
-		for i, rule := range r.GRPC.Rules {
+	if r.grpc != nil {
+		for i, rule := range r.grpc.Rules {
 			for j, mt := range rule.Matches {
 				if mt.Method != nil && mt.Method.Type != nil && *mt.Method.Type == gwv1.GRPCMethodMatchRegularExpression {
 					if mt.Method.Service != nil {
@@ -263,24 +262,24 @@ func supportedHTTPFilter(t gwv1.HTTPRouteFilterType) bool {
 	return false
 }
 
-// ResolveBackend resolves a route's backendRef to a Service port. A problem
+// resolveBackend resolves a route's backendRef to a Service port. A problem
 // means requests for that backend must fail (HTTP 500).
 //
 // A backendRef to another namespace needs a ReferenceGrant there, except
 // to a Service the route names as a parentRef: a consumer route (GEP-1686)
 // that sends its namespace's calls on to the Service they were made to
 // reaches nothing its clients could not call directly.
-func (m *Mesh) ResolveBackend(r *Route, b gwv1.BackendObjectReference) (*Service, *ServicePort, *Problem) {
+func (m *Mesh) resolveBackend(r *rawRoute, b gwv1.BackendObjectReference) (*Service, *ServicePort, *Problem) {
 	if !isServiceRef(b.Group, b.Kind) {
 		return nil, nil, &Problem{Reason: ReasonInvalidKind, Condition: meshv1alpha1.ConditionResolvedRefs,
 			Message: fmt.Sprintf("backendRef kind %s is not supported: only Services", ptrOr(b.Kind, ""))}
 	}
-	ns := r.Namespace
-	if b.Namespace != nil && string(*b.Namespace) != r.Namespace {
+	ns := r.namespace
+	if b.Namespace != nil && string(*b.Namespace) != r.namespace {
 		ns = string(*b.Namespace)
-		if !r.hasServiceParent(ns, string(b.Name)) && !m.granted(r.Kind, r.Namespace, ns, string(b.Name)) {
+		if !r.hasServiceParent(ns, string(b.Name)) && !m.granted(r.kind, r.namespace, ns, string(b.Name)) {
 			return nil, nil, &Problem{Reason: ReasonRefNotPermitted, Condition: meshv1alpha1.ConditionResolvedRefs,
-				Message: fmt.Sprintf("backendRef to Service %s/%s in another namespace needs a ReferenceGrant in %s from %s in %s", ns, b.Name, ns, r.Kind, r.Namespace)}
+				Message: fmt.Sprintf("backendRef to Service %s/%s in another namespace needs a ReferenceGrant in %s from %s in %s", ns, b.Name, ns, r.kind, r.namespace)}
 		}
 	}
 	svc := m.Service(ns, string(b.Name))
@@ -298,6 +297,17 @@ func (m *Mesh) ResolveBackend(r *Route, b gwv1.BackendObjectReference) (*Service
 			Message: fmt.Sprintf("backend Service %s/%s has no port %d", ns, b.Name, *b.Port)}
 	}
 	return svc, p, nil
+}
+
+// hasServiceParent says whether one of the route's parentRefs is the
+// Service namespace/name.
+func (r *rawRoute) hasServiceParent(namespace, name string) bool {
+	for _, p := range r.parents {
+		if isServiceRef(p.Group, p.Kind) && string(p.Name) == name && string(ptrOr(p.Namespace, gwv1.Namespace(r.namespace))) == namespace {
+			return true
+		}
+	}
+	return false
 }
 
 // granted says whether a ReferenceGrant in toNamespace lets routes of kind

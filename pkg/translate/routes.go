@@ -6,7 +6,6 @@ import (
 	"regexp"
 	"slices"
 	"strings"
-	"time"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	routev3 "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
@@ -14,7 +13,6 @@ import (
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"google.golang.org/protobuf/types/known/wrapperspb"
-	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	"github.com/trellis-mesh/trellis/pkg/model"
 )
@@ -56,17 +54,12 @@ func (t *translator) serviceRoutes(svc *model.Service, sp *model.ServicePort) []
 		if r.Port != 0 && r.Port != sp.Port {
 			continue
 		}
-		if r.HTTP != nil {
-			ranked = append(ranked, t.httpRoute(svc, sp, r)...)
-		}
-		if r.GRPC != nil {
-			ranked = append(ranked, t.grpcRoute(svc, sp, r)...)
-		}
+		ranked = append(ranked, t.route(svc, r)...)
 	}
 	if len(ranked) == 0 {
 		cluster := t.serviceCluster(svc, sp)
 		action := &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: cluster}}
-		t.applyRoutePolicy(action, svc, nil, nil)
+		t.applyRoutePolicy(action, svc, nil)
 		return []*routev3.Route{{
 			Name:   "default",
 			Match:  &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
@@ -93,6 +86,42 @@ func (t *translator) serviceRoutes(svc *model.Service, sp *model.ServicePort) []
 	return out
 }
 
+// route translates a route's rules, one Envoy route per match. A rule
+// marked Fail, or whose backends all fail, answers HTTP 500 (Gateway API).
+func (t *translator) route(svc *model.Service, r *model.Route) []rankedRoute {
+	var out []rankedRoute
+	for i := range r.Rules {
+		rule := &r.Rules[i]
+		for j, m := range rule.Matches {
+			rm, rank := routeMatch(m)
+			route := &routev3.Route{Name: fmt.Sprintf("%s/%s/rule/%d/match/%d", r.Namespace, r.Name, i, j), Match: rm}
+			switch {
+			case rule.Fail:
+				route.Action = directResponse(500)
+			case rule.Redirect != nil:
+				modifyHeaders(route, rule)
+				route.Action = &routev3.Route_Redirect{Redirect: redirect(rule.Redirect)}
+			default:
+				action, ok := t.backendAction(rule.Backends)
+				if !ok {
+					route.Action = directResponse(500)
+					break
+				}
+				modifyHeaders(route, rule)
+				t.applyRoutePolicy(action, svc, rule)
+				applyRewrite(action, rule.Rewrite, m)
+				for _, mr := range rule.Mirrors {
+					t.addMirror(action, mr)
+				}
+				route.Action = &routev3.Route_Route{Route: action}
+			}
+			rank.route, rank.created, rank.owner, rank.ruleIndex, rank.matchIndex = route, r.Created, r.Namespace+"/"+r.Name, i, j
+			out = append(out, rank)
+		}
+	}
+	return out
+}
+
 func cmpBool(a, b bool) int {
 	switch {
 	case a == b:
@@ -105,7 +134,7 @@ func cmpBool(a, b bool) int {
 
 // applyRoutePolicy sets timeout and retries: the route's own (Gateway API
 // timeouts and retry) win over the BackendPolicy of the parent Service.
-func (t *translator) applyRoutePolicy(a *routev3.RouteAction, svc *model.Service, timeouts *gwv1.HTTPRouteTimeouts, retry *gwv1.HTTPRouteRetry) {
+func (t *translator) applyRoutePolicy(a *routev3.RouteAction, svc *model.Service, rule *model.RouteRule) {
 	a.Timeout = dur(0) // Envoy's 15 s default would cut long calls; no timeout unless asked.
 	rp := &routev3.RetryPolicy{
 		RetryOn: defaultRetryOn, NumRetries: wrapperspb.UInt32(2),
@@ -143,33 +172,26 @@ func (t *translator) applyRoutePolicy(a *routev3.RouteAction, svc *model.Service
 			}}}
 		}
 	}
-	if timeouts != nil {
-		if timeouts.Request != nil {
-			if d, ok := parseGatewayDuration(*timeouts.Request); ok {
-				a.Timeout = dur(d)
-			}
+	if rule != nil {
+		if rule.Timeout != nil {
+			a.Timeout = dur(*rule.Timeout)
 		}
-		if timeouts.BackendRequest != nil {
-			if d, ok := parseGatewayDuration(*timeouts.BackendRequest); ok && d > 0 {
-				rp.PerTryTimeout = dur(d)
-			}
+		if rule.BackendTimeout != nil {
+			rp.PerTryTimeout = dur(*rule.BackendTimeout)
 		}
 	}
-	if retry != nil {
-		rp.NumRetries = wrapperspb.UInt32(uint32(max(ptrOr(retry.Attempts, 1), 0)))
+	if rule != nil && rule.Retry != nil {
+		retry := rule.Retry
+		rp.NumRetries = wrapperspb.UInt32(retry.Attempts)
 		if len(retry.Codes) > 0 {
 			// The codes are retried as well as the connection failures
 			// every route retries (Gateway API lets implementations retry
 			// connection errors; Istio does the same).
 			rp.RetryOn = defaultRetryOn + ",retriable-status-codes"
-			for _, c := range retry.Codes {
-				rp.RetriableStatusCodes = append(rp.RetriableStatusCodes, uint32(c))
-			}
+			rp.RetriableStatusCodes = slices.Clone(retry.Codes)
 		}
-		if retry.Backoff != nil {
-			if d, ok := parseGatewayDuration(*retry.Backoff); ok && d > 0 {
-				rp.RetryBackOff = &routev3.RetryPolicy_RetryBackOff{BaseInterval: dur(d)}
-			}
+		if retry.Backoff > 0 {
+			rp.RetryBackOff = &routev3.RetryPolicy_RetryBackOff{BaseInterval: dur(retry.Backoff)}
 		}
 	}
 	// Whatever else is retried, so is a request the server's sidecar could
@@ -193,90 +215,37 @@ func (t *translator) applyRoutePolicy(a *routev3.RouteAction, svc *model.Service
 	}
 }
 
-func parseGatewayDuration(d gwv1.Duration) (time.Duration, bool) { return parseDuration(string(d)) }
-
-func ptrOr[T any](p *T, def T) T {
-	if p == nil {
-		return def
-	}
-	return *p
-}
-
-// backend is a rule's backendRef with the header filters of its own
-// (HTTPRoute and GRPCRoute alike).
-type backend struct {
-	gwv1.BackendRef
-	request, response []*gwv1.HTTPHeaderFilter
-}
-
-// filter records one of the backendRef's filters; false for a type
-// Trellis does not support there (HTTPRoute and GRPCRoute share the names).
-func (b *backend) filter(typ string, request, response *gwv1.HTTPHeaderFilter) bool {
-	switch {
-	case typ == string(gwv1.HTTPRouteFilterRequestHeaderModifier) && request != nil:
-		b.request = append(b.request, request)
-	case typ == string(gwv1.HTTPRouteFilterResponseHeaderModifier) && response != nil:
-		b.response = append(b.response, response)
-	default:
-		return false // reported by the model
-	}
-	return true
-}
-
-func httpBackends(refs []gwv1.HTTPBackendRef) (out []backend, unsupported bool) {
-	for _, r := range refs {
-		b := backend{BackendRef: r.BackendRef}
-		for _, f := range r.Filters {
-			unsupported = !b.filter(string(f.Type), f.RequestHeaderModifier, f.ResponseHeaderModifier) || unsupported
-		}
-		out = append(out, b)
-	}
-	return out, unsupported
-}
-
-func grpcBackends(refs []gwv1.GRPCBackendRef) (out []backend, unsupported bool) {
-	for _, r := range refs {
-		b := backend{BackendRef: r.BackendRef}
-		for _, f := range r.Filters {
-			unsupported = !b.filter(string(f.Type), f.RequestHeaderModifier, f.ResponseHeaderModifier) || unsupported
-		}
-		out = append(out, b)
-	}
-	return out, unsupported
-}
-
 // backendAction builds the cluster or weighted clusters of a rule. Invalid
 // backends keep their share of traffic but fail it (Gateway API: HTTP 500);
 // Envoy cannot answer 500 from a weighted cluster, so their share goes to
 // the BlackHoleCluster (503) and a rule whose backends are all invalid
 // answers 500 directly. A backend with header filters is always a weighted
 // cluster (even alone): that is where Envoy applies headers per backend.
-func (t *translator) backendAction(r *model.Route, refs []backend) (*routev3.RouteAction, bool) {
+func (t *translator) backendAction(backends []model.Backend) (*routev3.RouteAction, bool) {
 	type wc struct {
 		name              string
 		weight            uint32
-		request, response []*gwv1.HTTPHeaderFilter
+		request, response []model.HeaderFilter
 	}
 	var valid []wc
 	invalid := uint32(0)
 	headers := false
-	for _, b := range refs {
-		w := uint32(max(ptrOr(b.Weight, 1), 0))
-		svc, sp, p := t.mesh.ResolveBackend(r, b.BackendObjectReference)
-		if p != nil {
-			invalid += w
+	for _, b := range backends {
+		if b.Service == nil {
+			invalid += b.Weight
 			continue
 		}
-		if w == 0 {
+		if b.Weight == 0 {
 			continue
 		}
+		svc := t.mesh.Service(b.Service.Namespace, b.Service.Name)
 		if !t.mayCall(svc) {
 			// The proxy may not call this backend: treat as unreachable.
-			invalid += w
+			invalid += b.Weight
 			continue
 		}
-		valid = append(valid, wc{t.serviceCluster(svc, sp), w, b.request, b.response})
-		headers = headers || len(b.request)+len(b.response) > 0
+		valid = append(valid, wc{t.serviceCluster(svc, svc.Port(b.Service.Port)), b.Weight, b.RequestHeaders, b.ResponseHeaders})
+		headers = headers || len(b.RequestHeaders)+len(b.ResponseHeaders) > 0
 	}
 	if len(valid) == 0 {
 		return nil, false
@@ -316,155 +285,101 @@ func directResponse(status uint32) *routev3.Route_DirectResponse {
 	return &routev3.Route_DirectResponse{DirectResponse: &routev3.DirectResponseAction{Status: status}}
 }
 
-func (t *translator) httpRoute(svc *model.Service, sp *model.ServicePort, r *model.Route) []rankedRoute {
-	var out []rankedRoute
-	for i, rule := range r.HTTP.Rules {
-		matches := rule.Matches
-		if len(matches) == 0 {
-			matches = []gwv1.HTTPRouteMatch{{}}
-		}
-		refs, badFilter := httpBackends(rule.BackendRefs)
-		for j, m := range matches {
-			unsupported := badFilter
-			rm, rank, ok := httpMatch(m)
-			if !ok {
-				continue // reported by the model; the route is not attached
-			}
-			route := &routev3.Route{Name: fmt.Sprintf("%s/%s/rule/%d/match/%d", r.Namespace, r.Name, i, j), Match: rm}
-			t.httpFilters(route, r, rule.Filters, m, &unsupported)
-			if unsupported {
-				route.Action = directResponse(500)
-				route.RequestHeadersToAdd, route.RequestHeadersToRemove, route.ResponseHeadersToAdd, route.ResponseHeadersToRemove = nil, nil, nil, nil
-			} else if route.Action == nil { // not a redirect
-				action, ok := t.backendAction(r, refs)
-				if !ok {
-					route.Action = directResponse(500)
-				} else {
-					t.applyRoutePolicy(action, svc, rule.Timeouts, rule.Retry)
-					t.applyRewrite(action, rule.Filters, m)
-					t.applyMirrors(action, r, rule.Filters)
-					route.Action = &routev3.Route_Route{Route: action}
-				}
-			}
-			rank.route, rank.created, rank.owner, rank.ruleIndex, rank.matchIndex = route, r.Created, r.Namespace+"/"+r.Name, i, j
-			out = append(out, rank)
-		}
+// routeMatch translates a match with its Gateway API precedence keys.
+func routeMatch(m model.RouteMatch) (*routev3.RouteMatch, rankedRoute) {
+	if m.GRPC != nil {
+		return grpcMatch(m)
 	}
-	return out
-}
-
-// httpMatch translates a Gateway API match; ok is false for what cannot be
-// matched faithfully (an invalid regex).
-func httpMatch(m gwv1.HTTPRouteMatch) (*routev3.RouteMatch, rankedRoute, bool) {
 	rm := &routev3.RouteMatch{}
 	var rank rankedRoute
-	pathType, value := gwv1.PathMatchPathPrefix, "/"
-	if m.Path != nil {
-		pathType, value = ptrOr(m.Path.Type, gwv1.PathMatchPathPrefix), ptrOr(m.Path.Value, "/")
-	}
-	if pathType != gwv1.PathMatchRegularExpression && !model.ValidPath(value) {
-		return nil, rank, false
-	}
-	switch pathType {
-	case gwv1.PathMatchExact:
-		rm.PathSpecifier = &routev3.RouteMatch_Path{Path: value}
+	switch m.Path.Type {
+	case model.MatchExact:
+		rm.PathSpecifier = &routev3.RouteMatch_Path{Path: m.Path.Value}
 		rank.pathClass = 3
-	case gwv1.PathMatchRegularExpression:
-		if _, err := regexp.Compile(value); err != nil {
-			return nil, rank, false
-		}
-		rm.PathSpecifier = &routev3.RouteMatch_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{Regex: value}}
+	case model.MatchRegex:
+		rm.PathSpecifier = &routev3.RouteMatch_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{Regex: m.Path.Value}}
 		rank.pathClass = 2
 	default:
 		rank.pathClass = 1
 		// Gateway API prefixes match whole path segments; a trailing slash
 		// is ignored ("/foo/" matches "/foo").
-		trimmed := strings.TrimRight(value, "/")
+		trimmed := strings.TrimRight(m.Path.Value, "/")
 		if trimmed == "" {
 			rm.PathSpecifier = &routev3.RouteMatch_Prefix{Prefix: "/"}
 		} else {
 			rm.PathSpecifier = &routev3.RouteMatch_PathSeparatedPrefix{PathSeparatedPrefix: trimmed}
 		}
 	}
-	rank.pathLen = len(strings.TrimRight(value, "/"))
-	for _, h := range m.Headers {
-		hm, ok := headerMatch(string(h.Name), h.Type != nil && *h.Type == gwv1.HeaderMatchRegularExpression, h.Value)
-		if !ok {
-			return nil, rank, false
-		}
-		rm.Headers = append(rm.Headers, hm)
-	}
+	rank.pathLen = len(strings.TrimRight(m.Path.Value, "/"))
+	rm.Headers = headerMatches(m.Headers)
 	rank.headers = len(m.Headers)
 	for _, q := range m.QueryParams {
-		sm, ok := stringMatch(q.Type != nil && *q.Type == gwv1.QueryParamMatchRegularExpression, q.Value)
-		if !ok {
-			return nil, rank, false
-		}
 		rm.QueryParameters = append(rm.QueryParameters, &routev3.QueryParameterMatcher{
-			Name:                         string(q.Name),
-			QueryParameterMatchSpecifier: &routev3.QueryParameterMatcher_StringMatch{StringMatch: sm},
+			Name:                         q.Name,
+			QueryParameterMatchSpecifier: &routev3.QueryParameterMatcher_StringMatch{StringMatch: stringMatch(q)},
 		})
 	}
 	rank.queries = len(m.QueryParams)
-	if m.Method != nil {
+	if m.Method != "" {
 		rm.Headers = append(rm.Headers, &routev3.HeaderMatcher{
 			Name:                 ":method",
-			HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{StringMatch: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: string(*m.Method)}}},
+			HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{StringMatch: &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: m.Method}}},
 		})
 		rank.method = true
 	}
-	return rm, rank, true
+	return rm, rank
 }
 
-// headerMatch matches a header (names are case-insensitive: Envoy lowercases them).
-func headerMatch(name string, regex bool, value string) (*routev3.HeaderMatcher, bool) {
-	sm, ok := stringMatch(regex, value)
-	if !ok {
-		return nil, false
+// grpcMatch maps a GRPCRoute match onto the HTTP/2 path "/<service>/<method>".
+// Precedence (Gateway API GRPCRouteRule): longer service, then longer method,
+// then more header matches.
+func grpcMatch(m model.RouteMatch) (*routev3.RouteMatch, rankedRoute) {
+	rm := &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}}
+	var rank rankedRoute
+	g := m.GRPC
+	switch {
+	case g.Regex:
+		rm.PathSpecifier = &routev3.RouteMatch_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{Regex: g.PathRegex()}}
+	case g.Service != "" && g.Method != "":
+		rm.PathSpecifier = &routev3.RouteMatch_Path{Path: "/" + g.Service + "/" + g.Method}
+	case g.Service != "":
+		rm.PathSpecifier = &routev3.RouteMatch_Prefix{Prefix: "/" + g.Service + "/"}
+	case g.Method != "":
+		rm.PathSpecifier = &routev3.RouteMatch_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{Regex: "/[^/]+/" + regexp.QuoteMeta(g.Method)}}
 	}
-	return &routev3.HeaderMatcher{Name: strings.ToLower(name), HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{StringMatch: sm}}, true
+	rank.pathLen = len(g.Service)*1000 + len(g.Method)
+	rm.Headers = headerMatches(m.Headers)
+	rank.headers = len(m.Headers)
+	// gRPC requests are HTTP/2 POSTs with a grpc content type.
+	rm.Grpc = &routev3.RouteMatch_GrpcRouteMatchOptions{}
+	return rm, rank
 }
 
-func stringMatch(regex bool, value string) (*matcherv3.StringMatcher, bool) {
-	if regex {
-		if _, err := regexp.Compile(value); err != nil {
-			return nil, false
-		}
-		return &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{Regex: value}}}, true
+// headerMatches match headers (names are case-insensitive: Envoy lowercases them).
+func headerMatches(ms []model.ValueMatch) []*routev3.HeaderMatcher {
+	var out []*routev3.HeaderMatcher
+	for _, h := range ms {
+		out = append(out, &routev3.HeaderMatcher{Name: strings.ToLower(h.Name), HeaderMatchSpecifier: &routev3.HeaderMatcher_StringMatch{StringMatch: stringMatch(h)}})
 	}
-	return &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: value}}, true
+	return out
 }
 
-// httpFilters applies header modifiers and redirects to the route; it marks
-// unsupported filters so the rule answers 500.
-func (t *translator) httpFilters(route *routev3.Route, r *model.Route, filters []gwv1.HTTPRouteFilter, m gwv1.HTTPRouteMatch, unsupported *bool) {
-	for _, f := range filters {
-		switch f.Type {
-		case gwv1.HTTPRouteFilterRequestHeaderModifier:
-			modifyHeaders(route, f.RequestHeaderModifier, nil)
-		case gwv1.HTTPRouteFilterResponseHeaderModifier:
-			modifyHeaders(route, nil, f.ResponseHeaderModifier)
-		case gwv1.HTTPRouteFilterRequestRedirect:
-			if rr := f.RequestRedirect; rr != nil {
-				route.Action = &routev3.Route_Redirect{Redirect: redirect(rr, m)}
-			}
-		case gwv1.HTTPRouteFilterURLRewrite, gwv1.HTTPRouteFilterRequestMirror:
-			// applied on the route action
-		default:
-			*unsupported = true
-		}
+func stringMatch(m model.ValueMatch) *matcherv3.StringMatcher {
+	if m.Type == model.MatchRegex {
+		return &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{Regex: m.Value}}}
 	}
+	return &matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: m.Value}}
 }
 
-// modifyHeaders applies Gateway API request and response header filters.
-func modifyHeaders(route *routev3.Route, req, resp *gwv1.HTTPHeaderFilter) {
-	if req != nil {
-		route.RequestHeadersToAdd = append(route.RequestHeadersToAdd, headerOptions(req)...)
-		route.RequestHeadersToRemove = append(route.RequestHeadersToRemove, lower(req.Remove)...)
+// modifyHeaders applies the rule's request and response header filters.
+func modifyHeaders(route *routev3.Route, rule *model.RouteRule) {
+	for _, h := range rule.RequestHeaders {
+		route.RequestHeadersToAdd = append(route.RequestHeadersToAdd, headerOptions(h)...)
+		route.RequestHeadersToRemove = append(route.RequestHeadersToRemove, lower(h.Remove)...)
 	}
-	if resp != nil {
-		route.ResponseHeadersToAdd = append(route.ResponseHeadersToAdd, headerOptions(resp)...)
-		route.ResponseHeadersToRemove = append(route.ResponseHeadersToRemove, lower(resp.Remove)...)
+	for _, h := range rule.ResponseHeaders {
+		route.ResponseHeadersToAdd = append(route.ResponseHeadersToAdd, headerOptions(h)...)
+		route.ResponseHeadersToRemove = append(route.ResponseHeadersToRemove, lower(h.Remove)...)
 	}
 }
 
@@ -476,53 +391,48 @@ func lower(ss []string) []string {
 	return out
 }
 
-func headerOptions(h *gwv1.HTTPHeaderFilter) []*corev3.HeaderValueOption {
+func headerOptions(h model.HeaderFilter) []*corev3.HeaderValueOption {
 	var out []*corev3.HeaderValueOption
 	for _, s := range h.Set {
 		out = append(out, &corev3.HeaderValueOption{
-			Header:       &corev3.HeaderValue{Key: strings.ToLower(string(s.Name)), Value: s.Value},
+			Header:       &corev3.HeaderValue{Key: strings.ToLower(s.Name), Value: s.Value},
 			AppendAction: corev3.HeaderValueOption_OVERWRITE_IF_EXISTS_OR_ADD,
 		})
 	}
 	for _, a := range h.Add {
 		out = append(out, &corev3.HeaderValueOption{
-			Header:       &corev3.HeaderValue{Key: strings.ToLower(string(a.Name)), Value: a.Value},
+			Header:       &corev3.HeaderValue{Key: strings.ToLower(a.Name), Value: a.Value},
 			AppendAction: corev3.HeaderValueOption_APPEND_IF_EXISTS_OR_ADD,
 		})
 	}
 	return out
 }
 
-func redirect(rr *gwv1.HTTPRequestRedirectFilter, m gwv1.HTTPRouteMatch) *routev3.RedirectAction {
-	ra := &routev3.RedirectAction{}
+var redirectCodes = map[int]routev3.RedirectAction_RedirectResponseCode{
+	301: routev3.RedirectAction_MOVED_PERMANENTLY,
+	302: routev3.RedirectAction_FOUND,
+	303: routev3.RedirectAction_SEE_OTHER,
+	307: routev3.RedirectAction_TEMPORARY_REDIRECT,
+	308: routev3.RedirectAction_PERMANENT_REDIRECT,
+}
+
+func redirect(rr *model.Redirect) *routev3.RedirectAction {
+	ra := &routev3.RedirectAction{ResponseCode: redirectCodes[rr.StatusCode]}
 	if rr.Scheme != nil {
 		ra.SchemeRewriteSpecifier = &routev3.RedirectAction_SchemeRedirect{SchemeRedirect: *rr.Scheme}
 	}
 	if rr.Hostname != nil {
-		ra.HostRedirect = string(*rr.Hostname)
+		ra.HostRedirect = *rr.Hostname
 	}
 	if rr.Port != nil {
 		ra.PortRedirect = uint32(*rr.Port)
 	}
 	if p := rr.Path; p != nil {
-		switch p.Type {
-		case gwv1.FullPathHTTPPathModifier:
-			ra.PathRewriteSpecifier = &routev3.RedirectAction_PathRedirect{PathRedirect: ptrOr(p.ReplaceFullPath, "/")}
-		case gwv1.PrefixMatchHTTPPathModifier:
-			ra.PathRewriteSpecifier = &routev3.RedirectAction_PrefixRewrite{PrefixRewrite: ptrOr(p.ReplacePrefixMatch, "/")}
+		if p.Prefix {
+			ra.PathRewriteSpecifier = &routev3.RedirectAction_PrefixRewrite{PrefixRewrite: p.Value}
+		} else {
+			ra.PathRewriteSpecifier = &routev3.RedirectAction_PathRedirect{PathRedirect: p.Value}
 		}
-	}
-	switch ptrOr(rr.StatusCode, 302) {
-	case 301:
-		ra.ResponseCode = routev3.RedirectAction_MOVED_PERMANENTLY
-	case 303:
-		ra.ResponseCode = routev3.RedirectAction_SEE_OTHER
-	case 307:
-		ra.ResponseCode = routev3.RedirectAction_TEMPORARY_REDIRECT
-	case 308:
-		ra.ResponseCode = routev3.RedirectAction_PERMANENT_REDIRECT
-	default:
-		ra.ResponseCode = routev3.RedirectAction_FOUND
 	}
 	return ra
 }
@@ -530,147 +440,42 @@ func redirect(rr *gwv1.HTTPRequestRedirectFilter, m gwv1.HTTPRouteMatch) *routev
 // applyRewrite implements URLRewrite. ReplacePrefixMatch "/" would leave a
 // double slash with Envoy's prefix_rewrite ("/foo/bar" -> "//bar"), so it is
 // done with a regex that also eats the separator.
-func (t *translator) applyRewrite(a *routev3.RouteAction, filters []gwv1.HTTPRouteFilter, m gwv1.HTTPRouteMatch) {
-	for _, f := range filters {
-		if f.Type != gwv1.HTTPRouteFilterURLRewrite || f.URLRewrite == nil {
-			continue
-		}
-		if h := f.URLRewrite.Hostname; h != nil {
-			a.HostRewriteSpecifier = &routev3.RouteAction_HostRewriteLiteral{HostRewriteLiteral: string(*h)}
-		}
-		p := f.URLRewrite.Path
-		if p == nil {
-			continue
-		}
-		switch p.Type {
-		case gwv1.FullPathHTTPPathModifier:
-			a.RegexRewrite = &matcherv3.RegexMatchAndSubstitute{Pattern: &matcherv3.RegexMatcher{Regex: "^/.*$"}, Substitution: ptrOr(p.ReplaceFullPath, "/")}
-		case gwv1.PrefixMatchHTTPPathModifier:
-			repl := ptrOr(p.ReplacePrefixMatch, "/")
-			prefix := "/"
-			if m.Path != nil && ptrOr(m.Path.Type, gwv1.PathMatchPathPrefix) == gwv1.PathMatchPathPrefix {
-				prefix = strings.TrimRight(ptrOr(m.Path.Value, "/"), "/")
-			}
-			if repl == "/" && prefix != "" && prefix != "/" {
-				a.RegexRewrite = &matcherv3.RegexMatchAndSubstitute{
-					Pattern:      &matcherv3.RegexMatcher{Regex: "^" + regexp.QuoteMeta(prefix) + "/*"},
-					Substitution: "/",
-				}
-			} else {
-				a.PrefixRewrite = repl
-			}
-		}
+func applyRewrite(a *routev3.RouteAction, rw *model.Rewrite, m model.RouteMatch) {
+	if rw == nil {
+		return
 	}
-}
-
-func (t *translator) applyMirrors(a *routev3.RouteAction, r *model.Route, filters []gwv1.HTTPRouteFilter) {
-	for _, f := range filters {
-		if f.Type != gwv1.HTTPRouteFilterRequestMirror || f.RequestMirror == nil {
-			continue
-		}
-		t.addMirror(a, r, f.RequestMirror)
+	if rw.Hostname != nil {
+		a.HostRewriteSpecifier = &routev3.RouteAction_HostRewriteLiteral{HostRewriteLiteral: *rw.Hostname}
 	}
-}
-
-func (t *translator) addMirror(a *routev3.RouteAction, r *model.Route, m *gwv1.HTTPRequestMirrorFilter) {
-	svc, sp, p := t.mesh.ResolveBackend(r, m.BackendRef)
-	if p != nil {
-		return // reported by the model
-	}
-	policy := &routev3.RouteAction_RequestMirrorPolicy{Cluster: t.serviceCluster(svc, sp)}
+	p := rw.Path
 	switch {
-	case m.Percent != nil:
-		policy.RuntimeFraction = &corev3.RuntimeFractionalPercent{DefaultValue: &typev3.FractionalPercent{
-			Numerator: uint32(min(max(*m.Percent, 0), 100)), Denominator: typev3.FractionalPercent_HUNDRED,
-		}}
-	case m.Fraction != nil && ptrOr(m.Fraction.Denominator, 100) > 0:
-		den := ptrOr(m.Fraction.Denominator, 100)
-		policy.RuntimeFraction = &corev3.RuntimeFractionalPercent{DefaultValue: &typev3.FractionalPercent{
-			Numerator: uint32(int64(min(max(m.Fraction.Numerator, 0), den)) * 1000000 / int64(den)), Denominator: typev3.FractionalPercent_MILLION,
-		}}
+	case p == nil:
+	case !p.Prefix:
+		a.RegexRewrite = &matcherv3.RegexMatchAndSubstitute{Pattern: &matcherv3.RegexMatcher{Regex: "^/.*$"}, Substitution: p.Value}
+	default:
+		prefix := "/"
+		if m.Path.Type == model.MatchPrefix {
+			prefix = strings.TrimRight(m.Path.Value, "/")
+		}
+		if p.Value == "/" && prefix != "" && prefix != "/" {
+			a.RegexRewrite = &matcherv3.RegexMatchAndSubstitute{
+				Pattern:      &matcherv3.RegexMatcher{Regex: "^" + regexp.QuoteMeta(prefix) + "/*"},
+				Substitution: "/",
+			}
+		} else {
+			a.PrefixRewrite = p.Value
+		}
+	}
+}
+
+func (t *translator) addMirror(a *routev3.RouteAction, m model.Mirror) {
+	svc := t.mesh.Service(m.Service.Namespace, m.Service.Name)
+	policy := &routev3.RouteAction_RequestMirrorPolicy{Cluster: t.serviceCluster(svc, svc.Port(m.Service.Port))}
+	switch m.Denominator {
+	case 100:
+		policy.RuntimeFraction = &corev3.RuntimeFractionalPercent{DefaultValue: &typev3.FractionalPercent{Numerator: m.Numerator, Denominator: typev3.FractionalPercent_HUNDRED}}
+	case 1000000:
+		policy.RuntimeFraction = &corev3.RuntimeFractionalPercent{DefaultValue: &typev3.FractionalPercent{Numerator: m.Numerator, Denominator: typev3.FractionalPercent_MILLION}}
 	}
 	a.RequestMirrorPolicies = append(a.RequestMirrorPolicies, policy)
-}
-
-func (t *translator) grpcRoute(svc *model.Service, sp *model.ServicePort, r *model.Route) []rankedRoute {
-	var out []rankedRoute
-	for i, rule := range r.GRPC.Rules {
-		matches := rule.Matches
-		if len(matches) == 0 {
-			matches = []gwv1.GRPCRouteMatch{{}}
-		}
-		refs, badFilter := grpcBackends(rule.BackendRefs)
-		for j, m := range matches {
-			rm, rank, ok := grpcMatch(m)
-			if !ok {
-				continue
-			}
-			route := &routev3.Route{Name: fmt.Sprintf("%s/%s/rule/%d/match/%d", r.Namespace, r.Name, i, j), Match: rm}
-			unsupported := badFilter
-			action, ok := t.backendAction(r, refs)
-			for _, f := range rule.Filters {
-				switch f.Type {
-				case gwv1.GRPCRouteFilterRequestHeaderModifier:
-					modifyHeaders(route, f.RequestHeaderModifier, nil)
-				case gwv1.GRPCRouteFilterResponseHeaderModifier:
-					modifyHeaders(route, nil, f.ResponseHeaderModifier)
-				case gwv1.GRPCRouteFilterRequestMirror:
-					if ok && f.RequestMirror != nil {
-						t.addMirror(action, r, f.RequestMirror)
-					}
-				default:
-					unsupported = true
-				}
-			}
-			switch {
-			case unsupported || !ok:
-				route.Action = directResponse(500)
-				route.RequestHeadersToAdd, route.RequestHeadersToRemove, route.ResponseHeadersToAdd, route.ResponseHeadersToRemove = nil, nil, nil, nil
-			default:
-				t.applyRoutePolicy(action, svc, nil, nil)
-				route.Action = &routev3.Route_Route{Route: action}
-			}
-			rank.route, rank.created, rank.owner, rank.ruleIndex, rank.matchIndex = route, r.Created, r.Namespace+"/"+r.Name, i, j
-			out = append(out, rank)
-		}
-	}
-	return out
-}
-
-// grpcMatch maps a GRPCRoute match onto the HTTP/2 path "/<service>/<method>".
-// Precedence (Gateway API GRPCRouteRule): longer service, then longer method,
-// then more header matches.
-func grpcMatch(m gwv1.GRPCRouteMatch) (*routev3.RouteMatch, rankedRoute, bool) {
-	rm := &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}}
-	var rank rankedRoute
-	if mm := m.Method; mm != nil {
-		svc, method := ptrOr(mm.Service, ""), ptrOr(mm.Method, "")
-		regex := mm.Type != nil && *mm.Type == gwv1.GRPCMethodMatchRegularExpression
-		switch {
-		case regex:
-			re := "/" + cmp.Or(svc, "[^/]+") + "/" + cmp.Or(method, "[^/]+")
-			if _, err := regexp.Compile(re); err != nil {
-				return nil, rank, false
-			}
-			rm.PathSpecifier = &routev3.RouteMatch_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{Regex: re}}
-		case svc != "" && method != "":
-			rm.PathSpecifier = &routev3.RouteMatch_Path{Path: "/" + svc + "/" + method}
-		case svc != "":
-			rm.PathSpecifier = &routev3.RouteMatch_Prefix{Prefix: "/" + svc + "/"}
-		case method != "":
-			rm.PathSpecifier = &routev3.RouteMatch_SafeRegex{SafeRegex: &matcherv3.RegexMatcher{Regex: "/[^/]+/" + regexp.QuoteMeta(method)}}
-		}
-		rank.pathLen = len(svc)*1000 + len(method)
-	}
-	for _, h := range m.Headers {
-		hm, ok := headerMatch(string(h.Name), h.Type != nil && *h.Type == gwv1.GRPCHeaderMatchRegularExpression, h.Value)
-		if !ok {
-			return nil, rank, false
-		}
-		rm.Headers = append(rm.Headers, hm)
-	}
-	rank.headers = len(m.Headers)
-	// gRPC requests are HTTP/2 POSTs with a grpc content type.
-	rm.Grpc = &routev3.RouteMatch_GrpcRouteMatchOptions{}
-	return rm, rank, true
 }
