@@ -350,7 +350,7 @@ func (m *Mesh) attachBackendPolicies(policies []*meshv1alpha1.BackendPolicy) []P
 		return cmp.Or(a.CreationTimestamp.Compare(b.CreationTimestamp.Time), cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
 	})
 	for _, p := range sorted {
-		bp := &BackendPolicy{Namespace: p.Namespace, Name: p.Name, Spec: BackendPolicyDefaults(p.Spec)}
+		bp := trafficPolicy(p.Namespace, p.Name, BackendPolicyDefaults(p.Spec))
 		for i, t := range p.Spec.TargetRefs {
 			svc := m.Service(p.Namespace, t.Name)
 			if svc == nil {

@@ -169,7 +169,7 @@ type Service struct {
 	ServiceAccounts []string
 
 	// Policy is the BackendPolicy that applies, if any.
-	Policy *BackendPolicy
+	Policy *TrafficPolicy
 	// AccessPolicies that target the Service, sorted by namespace and name.
 	AccessPolicies []*AccessPolicy
 	// ProducerRoutes are the routes in the Service's namespace; they apply
@@ -252,13 +252,6 @@ type AccessPolicy struct {
 	Namespace string
 	Name      string
 	Spec      meshv1alpha1.AccessPolicySpec
-}
-
-// BackendPolicy is a BackendPolicy attached to a Service.
-type BackendPolicy struct {
-	Namespace string
-	Name      string
-	Spec      meshv1alpha1.BackendPolicySpec
 }
 
 // ExternalService is an ExternalService.

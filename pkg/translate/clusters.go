@@ -148,42 +148,37 @@ func (t *translator) commonTLS(sans []*tlsv3.SubjectAltNameMatcher, alpn []strin
 	}
 }
 
-func (t *translator) applyBackendPolicy(c *clusterv3.Cluster, p *model.BackendPolicy) {
-	spec := p.Spec
-	if cs := spec.Connection; cs != nil {
-		if cs.ConnectTimeout != nil {
-			if d, ok := parseDuration(string(*cs.ConnectTimeout)); ok && d > 0 {
-				c.ConnectTimeout = dur(d)
-			}
-		}
+func (t *translator) applyBackendPolicy(c *clusterv3.Cluster, p *model.TrafficPolicy) {
+	if p.ConnectTimeout > 0 {
+		c.ConnectTimeout = dur(p.ConnectTimeout)
+	}
+	if l := p.Limits; l != nil {
 		// Set limits replace the defaults (unlimited on sidecars; Envoy's
 		// and gRPC's own on proxyless clients) one by one.
-		if cs.MaxConnections != nil || cs.MaxPendingRequests != nil || cs.MaxRequests != nil || cs.MaxRetries != nil {
-			if c.CircuitBreakers == nil {
-				c.CircuitBreakers = &clusterv3.CircuitBreakers{Thresholds: []*clusterv3.CircuitBreakers_Thresholds{{Priority: corev3.RoutingPriority_DEFAULT}}}
-			}
-			th := c.CircuitBreakers.Thresholds[0]
-			set := func(dst **wrapperspb.UInt32Value, v *int32) {
-				if v != nil && *v >= 0 {
-					*dst = wrapperspb.UInt32(uint32(*v))
-				}
-			}
-			set(&th.MaxConnections, cs.MaxConnections)
-			set(&th.MaxPendingRequests, cs.MaxPendingRequests)
-			set(&th.MaxRequests, cs.MaxRequests)
-			set(&th.MaxRetries, cs.MaxRetries)
+		if c.CircuitBreakers == nil {
+			c.CircuitBreakers = &clusterv3.CircuitBreakers{Thresholds: []*clusterv3.CircuitBreakers_Thresholds{{Priority: corev3.RoutingPriority_DEFAULT}}}
 		}
+		th := c.CircuitBreakers.Thresholds[0]
+		set := func(dst **wrapperspb.UInt32Value, v *uint32) {
+			if v != nil {
+				*dst = wrapperspb.UInt32(*v)
+			}
+		}
+		set(&th.MaxConnections, l.MaxConnections)
+		set(&th.MaxPendingRequests, l.MaxPendingRequests)
+		set(&th.MaxRequests, l.MaxRequests)
+		set(&th.MaxRetries, l.MaxRetries)
 	}
-	if od := spec.OutlierDetection; od != nil {
+	if od := p.Outlier; od != nil {
 		o := &clusterv3.OutlierDetection{
-			Consecutive_5Xx:    wrapperspb.UInt32(uint32(max(od.Consecutive5xxErrors, 1))),
-			MaxEjectionPercent: wrapperspb.UInt32(uint32(min(max(od.MaxEjectionPercent, 0), 100))),
+			Consecutive_5Xx:    wrapperspb.UInt32(od.Consecutive5xx),
+			MaxEjectionPercent: wrapperspb.UInt32(od.MaxEjectionPercent),
 		}
-		if d, ok := parseDuration(string(od.Interval)); ok && d > 0 {
-			o.Interval = dur(d)
+		if od.Interval > 0 {
+			o.Interval = dur(od.Interval)
 		}
-		if d, ok := parseDuration(string(od.BaseEjectionTime)); ok && d > 0 {
-			o.BaseEjectionTime = dur(d)
+		if od.BaseEjectionTime > 0 {
+			o.BaseEjectionTime = dur(od.BaseEjectionTime)
 		}
 		if t.proxyless {
 			// gRPC implements failure-percentage and success-rate ejection,
@@ -198,15 +193,13 @@ func (t *translator) applyBackendPolicy(c *clusterv3.Cluster, p *model.BackendPo
 		}
 		c.OutlierDetection = o
 	}
-	if lb := spec.LoadBalancer; lb != nil {
-		switch lb.Algorithm {
-		case "LeastRequest":
-			c.LbPolicy = clusterv3.Cluster_LEAST_REQUEST
-		case "RingHash":
-			c.LbPolicy = clusterv3.Cluster_RING_HASH
-		case "Random":
-			c.LbPolicy = clusterv3.Cluster_RANDOM
-		}
+	switch p.LoadBalancer {
+	case "LeastRequest":
+		c.LbPolicy = clusterv3.Cluster_LEAST_REQUEST
+	case "RingHash":
+		c.LbPolicy = clusterv3.Cluster_RING_HASH
+	case "Random":
+		c.LbPolicy = clusterv3.Cluster_RANDOM
 	}
 }
 
@@ -230,7 +223,7 @@ func (t *translator) loadAssignment(name string, svc *model.Service, port *model
 			}
 		}
 	}
-	failover := svc.Policy != nil && svc.Policy.Spec.OutlierDetection != nil && t.proxy.Zone != ""
+	failover := svc.Policy != nil && svc.Policy.Outlier != nil && t.proxy.Zone != ""
 	byZone := map[string][]*endpointv3.LbEndpoint{}
 	for _, e := range use {
 		lbe := &endpointv3.LbEndpoint{

@@ -172,8 +172,8 @@ func (t *translator) readinessListener() *listenerv3.Listener {
 	return adminListener(ReadinessListenerName, ReadinessPort, map[string]string{"/ready": "/ready"}, nil, nil)
 }
 
-func percent(p int32) *typev3.FractionalPercent {
-	return &typev3.FractionalPercent{Numerator: uint32(min(max(p, 0), 100)), Denominator: typev3.FractionalPercent_HUNDRED}
+func percent(p uint32) *typev3.FractionalPercent {
+	return &typev3.FractionalPercent{Numerator: min(p, 100), Denominator: typev3.FractionalPercent_HUNDRED}
 }
 
 // inboundLocalReply marks the server sidecar's own 503s that its client's

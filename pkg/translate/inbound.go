@@ -161,25 +161,22 @@ func (t *translator) inboundFilters(ip *inboundPort, cluster string) []*listener
 	}}
 	in := httpFilterInput{deny: deny, allow: allow, rbacStatPrefixes: true}
 	if p := t.inboundPolicy(ip); p != nil {
-		if rl := p.Spec.RateLimit; rl != nil {
-			interval, ok := parseDuration(string(rl.Interval))
-			if ok && interval > 0 && rl.Requests > 0 {
-				in.rateLimit = &localratelimitv3.LocalRateLimit{
-					StatPrefix:     "local_rate_limit",
-					TokenBucket:    &typev3.TokenBucket{MaxTokens: uint32(rl.Requests), TokensPerFill: wrapperspb.UInt32(uint32(rl.Requests)), FillInterval: dur(interval)},
-					FilterEnabled:  &corev3.RuntimeFractionalPercent{DefaultValue: percent(100), RuntimeKey: "local_rate_limit_enabled"},
-					FilterEnforced: &corev3.RuntimeFractionalPercent{DefaultValue: percent(100), RuntimeKey: "local_rate_limit_enforced"},
-				}
+		if rl := p.RateLimit; rl != nil {
+			in.rateLimit = &localratelimitv3.LocalRateLimit{
+				StatPrefix:     "local_rate_limit",
+				TokenBucket:    &typev3.TokenBucket{MaxTokens: rl.Requests, TokensPerFill: wrapperspb.UInt32(rl.Requests), FillInterval: dur(rl.Interval)},
+				FilterEnabled:  &corev3.RuntimeFractionalPercent{DefaultValue: percent(100), RuntimeKey: "local_rate_limit_enabled"},
+				FilterEnforced: &corev3.RuntimeFractionalPercent{DefaultValue: percent(100), RuntimeKey: "local_rate_limit_enforced"},
 			}
 		}
-		in.fault = faultFilter(p.Spec.FaultInjection)
+		in.fault = faultFilter(p.Fault)
 	}
 	h.HttpFilters = buildHTTPFilters(in)
 	return []*listenerv3.Filter{hcmFilter(h)}
 }
 
 // inboundPolicy is the BackendPolicy of the first Service reaching the port.
-func (t *translator) inboundPolicy(ip *inboundPort) *model.BackendPolicy {
+func (t *translator) inboundPolicy(ip *inboundPort) *model.TrafficPolicy {
 	for _, s := range ip.services {
 		if s.Policy != nil {
 			return s.Policy

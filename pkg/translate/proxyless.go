@@ -16,7 +16,6 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
-	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
 	"github.com/trellis-mesh/trellis/pkg/model"
 )
 
@@ -126,31 +125,26 @@ func clientFault(svc *model.Service) *faultv3.HTTPFault {
 	if svc.Policy == nil {
 		return nil
 	}
-	return faultFilter(svc.Policy.Spec.FaultInjection)
+	return faultFilter(svc.Policy.Fault)
 }
 
 // faultFilter is Envoy's (and gRPC's) fault filter for a BackendPolicy's
 // faultInjection, or nil when it asks for nothing.
-func faultFilter(fi *meshv1alpha1.FaultInjection) *faultv3.HTTPFault {
+func faultFilter(fi *model.Fault) *faultv3.HTTPFault {
 	if fi == nil {
 		return nil
 	}
 	f := &faultv3.HTTPFault{}
 	if d := fi.Delay; d != nil {
-		if dd, ok := parseDuration(string(d.Duration)); ok {
-			f.Delay = &faultcommonv3.FaultDelay{FaultDelaySecifier: &faultcommonv3.FaultDelay_FixedDelay{FixedDelay: dur(dd)}, Percentage: percent(d.Percent)}
-		}
+		f.Delay = &faultcommonv3.FaultDelay{FaultDelaySecifier: &faultcommonv3.FaultDelay_FixedDelay{FixedDelay: dur(d.Duration)}, Percentage: percent(d.Percent)}
 	}
 	if a := fi.Abort; a != nil {
 		f.Abort = &faultv3.FaultAbort{Percentage: percent(a.Percent)}
 		if a.GRPCStatus != nil {
-			f.Abort.ErrorType = &faultv3.FaultAbort_GrpcStatus{GrpcStatus: uint32(*a.GRPCStatus)}
+			f.Abort.ErrorType = &faultv3.FaultAbort_GrpcStatus{GrpcStatus: *a.GRPCStatus}
 		} else {
-			f.Abort.ErrorType = &faultv3.FaultAbort_HttpStatus{HttpStatus: uint32(ptrOr(a.HTTPStatus, 503))}
+			f.Abort.ErrorType = &faultv3.FaultAbort_HttpStatus{HttpStatus: a.HTTPStatus}
 		}
-	}
-	if f.Delay == nil && f.Abort == nil {
-		return nil
 	}
 	return f
 }

@@ -143,32 +143,22 @@ func (t *translator) applyRoutePolicy(a *routev3.RouteAction, svc *model.Service
 		RetryHostPredicate:            []*routev3.RetryPolicy_RetryHostPredicate{{Name: "envoy.retry_host_predicates.previous_hosts", ConfigType: &routev3.RetryPolicy_RetryHostPredicate_TypedConfig{TypedConfig: mustAny(&previoushostsv3.PreviousHostsPredicate{})}}},
 		HostSelectionRetryMaxAttempts: 5,
 	}
-	if svc.Policy != nil {
-		spec := svc.Policy.Spec
-		if spec.Timeout != nil {
-			if d, ok := parseDuration(string(*spec.Timeout)); ok {
-				a.Timeout = dur(d)
+	if p := svc.Policy; p != nil {
+		if p.Timeout != nil {
+			a.Timeout = dur(*p.Timeout)
+		}
+		if r := p.Retries; r != nil {
+			rp.NumRetries = wrapperspb.UInt32(r.Attempts)
+			if len(r.On) > 0 {
+				rp.RetryOn = strings.Join(r.On, ",")
+			}
+			if r.PerTryTimeout > 0 {
+				rp.PerTryTimeout = dur(r.PerTryTimeout)
 			}
 		}
-		if r := spec.Retries; r != nil {
-			rp.NumRetries = wrapperspb.UInt32(uint32(max(r.Attempts, 0)))
-			if len(r.RetryOn) > 0 {
-				on := make([]string, len(r.RetryOn))
-				for i, c := range r.RetryOn {
-					on[i] = string(c)
-				}
-				slices.Sort(on)
-				rp.RetryOn = strings.Join(on, ",")
-			}
-			if r.PerTryTimeout != nil {
-				if d, ok := parseDuration(string(*r.PerTryTimeout)); ok && d > 0 {
-					rp.PerTryTimeout = dur(d)
-				}
-			}
-		}
-		if lb := spec.LoadBalancer; lb != nil && lb.HashHeader != nil {
+		if p.HashHeader != "" {
 			a.HashPolicy = []*routev3.RouteAction_HashPolicy{{PolicySpecifier: &routev3.RouteAction_HashPolicy_Header_{
-				Header: &routev3.RouteAction_HashPolicy_Header{HeaderName: strings.ToLower(*lb.HashHeader)},
+				Header: &routev3.RouteAction_HashPolicy_Header{HeaderName: p.HashHeader},
 			}}}
 		}
 	}

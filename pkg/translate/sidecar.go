@@ -102,19 +102,6 @@ func mustAny(m proto.Message) *anypb.Any {
 
 func dur(d time.Duration) *durationpb.Duration { return durationpb.New(d) }
 
-// parseDuration parses an API duration; the CRD pattern guarantees the form.
-func parseDuration(s string) (time.Duration, bool) {
-	d, err := time.ParseDuration(s)
-	return d, err == nil && d >= 0
-}
-
-func ptrOr[T any](p *T, def T) T {
-	if p == nil {
-		return def
-	}
-	return *p
-}
-
 func adsConfigSource() *corev3.ConfigSource {
 	return &corev3.ConfigSource{
 		ResourceApiVersion:    corev3.ApiVersion_V3,
