@@ -380,7 +380,7 @@ func (m *Mesh) attachAccessPolicies(policies []*meshv1alpha1.AccessPolicy) []Pro
 		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
 	})
 	for _, p := range sorted {
-		ap := &AccessPolicy{Namespace: p.Namespace, Name: p.Name, Spec: AccessPolicyDefaults(p.Spec)}
+		ap := accessPolicy(m.Config.TrustDomain, p.Namespace, p.Name, AccessPolicyDefaults(p.Spec))
 		for i, t := range p.Spec.TargetRefs {
 			svc := m.Service(p.Namespace, t.Name)
 			if svc == nil {

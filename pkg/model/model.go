@@ -247,13 +247,6 @@ type Workload struct {
 	Probes map[string]AppProbe
 }
 
-// AccessPolicy is an AccessPolicy that resolved at least one target.
-type AccessPolicy struct {
-	Namespace string
-	Name      string
-	Spec      meshv1alpha1.AccessPolicySpec
-}
-
 // ExternalService is an ExternalService.
 type ExternalService struct {
 	Namespace string

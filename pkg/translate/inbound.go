@@ -196,17 +196,16 @@ func (t *translator) rbacPolicies(ip *inboundPort) (deny, allow *rbacv3.RBAC) {
 	anyAllow := false
 	for _, svc := range ip.services {
 		for _, ap := range svc.AccessPolicies {
-			isDeny := ap.Spec.Action == meshv1alpha1.AccessDeny
-			if !isDeny {
+			if !ap.Deny {
 				anyAllow = true
 			}
-			for i, rule := range ap.Spec.Rules {
-				p, ok := t.rbacPolicy(ap, rule, ip, ip.svcPorts[svc])
+			for _, rule := range ap.Rules {
+				p, ok := t.rbacPolicy(rule, ip, ip.svcPorts[svc])
 				if !ok {
 					continue
 				}
-				name := fmt.Sprintf("%s/%s/rules/%d", ap.Namespace, ap.Name, i)
-				if isDeny {
+				name := fmt.Sprintf("%s/%s/rules/%d", ap.Namespace, ap.Name, rule.Index)
+				if ap.Deny {
 					denyPolicies[name] = p
 				} else {
 					allowPolicies[name] = p
@@ -233,18 +232,16 @@ func anyPrincipal() *rbacv3.Principal {
 // rbacPolicy translates one rule for one inbound port; ok is false when the
 // rule can never match there (its operations name other ports, or paths and
 // methods on a TCP port).
-func (t *translator) rbacPolicy(ap *model.AccessPolicy, rule meshv1alpha1.AccessRule, ip *inboundPort, svcPorts []int32) (*rbacv3.Policy, bool) {
+func (t *translator) rbacPolicy(rule model.AccessRule, ip *inboundPort, svcPorts []int32) (*rbacv3.Policy, bool) {
 	p := &rbacv3.Policy{}
 	for _, f := range rule.From {
 		switch {
-		case f.ServiceAccount != nil:
-			id := t.mesh.SPIFFEID(cmp.Or(f.ServiceAccount.Namespace, ap.Namespace), f.ServiceAccount.Name)
-			p.Principals = append(p.Principals, authenticated(&matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: id}}))
-		case f.Namespace != nil && *f.Namespace == "*":
+		case f.ID != "":
+			p.Principals = append(p.Principals, authenticated(&matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: f.ID}}))
+		case f.Authenticated:
 			p.Principals = append(p.Principals, &rbacv3.Principal{Identifier: &rbacv3.Principal_Authenticated_{Authenticated: &rbacv3.Principal_Authenticated{}}})
-		case f.Namespace != nil:
-			prefix := "spiffe://" + t.mesh.Config.TrustDomain + "/ns/" + *f.Namespace + "/sa/"
-			p.Principals = append(p.Principals, authenticated(&matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Prefix{Prefix: prefix}}))
+		case f.IDPrefix != "":
+			p.Principals = append(p.Principals, authenticated(&matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Prefix{Prefix: f.IDPrefix}}))
 		}
 	}
 	if len(rule.From) == 0 {
@@ -305,11 +302,11 @@ func orPermission(ps []*rbacv3.Permission) *rbacv3.Permission {
 
 // pathPermissions: Exact matches the path; PathPrefix matches whole
 // segments, so "/api" is the path "/api" or a path starting "/api/".
-func pathPermissions(pm meshv1alpha1.PathMatch) []*rbacv3.Permission {
+func pathPermissions(pm model.PathMatch) []*rbacv3.Permission {
 	urlPath := func(sm *matcherv3.StringMatcher) *rbacv3.Permission {
 		return &rbacv3.Permission{Rule: &rbacv3.Permission_UrlPath{UrlPath: &matcherv3.PathMatcher{Rule: &matcherv3.PathMatcher_Path{Path: sm}}}}
 	}
-	if pm.Type == meshv1alpha1.PathExact {
+	if pm.Type == model.MatchExact {
 		return []*rbacv3.Permission{urlPath(&matcherv3.StringMatcher{MatchPattern: &matcherv3.StringMatcher_Exact{Exact: pm.Value}})}
 	}
 	v := strings.TrimRight(pm.Value, "/")

@@ -246,22 +246,15 @@ func (t *translator) visibleServices() []*model.Service {
 
 func (t *translator) mayCall(svc *model.Service) bool {
 	hasAllow := false
+	id := t.mesh.SPIFFEID(t.proxy.Namespace, t.proxy.ServiceAccount)
 	for _, ap := range svc.AccessPolicies {
-		if ap.Spec.Action != meshv1alpha1.AccessAllow && ap.Spec.Action != "" {
+		if ap.Deny {
 			continue
 		}
 		hasAllow = true
-		for _, r := range ap.Spec.Rules {
-			if len(r.From) == 0 {
+		for _, r := range ap.Rules {
+			if len(r.From) == 0 || slices.ContainsFunc(r.From, func(p model.Principal) bool { return p.Matches(id) }) {
 				return true
-			}
-			for _, f := range r.From {
-				if f.Namespace != nil && (*f.Namespace == "*" || *f.Namespace == t.proxy.Namespace) {
-					return true
-				}
-				if f.ServiceAccount != nil && cmp.Or(f.ServiceAccount.Namespace, ap.Namespace) == t.proxy.Namespace && f.ServiceAccount.Name == t.proxy.ServiceAccount {
-					return true
-				}
 			}
 		}
 	}
