@@ -434,13 +434,3 @@ func unknownSources(policies []*meshv1alpha1.AccessPolicy, namespaces, serviceAc
 	}
 	return problems
 }
-
-func (m *Mesh) addExternal(ess []*meshv1alpha1.ExternalService) []Problem {
-	for _, es := range ess {
-		m.External = append(m.External, &ExternalService{Namespace: es.Namespace, Name: es.Name, Spec: es.Spec})
-	}
-	slices.SortFunc(m.External, func(a, b *ExternalService) int {
-		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
-	})
-	return nil
-}

@@ -246,10 +246,3 @@ type Workload struct {
 	// stats port (see AnnotationProbes).
 	Probes map[string]AppProbe
 }
-
-// ExternalService is an ExternalService.
-type ExternalService struct {
-	Namespace string
-	Name      string
-	Spec      meshv1alpha1.ExternalServiceSpec
-}

@@ -90,3 +90,24 @@ func TestUnknownAccessPolicySources(t *testing.T) {
 		t.Errorf("without IdentitiesKnown: %v", problems)
 	}
 }
+
+// TestExternalServiceAddressThatIsNoCIDR: an address that does not parse
+// (CEL rejects it at admission; manifests given to trellisctl analyze did
+// not pass admission) is reported on its field and left out; the others
+// are masked.
+func TestExternalServiceAddressThatIsNoCIDR(t *testing.T) {
+	es := &meshv1alpha1.ExternalService{ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "db"}, Spec: meshv1alpha1.ExternalServiceSpec{
+		Hosts: []string{"db.example.com"}, Addresses: []string{"203.0.113.7/24", "db.example.com"},
+		Ports: []meshv1alpha1.ExternalPort{{Number: 5432, Protocol: meshv1alpha1.ExternalTCP}},
+	}}
+	m, problems := model.Build(model.Input{ExternalServices: []*meshv1alpha1.ExternalService{es}})
+	if len(problems) != 1 || problems[0].Field != "spec.addresses[1]" || problems[0].Object.Kind != "ExternalService" {
+		t.Fatalf("problems = %v; want one on spec.addresses[1]", problems)
+	}
+	if got := m.External[0].Addresses; len(got) != 1 || got[0].String() != "203.0.113.0/24" {
+		t.Errorf("addresses = %v; want [203.0.113.0/24]", got)
+	}
+	if p := m.External[0].Ports[0]; p.TargetPort != 5432 {
+		t.Errorf("target port = %d; want the port number 5432", p.TargetPort)
+	}
+}

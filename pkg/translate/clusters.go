@@ -17,7 +17,6 @@ import (
 	"google.golang.org/protobuf/types/known/structpb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
-	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
 	"github.com/trellis-mesh/trellis/pkg/model"
 )
 
@@ -261,11 +260,8 @@ func (t *translator) loadAssignment(name string, svc *model.Service, port *model
 }
 
 // externalCluster adds the cluster of an ExternalService host port.
-func (t *translator) externalCluster(es *model.ExternalService, host string, p meshv1alpha1.ExternalPort) string {
-	target := p.Number
-	if p.TargetPort != nil {
-		target = *p.TargetPort
-	}
+func (t *translator) externalCluster(host string, p model.ExternalPort) string {
+	target := p.TargetPort
 	name := OutboundClusterName(host, p.Number)
 	if _, ok := t.clusters[name]; ok {
 		return name

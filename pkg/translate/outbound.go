@@ -99,11 +99,11 @@ func (t *translator) outboundListener() *listenerv3.Listener {
 	needTLSInspector := false
 	for _, es := range t.mesh.External {
 		ref := model.Ref{Kind: "ExternalService", Namespace: es.Namespace, Name: es.Name}
-		for _, p := range es.Spec.Ports {
+		for _, p := range es.Ports {
 			switch p.Protocol {
-			case meshv1alpha1.ExternalHTTP:
-				for _, h := range es.Spec.Hosts {
-					t.externalCluster(es, h, p)
+			case model.ExternalHTTP:
+				for _, h := range es.Hosts {
+					t.externalCluster(h, p)
 				}
 				httpPorts[p.Number] = true
 				// Any destination IP on this port: the Host header picks the route.
@@ -115,10 +115,10 @@ func (t *translator) outboundListener() *listenerv3.Listener {
 						Filters:          []*listenerv3.Filter{t.outboundHCM(OutboundRouteName(p.Number), name)},
 					})
 				}
-			case meshv1alpha1.ExternalTLS:
+			case model.ExternalTLS:
 				needTLSInspector = true
-				for _, h := range es.Spec.Hosts {
-					cluster := t.externalCluster(es, h, p)
+				for _, h := range es.Hosts {
+					cluster := t.externalCluster(h, p)
 					add(ref, &listenerv3.FilterChain{
 						Name: cluster,
 						FilterChainMatch: &listenerv3.FilterChainMatch{
@@ -127,14 +127,8 @@ func (t *translator) outboundListener() *listenerv3.Listener {
 						Filters: []*listenerv3.Filter{t.tcpProxy(cluster, cluster)},
 					})
 				}
-			case meshv1alpha1.ExternalTCP:
-				var pfxs []netip.Prefix
-				for _, a := range es.Spec.Addresses {
-					if p, err := netip.ParsePrefix(a); err == nil {
-						pfxs = append(pfxs, p.Masked())
-					}
-				}
-				if len(pfxs) == 0 {
+			case model.ExternalTCP:
+				if len(es.Addresses) == 0 {
 					continue
 				}
 				name := fmt.Sprintf("outbound|%d||%s.%s.external", p.Number, es.Name, es.Namespace)
@@ -143,7 +137,7 @@ func (t *translator) outboundListener() *listenerv3.Listener {
 				}
 				add(ref, &listenerv3.FilterChain{
 					Name:             name,
-					FilterChainMatch: &listenerv3.FilterChainMatch{PrefixRanges: cidrs(pfxs...), DestinationPort: wrapperspb.UInt32(uint32(p.Number))},
+					FilterChainMatch: &listenerv3.FilterChainMatch{PrefixRanges: cidrs(es.Addresses...), DestinationPort: wrapperspb.UInt32(uint32(p.Number))},
 					Filters:          []*listenerv3.Filter{t.tcpProxy(name, name)},
 				})
 			}
@@ -313,11 +307,11 @@ func (t *translator) outboundRouteConfig(port int32) *routev3.RouteConfiguration
 		return out
 	}
 	for _, es := range t.mesh.External {
-		for _, p := range es.Spec.Ports {
-			if p.Number != port || p.Protocol != meshv1alpha1.ExternalHTTP {
+		for _, p := range es.Ports {
+			if p.Number != port || p.Protocol != model.ExternalHTTP {
 				continue
 			}
-			for _, h := range es.Spec.Hosts {
+			for _, h := range es.Hosts {
 				domains := uniq([]string{h, fmt.Sprintf("%s:%d", h, port)})
 				if len(domains) == 0 {
 					continue
