@@ -115,6 +115,7 @@ func Build(in Input) (*Mesh, []Problem) {
 	} else {
 		m.Config = Defaults(meshv1alpha1.MeshConfigSpec{})
 	}
+	m.Settings = settings(m.Config)
 
 	for _, p := range in.Pods {
 		w := workloadFromPod(p)

@@ -111,7 +111,11 @@ const (
 
 // Mesh is the whole model, built by Build.
 type Mesh struct {
+	// Config is the MeshConfig's spec with its defaults, for the control
+	// plane's own parts (issuer, certificates, injection).
 	Config meshv1alpha1.MeshConfigSpec
+	// Settings are what the data-plane configuration is built from.
+	Settings Settings
 	// Services sorted by namespace and name.
 	Services []*Service
 	// Workloads sorted by namespace and name.

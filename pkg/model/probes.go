@@ -33,6 +33,10 @@ type ProbeHTTP struct {
 	Scheme corev1.URIScheme `json:"scheme,omitempty"`
 }
 
+// HTTPS says whether the probe speaks TLS (without verifying the
+// certificate, as the kubelet does).
+func (h *ProbeHTTP) HTTPS() bool { return h.Scheme == corev1.URISchemeHTTPS }
+
 // ProbeTCP is a TCP connect probe of the application.
 type ProbeTCP struct {
 	Port int32 `json:"port"`

@@ -21,6 +21,13 @@ const (
 	ReasonUnsupportedValue = string(gwv1.RouteReasonUnsupportedValue)
 )
 
+// Conditions and reasons of Trellis's own objects, for the translator's
+// problems (it imports no API package).
+const (
+	ConditionAccepted = meshv1alpha1.ConditionAccepted
+	ReasonConflicted  = meshv1alpha1.ReasonConflicted
+)
+
 func isServiceRef(group *gwv1.Group, kind *gwv1.Kind) bool {
 	return (group == nil || *group == "" || *group == "core") && (kind == nil || *kind == "Service")
 }

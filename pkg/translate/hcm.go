@@ -48,12 +48,12 @@ var accessLogJSONFields = map[string]string{
 }
 
 func (t *translator) accessLogs(http bool) []*accesslogv3.AccessLog {
-	al := t.mesh.Config.AccessLog
+	al := t.mesh.Settings.AccessLog
 	if al == nil {
 		return nil
 	}
 	f := &filev3.FileAccessLog{Path: "/dev/stdout"}
-	if al.Encoding == "JSON" {
+	if al.JSON {
 		fields := map[string]*structpb.Value{}
 		for k, v := range accessLogJSONFields {
 			fields[k] = structpb.NewStringValue(v)
@@ -91,7 +91,7 @@ func (t *translator) baseHCM(statPrefix string, inbound bool) *hcmv3.HttpConnect
 		h.SetCurrentClientCertDetails = &hcmv3.HttpConnectionManager_SetCurrentClientCertDetails{Uri: true}
 		h.LocalReplyConfig = inboundLocalReply
 	}
-	if tr := t.mesh.Config.Tracing; tr != nil {
+	if tr := t.mesh.Settings.Tracing; tr != nil {
 		h.Tracing = &hcmv3.HttpConnectionManager_Tracing{
 			RandomSampling: &typev3.Percent{Value: float64(tr.SamplingPercent)},
 			Provider: &tracev3.Tracing_Http{
@@ -108,7 +108,7 @@ func (t *translator) baseHCM(statPrefix string, inbound bool) *hcmv3.HttpConnect
 
 // tracingCluster adds the cluster of the OTLP collector, "name.namespace:port".
 func (t *translator) tracingCluster() string {
-	collector := t.mesh.Config.Tracing.Collector
+	collector := t.mesh.Settings.Tracing.Collector
 	hostPort := strings.SplitN(collector, ":", 2)
 	name := "tracing|" + collector
 	if _, ok := t.clusters[name]; ok || len(hostPort) != 2 {

@@ -22,7 +22,6 @@ import (
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
-	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
 	"github.com/trellis-mesh/trellis/pkg/model"
 )
 
@@ -121,7 +120,7 @@ func (t *translator) inboundListener() *listenerv3.Listener {
 			TransportSocket:  &corev3.TransportSocket{Name: "envoy.transport_sockets.tls", ConfigType: &corev3.TransportSocket_TypedConfig{TypedConfig: mustAny(tls)}},
 			Filters:          t.inboundFilters(ip, cluster),
 		})
-		if t.mesh.Config.MTLS.Mode == meshv1alpha1.MTLSPermissive {
+		if t.mesh.Settings.Permissive {
 			l.FilterChains = append(l.FilterChains, &listenerv3.FilterChain{
 				Name:             fmt.Sprintf("%s|plaintext", cluster),
 				FilterChainMatch: &listenerv3.FilterChainMatch{DestinationPort: wrapperspb.UInt32(uint32(ip.port)), TransportProtocol: "raw_buffer"},
@@ -216,7 +215,7 @@ func (t *translator) rbacPolicies(ip *inboundPort) (deny, allow *rbacv3.RBAC) {
 	if len(denyPolicies) > 0 {
 		deny = &rbacv3.RBAC{Action: rbacv3.RBAC_DENY, Policies: denyPolicies}
 	}
-	if anyAllow || t.mesh.Config.DefaultAccess == meshv1alpha1.DefaultAccessDeny {
+	if anyAllow || t.mesh.Settings.DenyByDefault {
 		allow = &rbacv3.RBAC{Action: rbacv3.RBAC_ALLOW, Policies: allowPolicies}
 	}
 	return deny, allow

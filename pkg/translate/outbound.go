@@ -16,7 +16,6 @@ import (
 	tcpproxyv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
-	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
 	"github.com/trellis-mesh/trellis/pkg/model"
 )
 
@@ -43,7 +42,7 @@ func (t *translator) outboundListener() *listenerv3.Listener {
 			k.sni = m.ServerNames[0]
 		}
 		if prev, dup := seen[k]; dup {
-			t.problem(owner, "", meshv1alpha1.ReasonConflicted, meshv1alpha1.ConditionAccepted,
+			t.problem(owner, "", model.ReasonConflicted, model.ConditionAccepted,
 				fmt.Sprintf("destination %s%s port %d is already claimed by %s", k.prefixes, k.sni, k.port, prev))
 			return
 		}
@@ -158,7 +157,7 @@ func (t *translator) outboundListener() *listenerv3.Listener {
 
 	slices.SortFunc(chains, func(a, b *listenerv3.FilterChain) int { return cmp.Compare(a.Name, b.Name) })
 	fallthroughCluster := PassthroughCluster
-	if t.mesh.Config.OutboundPolicy == meshv1alpha1.OutboundRegistryOnly {
+	if t.mesh.Settings.RegistryOnly {
 		fallthroughCluster = BlackHoleCluster
 	}
 	l := &listenerv3.Listener{
@@ -255,7 +254,7 @@ func (t *translator) mayCall(svc *model.Service) bool {
 	if hasAllow {
 		return false
 	}
-	return t.mesh.Config.DefaultAccess != meshv1alpha1.DefaultAccessDeny
+	return !t.mesh.Settings.DenyByDefault
 }
 
 func (t *translator) tcpProxy(statPrefix, cluster string) *listenerv3.Filter {
@@ -334,7 +333,7 @@ func (t *translator) outboundRouteConfig(port int32) *routev3.RouteConfiguration
 		Match:  &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
 		Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: PassthroughCluster}, Timeout: dur(0)}},
 	}}}
-	if t.mesh.Config.OutboundPolicy == meshv1alpha1.OutboundRegistryOnly {
+	if t.mesh.Settings.RegistryOnly {
 		catchAll = &routev3.VirtualHost{Name: "block_all", Domains: []string{"*"}, Routes: []*routev3.Route{{
 			Name:   "block_all",
 			Match:  &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},

@@ -17,7 +17,6 @@ import (
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
 	"google.golang.org/protobuf/types/known/wrapperspb"
 
-	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
 	"github.com/trellis-mesh/trellis/pkg/model"
 )
 
@@ -143,7 +142,7 @@ func PodIPCluster(mesh *model.Mesh, name string) (*clusterv3.Cluster, bool) {
 		return nil, false
 	}
 	w := mesh.WorkloadByIP(ip.String())
-	if mesh.Config.OutboundPolicy == meshv1alpha1.OutboundRegistryOnly && (w == nil || w.Mode == model.ProxyNone) {
+	if mesh.Settings.RegistryOnly && (w == nil || w.Mode == model.ProxyNone) {
 		// Only mesh members are known destinations; an unmeshed or unknown
 		// pod is as unknown as any other address.
 		return nil, false

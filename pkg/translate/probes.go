@@ -16,7 +16,6 @@ import (
 	typev3 "github.com/envoyproxy/go-control-plane/envoy/type/v3"
 	"google.golang.org/protobuf/types/known/anypb"
 	"google.golang.org/protobuf/types/known/wrapperspb"
-	corev1 "k8s.io/api/core/v1"
 
 	"github.com/trellis-mesh/trellis/pkg/model"
 )
@@ -50,7 +49,7 @@ func (t *translator) probeClusterFor(path string, p model.AppProbe) string {
 	switch {
 	case p.HTTPGet != nil:
 		kind := "http"
-		if p.HTTPGet.Scheme == corev1.URISchemeHTTPS {
+		if p.HTTPGet.HTTPS() {
 			kind = "https"
 		}
 		name = probeCluster(kind, p.HTTPGet.Port, "")
@@ -82,7 +81,7 @@ func (t *translator) probeClusterFor(path string, p model.AppProbe) string {
 		HealthyThreshold:   wrapperspb.UInt32(1),
 	}
 	switch {
-	case p.HTTPGet != nil && p.HTTPGet.Scheme == corev1.URISchemeHTTPS:
+	case p.HTTPGet != nil && p.HTTPGet.HTTPS():
 		// The kubelet does not verify the certificate of an HTTPS probe;
 		// neither does the probe cluster.
 		ctx := &tlsv3.UpstreamTlsContext{CommonTlsContext: &tlsv3.CommonTlsContext{}}
