@@ -113,18 +113,18 @@ const (
 type Mesh struct {
 	// Config is the MeshConfig's spec with its defaults, for the control
 	// plane's own parts (issuer, certificates, injection).
-	Config meshv1alpha1.MeshConfigSpec
+	Config meshv1alpha1.MeshConfigSpec `json:"config"`
 	// Settings are what the data-plane configuration is built from.
-	Settings Settings
+	Settings Settings `json:"settings"`
 	// Services sorted by namespace and name.
-	Services []*Service
+	Services []*Service `json:"services,omitempty"`
 	// Workloads sorted by namespace and name.
-	Workloads []*Workload
+	Workloads []*Workload `json:"workloads,omitempty"`
 	// External services sorted by namespace and name.
-	External []*ExternalService
+	External []*ExternalService `json:"external,omitempty"`
 	// PodCIDRs are the pod networks, sorted: a sidecar's call to an IP in
 	// them that is no Service's resolves its cluster on demand.
-	PodCIDRs []netip.Prefix
+	PodCIDRs []netip.Prefix `json:"podCIDRs,omitempty"`
 
 	servicesByName map[string]*Service
 	workloadsByKey map[string]*Workload
@@ -161,26 +161,26 @@ func SPIFFEID(trustDomain, namespace, serviceAccount string) string {
 
 // Service is a Kubernetes Service in the mesh.
 type Service struct {
-	Namespace string
-	Name      string
+	Namespace string `json:"namespace"`
+	Name      string `json:"name"`
 	// ClusterIPs are empty for a headless Service.
-	ClusterIPs []string
-	Ports      []ServicePort
+	ClusterIPs []string      `json:"clusterIPs,omitempty"`
+	Ports      []ServicePort `json:"ports,omitempty"`
 	// Endpoints per service port number.
-	Endpoints map[int32][]Endpoint
+	Endpoints map[int32][]Endpoint `json:"endpoints,omitempty"`
 	// ServiceAccounts of the pods behind the Service, sorted; the client
 	// verifies the server certificate against their SPIFFE IDs.
-	ServiceAccounts []string
+	ServiceAccounts []string `json:"serviceAccounts,omitempty"`
 
 	// Policy is the BackendPolicy that applies, if any.
-	Policy *TrafficPolicy
+	Policy *TrafficPolicy `json:"policy,omitempty"`
 	// AccessPolicies that target the Service, sorted by namespace and name.
-	AccessPolicies []*AccessPolicy
+	AccessPolicies []*AccessPolicy `json:"accessPolicies,omitempty"`
 	// ProducerRoutes are the routes in the Service's namespace; they apply
 	// to every client without a consumer route.
-	ProducerRoutes []*Route
+	ProducerRoutes []*Route `json:"producerRoutes,omitempty"`
 	// ConsumerRoutes by the client namespace they apply to (GEP-1686).
-	ConsumerRoutes map[string][]*Route
+	ConsumerRoutes map[string][]*Route `json:"consumerRoutes,omitempty"`
 }
 
 // Headless says whether the Service has no cluster IP.
@@ -210,43 +210,43 @@ func (s *Service) RoutesFor(ns string) []*Route {
 
 // ServicePort is one port of a Service.
 type ServicePort struct {
-	Name       string
-	Port       int32
-	TargetPort intstr.IntOrString
-	Protocol   Protocol
+	Name       string             `json:"name"`
+	Port       int32              `json:"port"`
+	TargetPort intstr.IntOrString `json:"targetPort"`
+	Protocol   Protocol           `json:"protocol"`
 }
 
 // Endpoint is one address behind a Service port.
 type Endpoint struct {
-	IP          string
-	Port        int32
-	Ready       bool
-	Serving     bool
-	Terminating bool
-	Zone        string
+	IP          string `json:"ip"`
+	Port        int32  `json:"port"`
+	Ready       bool   `json:"ready,omitempty"`
+	Serving     bool   `json:"serving,omitempty"`
+	Terminating bool   `json:"terminating,omitempty"`
+	Zone        string `json:"zone,omitempty"`
 	// Pod backing the endpoint ("" when the slice names none).
-	Pod            string
-	ServiceAccount string
+	Pod            string `json:"pod,omitempty"`
+	ServiceAccount string `json:"serviceAccount,omitempty"`
 	// Mesh is the proxy mode of the backing pod: whether it speaks mTLS.
-	Mesh ProxyMode
+	Mesh ProxyMode `json:"mesh,omitempty"`
 }
 
 // Workload is a pod in the mesh.
 type Workload struct {
-	Namespace      string
-	Name           string
-	ServiceAccount string
-	IPs            []string
-	Labels         map[string]string
-	Mode           ProxyMode
+	Namespace      string            `json:"namespace"`
+	Name           string            `json:"name"`
+	ServiceAccount string            `json:"serviceAccount"`
+	IPs            []string          `json:"ips,omitempty"`
+	Labels         map[string]string `json:"labels,omitempty"`
+	Mode           ProxyMode         `json:"mode,omitempty"`
 	// ContainerPorts by name, for Services with named target ports.
-	ContainerPorts map[string]int32
+	ContainerPorts map[string]int32 `json:"containerPorts,omitempty"`
 	// ExcludedInboundPorts bypass the pod's sidecar (annotation
 	// trellis.dev/exclude-inbound-ports): clients reach them in plaintext.
-	ExcludedInboundPorts []int32
+	ExcludedInboundPorts []int32 `json:"excludedInboundPorts,omitempty"`
 	// Zone of the pod, from the EndpointSlices that list it ("" if none do).
-	Zone string
+	Zone string `json:"zone,omitempty"`
 	// Probes the sidecar answers on the kubelet's behalf, by path on the
 	// stats port (see AnnotationProbes).
-	Probes map[string]AppProbe
+	Probes map[string]AppProbe `json:"probes,omitempty"`
 }

@@ -3,7 +3,6 @@ package model
 import (
 	"slices"
 	"strings"
-	"time"
 
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
 )
@@ -17,10 +16,10 @@ type TrafficPolicy struct {
 	Namespace string `json:"namespace"`
 	Name      string `json:"name"`
 	// Timeout of a whole request (0: none); a route's own wins.
-	Timeout *time.Duration `json:"timeout,omitempty"`
-	Retries *Retries       `json:"retries,omitempty"`
+	Timeout *Duration `json:"timeout,omitempty"`
+	Retries *Retries  `json:"retries,omitempty"`
 	// ConnectTimeout bounds a TCP connect; 0 keeps the default.
-	ConnectTimeout time.Duration     `json:"connectTimeout,omitempty"`
+	ConnectTimeout Duration          `json:"connectTimeout,omitempty"`
 	Limits         *ConnectionLimits `json:"limits,omitempty"`
 	Outlier        *OutlierDetection `json:"outlierDetection,omitempty"`
 	// LoadBalancer is RoundRobin, LeastRequest, RingHash, Random or "".
@@ -37,9 +36,9 @@ type TrafficPolicy struct {
 type Retries struct {
 	Attempts uint32 `json:"attempts"`
 	// On are the retriable conditions, sorted (empty: the default ones).
-	On []string `json:"on,omitempty"`
+	On []string `json:"retryOn,omitempty"`
 	// PerTryTimeout bounds each try (0: none).
-	PerTryTimeout time.Duration `json:"perTryTimeout,omitempty"`
+	PerTryTimeout Duration `json:"perTryTimeout,omitempty"`
 }
 
 // ConnectionLimits are circuit-breaking thresholds; nil leaves one at the
@@ -56,14 +55,14 @@ type OutlierDetection struct {
 	Consecutive5xx     uint32 `json:"consecutive5xx"`
 	MaxEjectionPercent uint32 `json:"maxEjectionPercent"`
 	// Interval and BaseEjectionTime are 0 for the default.
-	Interval         time.Duration `json:"interval,omitempty"`
-	BaseEjectionTime time.Duration `json:"baseEjectionTime,omitempty"`
+	Interval         Duration `json:"interval,omitempty"`
+	BaseEjectionTime Duration `json:"baseEjectionTime,omitempty"`
 }
 
 // RateLimit is a token bucket of Requests per Interval, per server proxy.
 type RateLimit struct {
-	Requests uint32        `json:"requests"`
-	Interval time.Duration `json:"interval"`
+	Requests uint32   `json:"requests"`
+	Interval Duration `json:"interval"`
 }
 
 // Fault delays or aborts a share of the requests.
@@ -74,8 +73,8 @@ type Fault struct {
 
 // FaultDelay delays Percent of the requests by Duration.
 type FaultDelay struct {
-	Duration time.Duration `json:"duration"`
-	Percent  uint32        `json:"percent"`
+	Duration Duration `json:"duration"`
+	Percent  uint32   `json:"percent"`
 }
 
 // FaultAbort answers Percent of the requests with GRPCStatus, when set, or

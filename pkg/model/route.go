@@ -51,11 +51,11 @@ type RouteRule struct {
 	Backends []Backend `json:"backends,omitempty"`
 	// Timeout is the whole request's timeout (timeouts.request; 0: none);
 	// nil leaves the BackendPolicy's.
-	Timeout *time.Duration `json:"timeout,omitempty"`
+	Timeout *Duration `json:"timeout,omitempty"`
 	// BackendTimeout is each try's timeout (timeouts.backendRequest), nil
 	// or positive.
-	BackendTimeout *time.Duration `json:"backendTimeout,omitempty"`
-	Retry          *RouteRetry    `json:"retry,omitempty"`
+	BackendTimeout *Duration   `json:"backendTimeout,omitempty"`
+	Retry          *RouteRetry `json:"retry,omitempty"`
 }
 
 // MatchType says how a value is matched.
@@ -174,8 +174,8 @@ type Mirror struct {
 type RouteRetry struct {
 	Attempts uint32 `json:"attempts"`
 	// Codes are retried besides connection failures.
-	Codes   []uint32      `json:"codes,omitempty"`
-	Backoff time.Duration `json:"backoff,omitempty"`
+	Codes   []uint32 `json:"codes,omitempty"`
+	Backoff Duration `json:"backoff,omitempty"`
 }
 
 // rawRoute is an HTTPRoute or GRPCRoute as written.
@@ -428,11 +428,27 @@ func (m *Mesh) appendMirror(to []Mirror, r *rawRoute, f *gwv1.HTTPRequestMirrorF
 	return append(to, mr)
 }
 
+// Duration is a parsed API duration; it prints as Go's duration strings
+// ("1m30s").
+type Duration time.Duration
+
+func (d Duration) String() string { return time.Duration(d).String() }
+
+// MarshalText prints d as String does.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
+// UnmarshalText parses Go's duration strings.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	*d = Duration(v)
+	return err
+}
+
 // parseDuration parses an API duration (the CRD patterns guarantee the
 // form); false for what is not one or is negative.
-func parseDuration(s string) (time.Duration, bool) {
+func parseDuration(s string) (Duration, bool) {
 	d, err := time.ParseDuration(s)
-	return d, err == nil && d >= 0
+	return Duration(d), err == nil && d >= 0
 }
 
 func ptrTo[T any](v T) *T { return &v }

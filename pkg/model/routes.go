@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
@@ -36,10 +37,10 @@ func (m *Mesh) attachRoutes(httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRP
 	var problems []Problem
 	var routes []*rawRoute
 	for _, r := range httpRoutes {
-		routes = append(routes, &rawRoute{kind: "HTTPRoute", namespace: r.Namespace, name: r.Name, created: r.CreationTimestamp.Unix(), http: &r.Spec, parents: r.Spec.ParentRefs})
+		routes = append(routes, &rawRoute{kind: "HTTPRoute", namespace: r.Namespace, name: r.Name, created: unixOrZero(r.CreationTimestamp), http: &r.Spec, parents: r.Spec.ParentRefs})
 	}
 	for _, r := range grpcRoutes {
-		routes = append(routes, &rawRoute{kind: "GRPCRoute", namespace: r.Namespace, name: r.Name, created: r.CreationTimestamp.Unix(), grpc: &r.Spec, parents: r.Spec.ParentRefs})
+		routes = append(routes, &rawRoute{kind: "GRPCRoute", namespace: r.Namespace, name: r.Name, created: unixOrZero(r.CreationTimestamp), grpc: &r.Spec, parents: r.Spec.ParentRefs})
 	}
 	for _, r := range routes {
 		invalid := m.validateRoute(r)
@@ -99,6 +100,15 @@ func (m *Mesh) attachRoutes(httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRP
 		}
 	}
 	return problems
+}
+
+// unixOrZero is t in Unix seconds, 0 for an unset time (objects that did
+// not pass through an apiserver): they sort first either way.
+func unixOrZero(t metav1.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.Unix()
 }
 
 // kindConflicts applies Gateway API's rule for an HTTPRoute and a GRPCRoute

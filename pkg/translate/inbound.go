@@ -155,7 +155,7 @@ func (t *translator) inboundFilters(ip *inboundPort, cluster string) []*listener
 		VirtualHosts: []*routev3.VirtualHost{{Name: cluster, Domains: []string{"*"}, Routes: []*routev3.Route{{
 			Name:   "default",
 			Match:  &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
-			Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: cluster}, Timeout: dur(0)}},
+			Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: cluster}, Timeout: noTimeout()}},
 		}}}},
 	}}
 	in := httpFilterInput{deny: deny, allow: allow, rbacStatPrefixes: true}

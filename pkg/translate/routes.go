@@ -135,7 +135,7 @@ func cmpBool(a, b bool) int {
 // applyRoutePolicy sets timeout and retries: the route's own (Gateway API
 // timeouts and retry) win over the BackendPolicy of the parent Service.
 func (t *translator) applyRoutePolicy(a *routev3.RouteAction, svc *model.Service, rule *model.RouteRule) {
-	a.Timeout = dur(0) // Envoy's 15 s default would cut long calls; no timeout unless asked.
+	a.Timeout = noTimeout() // Envoy's 15 s default would cut long calls; no timeout unless asked.
 	rp := &routev3.RetryPolicy{
 		RetryOn: defaultRetryOn, NumRetries: wrapperspb.UInt32(2),
 		// A retry goes to another endpoint when there is one (Istio's

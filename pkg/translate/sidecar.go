@@ -100,7 +100,8 @@ func mustAny(m proto.Message) *anypb.Any {
 	return a
 }
 
-func dur(d time.Duration) *durationpb.Duration { return durationpb.New(d) }
+// dur converts a time.Duration or a model.Duration.
+func dur[D ~int64](d D) *durationpb.Duration { return durationpb.New(time.Duration(d)) }
 
 func adsConfigSource() *corev3.ConfigSource {
 	return &corev3.ConfigSource{
@@ -114,3 +115,6 @@ func socketAddress(ip string, port uint32) *corev3.Address {
 		Address: ip, PortSpecifier: &corev3.SocketAddress_PortValue{PortValue: port},
 	}}}
 }
+
+// noTimeout is a zero timeout: none (Envoy's default would cut long calls).
+func noTimeout() *durationpb.Duration { return durationpb.New(0) }
