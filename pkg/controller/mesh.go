@@ -189,98 +189,62 @@ func (r *MeshReconciler) Reconcile(ctx context.Context, req reconcile.Request) (
 }
 
 func (r *MeshReconciler) input(ctx context.Context) (model.Input, error) {
-	var in model.Input
-	var mcs meshv1alpha1.MeshConfigList
-	if err := r.Client.List(ctx, &mcs); err != nil {
-		return in, err
+	var (
+		in     model.Input
+		mcs    meshv1alpha1.MeshConfigList
+		svcs   corev1.ServiceList
+		eps    discoveryv1.EndpointSliceList
+		pods   corev1.PodList
+		nodes  corev1.NodeList
+		nss    corev1.NamespaceList
+		aps    meshv1alpha1.AccessPolicyList
+		bps    meshv1alpha1.BackendPolicyList
+		ess    meshv1alpha1.ExternalServiceList
+		hrs    gwv1.HTTPRouteList
+		grs    gwv1.GRPCRouteList
+		rgs    gwv1.ReferenceGrantList
+		sas    = &metav1.PartialObjectMetadataList{}
+		lists  = []client.ObjectList{&mcs, &svcs, &eps, &pods, &nss, sas, &aps, &bps, &ess}
+		byKind = map[string]client.ObjectList{"HTTPRoute": &hrs, "GRPCRoute": &grs, "ReferenceGrant": &rgs}
+	)
+	// ServiceAccounts: metadata only (names are all the model needs).
+	sas.SetGroupVersionKind(corev1.SchemeGroupVersion.WithKind("ServiceAccountList"))
+	if len(r.PodCIDRs) == 0 {
+		lists = append(lists, &nodes)
+	}
+	for _, k := range gatewayAPIKinds {
+		if r.serves(k) {
+			lists = append(lists, byKind[k])
+		}
+	}
+	for _, l := range lists {
+		if err := r.Client.List(ctx, l); err != nil {
+			return in, err
+		}
 	}
 	for i := range mcs.Items {
 		if mcs.Items[i].Name == meshv1alpha1.MeshConfigName {
 			in.MeshConfig = &mcs.Items[i]
 		}
 	}
-	var svcs corev1.ServiceList
-	if err := r.Client.List(ctx, &svcs); err != nil {
-		return in, err
+	in.Services, in.EndpointSlices, in.Pods = ptrs(svcs.Items), ptrs(eps.Items), ptrs(pods.Items)
+	for _, p := range r.PodCIDRs {
+		in.PodCIDRs = append(in.PodCIDRs, p.String())
 	}
-	in.Services = ptrs(svcs.Items)
-	var slices discoveryv1.EndpointSliceList
-	if err := r.Client.List(ctx, &slices); err != nil {
-		return in, err
-	}
-	in.EndpointSlices = ptrs(slices.Items)
-	var pods corev1.PodList
-	if err := r.Client.List(ctx, &pods); err != nil {
-		return in, err
-	}
-	in.Pods = ptrs(pods.Items)
-	if len(r.PodCIDRs) > 0 {
-		for _, p := range r.PodCIDRs {
-			in.PodCIDRs = append(in.PodCIDRs, p.String())
-		}
-	} else {
-		var nodes corev1.NodeList
-		if err := r.Client.List(ctx, &nodes); err != nil {
-			return in, err
-		}
-		for _, n := range nodes.Items {
-			in.PodCIDRs = append(in.PodCIDRs, n.Spec.PodCIDRs...)
-		}
-	}
-	var nss corev1.NamespaceList
-	if err := r.Client.List(ctx, &nss); err != nil {
-		return in, err
+	for _, n := range nodes.Items {
+		in.PodCIDRs = append(in.PodCIDRs, n.Spec.PodCIDRs...)
 	}
 	for _, n := range nss.Items {
 		if n.DeletionTimestamp == nil {
 			in.Namespaces = append(in.Namespaces, n.Name)
 		}
 	}
-	sas := &metav1.PartialObjectMetadataList{}
-	sas.SetGroupVersionKind(corev1.SchemeGroupVersion.WithKind("ServiceAccountList"))
-	if err := r.Client.List(ctx, sas); err != nil {
-		return in, err
-	}
 	for _, sa := range sas.Items {
 		in.ServiceAccounts = append(in.ServiceAccounts, sa.Namespace+"/"+sa.Name)
 	}
 	in.IdentitiesKnown = true
-	var aps meshv1alpha1.AccessPolicyList
-	if err := r.Client.List(ctx, &aps); err != nil {
-		return in, err
-	}
-	in.AccessPolicies = ptrs(aps.Items)
-	var bps meshv1alpha1.BackendPolicyList
-	if err := r.Client.List(ctx, &bps); err != nil {
-		return in, err
-	}
-	in.BackendPolicies = ptrs(bps.Items)
-	var ess meshv1alpha1.ExternalServiceList
-	if err := r.Client.List(ctx, &ess); err != nil {
-		return in, err
-	}
-	in.ExternalServices = ptrs(ess.Items)
-	if r.serves("HTTPRoute") {
-		var hrs gwv1.HTTPRouteList
-		if err := r.Client.List(ctx, &hrs); err != nil {
-			return in, err
-		}
-		in.HTTPRoutes = ptrs(hrs.Items)
-	}
-	if r.serves("GRPCRoute") {
-		var grs gwv1.GRPCRouteList
-		if err := r.Client.List(ctx, &grs); err != nil {
-			return in, err
-		}
-		in.GRPCRoutes = ptrs(grs.Items)
-	}
-	if r.serves("ReferenceGrant") {
-		var rgs gwv1.ReferenceGrantList
-		if err := r.Client.List(ctx, &rgs); err != nil {
-			return in, err
-		}
-		in.ReferenceGrants = ptrs(rgs.Items)
-	}
+	in.AccessPolicies, in.BackendPolicies, in.ExternalServices = ptrs(aps.Items), ptrs(bps.Items), ptrs(ess.Items)
+	in.HTTPRoutes, in.GRPCRoutes, in.ReferenceGrants = ptrs(hrs.Items), ptrs(grs.Items), ptrs(rgs.Items)
 	return in, nil
 }
 

@@ -204,10 +204,6 @@ func (m *Mesh) resolve(r *rawRoute) []RouteRule {
 			}
 			for _, f := range rule.Filters {
 				switch f.Type {
-				case gwv1.HTTPRouteFilterRequestHeaderModifier:
-					out.RequestHeaders = appendHeaderFilter(out.RequestHeaders, f.RequestHeaderModifier)
-				case gwv1.HTTPRouteFilterResponseHeaderModifier:
-					out.ResponseHeaders = appendHeaderFilter(out.ResponseHeaders, f.ResponseHeaderModifier)
 				case gwv1.HTTPRouteFilterRequestRedirect:
 					if f.RequestRedirect != nil {
 						out.Redirect = redirect(f.RequestRedirect)
@@ -224,18 +220,15 @@ func (m *Mesh) resolve(r *rawRoute) []RouteRule {
 							out.Rewrite.Path = p
 						}
 					}
-				case gwv1.HTTPRouteFilterRequestMirror:
-					out.Mirrors = m.appendMirror(out.Mirrors, r, f.RequestMirror)
 				default:
-					out.Fail = true
+					out.Fail = !m.sharedFilter(&out, r, string(f.Type), f.RequestHeaderModifier, f.ResponseHeaderModifier, f.RequestMirror) || out.Fail
 				}
 			}
 			for _, b := range rule.BackendRefs {
-				be, ok := m.backend(r, b.BackendRef), true
+				be := m.backend(r, b.BackendRef)
 				for _, f := range b.Filters {
-					ok = be.filter(string(f.Type), f.RequestHeaderModifier, f.ResponseHeaderModifier) && ok
+					out.Fail = !be.filter(string(f.Type), f.RequestHeaderModifier, f.ResponseHeaderModifier) || out.Fail
 				}
-				out.Fail = out.Fail || !ok
 				out.Backends = append(out.Backends, be)
 			}
 			if t := rule.Timeouts; t != nil {
@@ -275,29 +268,35 @@ func (m *Mesh) resolve(r *rawRoute) []RouteRule {
 				out.Matches = []RouteMatch{{Path: PathMatch{Type: MatchPrefix, Value: "/"}, GRPC: &GRPCMethod{}}}
 			}
 			for _, f := range rule.Filters {
-				switch f.Type {
-				case gwv1.GRPCRouteFilterRequestHeaderModifier:
-					out.RequestHeaders = appendHeaderFilter(out.RequestHeaders, f.RequestHeaderModifier)
-				case gwv1.GRPCRouteFilterResponseHeaderModifier:
-					out.ResponseHeaders = appendHeaderFilter(out.ResponseHeaders, f.ResponseHeaderModifier)
-				case gwv1.GRPCRouteFilterRequestMirror:
-					out.Mirrors = m.appendMirror(out.Mirrors, r, f.RequestMirror)
-				default:
-					out.Fail = true
-				}
+				out.Fail = !m.sharedFilter(&out, r, string(f.Type), f.RequestHeaderModifier, f.ResponseHeaderModifier, f.RequestMirror) || out.Fail
 			}
 			for _, b := range rule.BackendRefs {
-				be, ok := m.backend(r, b.BackendRef), true
+				be := m.backend(r, b.BackendRef)
 				for _, f := range b.Filters {
-					ok = be.filter(string(f.Type), f.RequestHeaderModifier, f.ResponseHeaderModifier) && ok
+					out.Fail = !be.filter(string(f.Type), f.RequestHeaderModifier, f.ResponseHeaderModifier) || out.Fail
 				}
-				out.Fail = out.Fail || !ok
 				out.Backends = append(out.Backends, be)
 			}
 			rules = append(rules, out)
 		}
 	}
 	return rules
+}
+
+// sharedFilter applies a rule filter of a type HTTPRoute and GRPCRoute
+// share (they share the names); false for a type Trellis does not support.
+func (m *Mesh) sharedFilter(out *RouteRule, r *rawRoute, typ string, request, response *gwv1.HTTPHeaderFilter, mirror *gwv1.HTTPRequestMirrorFilter) bool {
+	switch gwv1.HTTPRouteFilterType(typ) {
+	case gwv1.HTTPRouteFilterRequestHeaderModifier:
+		out.RequestHeaders = appendHeaderFilter(out.RequestHeaders, request)
+	case gwv1.HTTPRouteFilterResponseHeaderModifier:
+		out.ResponseHeaders = appendHeaderFilter(out.ResponseHeaders, response)
+	case gwv1.HTTPRouteFilterRequestMirror:
+		out.Mirrors = m.appendMirror(out.Mirrors, r, mirror)
+	default:
+		return false
+	}
+	return true
 }
 
 func httpMatch(mt gwv1.HTTPRouteMatch) RouteMatch {

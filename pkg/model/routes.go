@@ -182,6 +182,20 @@ func (m *Mesh) validateRoute(r *rawRoute) []Problem {
 				"every backendRef has weight 0: requests matching this rule get HTTP 500")
 		}
 	}
+	// checkRule reports what both route kinds share: backends, the filter
+	// types on each, sessionPersistence.
+	checkRule := func(rule int, refs []gwv1.BackendRef, filterTypes [][]string, sessionPersistence bool) {
+		for k, types := range filterTypes {
+			for j, typ := range types {
+				backendFilter(rule, k, j, typ)
+			}
+		}
+		checkBackends(rule, refs)
+		if sessionPersistence {
+			bad(fmt.Sprintf("spec.rules[%d].sessionPersistence", rule), ReasonUnsupportedValue, meshv1alpha1.ConditionAccepted,
+				"sessionPersistence is not supported by Trellis and is ignored; use a BackendPolicy with loadBalancer.algorithm RingHash")
+		}
+	}
 	if r.http != nil {
 		for i, rule := range r.http.Rules {
 			for j, mt := range rule.Matches {
@@ -214,18 +228,14 @@ func (m *Mesh) validateRoute(r *rawRoute) []Problem {
 					}
 				}
 			}
-			refs := make([]gwv1.BackendRef, len(rule.BackendRefs))
+			refs, types := make([]gwv1.BackendRef, len(rule.BackendRefs)), make([][]string, len(rule.BackendRefs))
 			for k, b := range rule.BackendRefs {
 				refs[k] = b.BackendRef
-				for j, f := range b.Filters {
-					backendFilter(i, k, j, string(f.Type))
+				for _, f := range b.Filters {
+					types[k] = append(types[k], string(f.Type))
 				}
 			}
-			checkBackends(i, refs)
-			if rule.SessionPersistence != nil {
-				bad(fmt.Sprintf("spec.rules[%d].sessionPersistence", i), ReasonUnsupportedValue, meshv1alpha1.ConditionAccepted,
-					"sessionPersistence is not supported by Trellis and is ignored; use a BackendPolicy with loadBalancer.algorithm RingHash")
-			}
+			checkRule(i, refs, types, rule.SessionPersistence != nil)
 		}
 	}
 	if r.grpc != nil {
@@ -253,18 +263,14 @@ func (m *Mesh) validateRoute(r *rawRoute) []Problem {
 						"filter %s is not supported by Trellis: requests matching this rule get HTTP 500", f.Type)
 				}
 			}
-			refs := make([]gwv1.BackendRef, len(rule.BackendRefs))
+			refs, types := make([]gwv1.BackendRef, len(rule.BackendRefs)), make([][]string, len(rule.BackendRefs))
 			for k, b := range rule.BackendRefs {
 				refs[k] = b.BackendRef
-				for j, f := range b.Filters {
-					backendFilter(i, k, j, string(f.Type))
+				for _, f := range b.Filters {
+					types[k] = append(types[k], string(f.Type))
 				}
 			}
-			checkBackends(i, refs)
-			if rule.SessionPersistence != nil {
-				bad(fmt.Sprintf("spec.rules[%d].sessionPersistence", i), ReasonUnsupportedValue, meshv1alpha1.ConditionAccepted,
-					"sessionPersistence is not supported by Trellis and is ignored; use a BackendPolicy with loadBalancer.algorithm RingHash")
-			}
+			checkRule(i, refs, types, rule.SessionPersistence != nil)
 		}
 	}
 	return problems

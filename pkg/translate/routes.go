@@ -246,14 +246,8 @@ func (t *translator) backendAction(backends []model.Backend) (*routev3.RouteActi
 	w := &routev3.WeightedCluster{}
 	for _, v := range valid {
 		cw := &routev3.WeightedCluster_ClusterWeight{Name: v.name, Weight: wrapperspb.UInt32(v.weight)}
-		for _, h := range v.request {
-			cw.RequestHeadersToAdd = append(cw.RequestHeadersToAdd, headerOptions(h)...)
-			cw.RequestHeadersToRemove = append(cw.RequestHeadersToRemove, lower(h.Remove)...)
-		}
-		for _, h := range v.response {
-			cw.ResponseHeadersToAdd = append(cw.ResponseHeadersToAdd, headerOptions(h)...)
-			cw.ResponseHeadersToRemove = append(cw.ResponseHeadersToRemove, lower(h.Remove)...)
-		}
+		e := edits(v.request, v.response)
+		cw.RequestHeadersToAdd, cw.RequestHeadersToRemove, cw.ResponseHeadersToAdd, cw.ResponseHeadersToRemove = e.requestAdd, e.requestRemove, e.responseAdd, e.responseRemove
 		w.Clusters = append(w.Clusters, cw)
 	}
 	if invalid > 0 {
@@ -363,14 +357,28 @@ func stringMatch(m model.ValueMatch) *matcherv3.StringMatcher {
 
 // modifyHeaders applies the rule's request and response header filters.
 func modifyHeaders(route *routev3.Route, rule *model.RouteRule) {
-	for _, h := range rule.RequestHeaders {
-		route.RequestHeadersToAdd = append(route.RequestHeadersToAdd, headerOptions(h)...)
-		route.RequestHeadersToRemove = append(route.RequestHeadersToRemove, lower(h.Remove)...)
+	e := edits(rule.RequestHeaders, rule.ResponseHeaders)
+	route.RequestHeadersToAdd, route.RequestHeadersToRemove, route.ResponseHeadersToAdd, route.ResponseHeadersToRemove = e.requestAdd, e.requestRemove, e.responseAdd, e.responseRemove
+}
+
+// headerEdits are header filters in Envoy's terms (a route and a weighted
+// cluster have the same four fields).
+type headerEdits struct {
+	requestAdd, responseAdd       []*corev3.HeaderValueOption
+	requestRemove, responseRemove []string
+}
+
+func edits(request, response []model.HeaderFilter) headerEdits {
+	var e headerEdits
+	for _, h := range request {
+		e.requestAdd = append(e.requestAdd, headerOptions(h)...)
+		e.requestRemove = append(e.requestRemove, lower(h.Remove)...)
 	}
-	for _, h := range rule.ResponseHeaders {
-		route.ResponseHeadersToAdd = append(route.ResponseHeadersToAdd, headerOptions(h)...)
-		route.ResponseHeadersToRemove = append(route.ResponseHeadersToRemove, lower(h.Remove)...)
+	for _, h := range response {
+		e.responseAdd = append(e.responseAdd, headerOptions(h)...)
+		e.responseRemove = append(e.responseRemove, lower(h.Remove)...)
 	}
+	return e
 }
 
 func lower(ss []string) []string {
