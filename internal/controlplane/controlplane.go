@@ -4,14 +4,10 @@
 package controlplane
 
 import (
-	"bytes"
-	"cmp"
 	"context"
 	"crypto/tls"
-	"errors"
 	"fmt"
 	"net"
-	"net/http"
 	"net/netip"
 	"sync/atomic"
 	"time"
@@ -19,31 +15,19 @@ import (
 	cmapi "github.com/cert-manager/cert-manager/pkg/apis/certmanager/v1"
 	"github.com/go-logr/logr"
 	"golang.org/x/time/rate"
-	corev1 "k8s.io/api/core/v1"
-	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/client-go/kubernetes"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
-	"k8s.io/client-go/rest"
 	"k8s.io/utils/clock"
-	ctrl "sigs.k8s.io/controller-runtime"
-	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
-	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/event"
-	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/manager"
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
-	"sigs.k8s.io/controller-runtime/pkg/metrics/filters"
-	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
-	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
 	"github.com/trellis-mesh/trellis/pkg/ca"
 	"github.com/trellis-mesh/trellis/pkg/controller"
-	"github.com/trellis-mesh/trellis/pkg/inject"
 	"github.com/trellis-mesh/trellis/pkg/model"
 	"github.com/trellis-mesh/trellis/pkg/xds"
 )
@@ -139,6 +123,14 @@ type ControlPlane struct {
 	servingRenew atomic.Int64
 	dnsNames     []string
 	rotating     *ca.Rotating
+	// backend is the workload certificate backend (built-in or
+	// cert-manager, as MeshConfig says).
+	backend *meshBackend
+	// scheme and direct (an uncached client) are shared by the wiring.
+	scheme *runtime.Scheme
+	direct client.Client
+	// wakeRootCA makes the trust-bundle reconciler republish at once.
+	wakeRootCA chan event.GenericEvent
 }
 
 // servingLifetime of the xDS serving certificate; it is renewed at half.
@@ -210,265 +202,6 @@ func Scheme() (*runtime.Scheme, error) {
 		}
 	}
 	return scheme, nil
-}
-
-// New wires a control plane against the apiserver of cfg.
-func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
-	if o.Clock == nil {
-		o.Clock = clock.RealClock{}
-	}
-	if o.Registry == nil {
-		o.Registry = metrics.Registry
-	}
-	scheme, err := Scheme()
-	if err != nil {
-		return nil, err
-	}
-	cp := &ControlPlane{opts: o, Ready: make(chan struct{}), Metrics: xds.NewMetrics()}
-	for _, c := range cp.Metrics.Collectors() {
-		if err := o.Registry.Register(c); err != nil {
-			return nil, fmt.Errorf("register metrics: %w", err)
-		}
-	}
-	cp.Cache = xds.NewCache()
-	cp.Pusher = xds.NewPusher(cp.Cache, cp.Metrics, o.Log.WithName("pusher"), o.Clock)
-	cp.Pusher.Debounce, cp.Pusher.MaxDelay = o.Debounce, o.MaxDelay
-
-	metricsOpts := metricsserver.Options{BindAddress: o.MetricsAddr, SecureServing: o.MetricsSecure,
-		ExtraHandlers: map[string]http.Handler{"/debug/proxies": http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { cp.Server.DebugHandler().ServeHTTP(w, r) })}}
-	if o.MetricsSecure {
-		metricsOpts.FilterProvider = filters.WithAuthenticationAndAuthorization
-	}
-	leNamespace := o.LeaderElectionNamespace
-	if leNamespace == "" {
-		leNamespace = o.Namespace
-	}
-	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
-		Scheme:                  scheme,
-		Metrics:                 metricsOpts,
-		HealthProbeBindAddress:  o.ProbeAddr,
-		LeaderElection:          o.LeaderElect,
-		LeaderElectionID:        "trellis-controller.mesh.trellis.dev",
-		LeaderElectionNamespace: leNamespace,
-		Logger:                  o.Log,
-		Controller:              config.Controller{SkipNameValidation: &o.SkipControllerNameValidation},
-		WebhookServer:           webhook.NewServer(cp.webhookOptions(o)),
-		// The only ConfigMaps watched are the trust bundles (a deleted
-		// one is recreated at once); the controller may list and watch
-		// ConfigMaps by that name only (RBAC resourceNames + field selector).
-		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
-			&corev1.ConfigMap{}: {Field: fields.OneTermEqualSelector("metadata.name", controller.RootCAConfigMap)},
-			// Of Nodes only the pod CIDRs are read: the cache keeps nothing else.
-			&corev1.Node{}: {Transform: controller.NodePodCIDRsOnly},
-		}},
-	})
-	if err != nil {
-		return nil, fmt.Errorf("manager: %w", err)
-	}
-	cp.Manager = mgr
-	cs, err := kubernetes.NewForConfig(cfg)
-	if err != nil {
-		return nil, err
-	}
-	auth := &xds.Authenticator{
-		TokenReviews: cs.AuthenticationV1().TokenReviews(),
-		Pods:         mgr.GetCache(),
-		Audience:     o.Audience,
-		VerifyPeerIP: o.VerifyPeerIP,
-		Clock:        o.Clock,
-		CacheTTL:     o.TokenReviewTTL,
-		OnCache:      func(r string) { cp.Metrics.TokenReviewCache.WithLabelValues(r).Inc() },
-	}
-	cp.Server = xds.NewServer(cp.Cache, auth, cp.Pusher, cp.Metrics, o.Log.WithName("xds"), o.Clock)
-
-	cp.Authority = o.Authority
-	if cp.Authority == nil {
-		// The built-in CA's root lives in a Secret in the control plane's
-		// namespace, created by the first replica to start.
-		direct, err := client.New(cfg, client.Options{Scheme: scheme})
-		if err != nil {
-			return nil, err
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		if cp.Authority, err = ca.LoadOrCreate(ctx, direct, o.Namespace, ca.RootSecretName, "cluster.local", o.Clock); err != nil {
-			return nil, err
-		}
-	}
-	cp.IssuerMetrics = ca.NewIssuerMetrics()
-	for _, c := range cp.IssuerMetrics.Collectors() {
-		if err := o.Registry.Register(c); err != nil {
-			return nil, fmt.Errorf("register metrics: %w", err)
-		}
-	}
-	direct, err := client.New(cfg, client.Options{Scheme: scheme})
-	if err != nil {
-		return nil, err
-	}
-	rotating := ca.NewRotating(cp.Authority)
-	backend := &meshBackend{builtIn: rotating, client: direct, namespace: o.Namespace, clock: o.Clock, mesh: cp.mesh}
-	cp.Issuer = &ca.Issuer{Backend: backend, Clock: o.Clock, Metrics: cp.IssuerMetrics}
-	cp.Pusher.NodeSecrets = xds.WorkloadSecrets(cp.Issuer, cp.mesh)
-	cp.Pusher.OnExpiry = func(identity string, soonest time.Time) {
-		if soonest.IsZero() {
-			cp.IssuerMetrics.Expiry.DeleteLabelValues(identity)
-		} else {
-			cp.IssuerMetrics.Expiry.WithLabelValues(identity).Set(float64(soonest.Unix()))
-		}
-	}
-	cp.Pusher.OnRotationFailure = func() { cp.IssuerMetrics.Failures.WithLabelValues("rotate").Inc() }
-
-	cp.Reconciler = &controller.MeshReconciler{
-		Client:   mgr.GetClient(),
-		Pusher:   cp.Pusher,
-		PodCIDRs: o.PodCIDRs,
-		IsLeader: func() bool {
-			if !o.LeaderElect {
-				return true
-			}
-			select {
-			case <-mgr.Elected():
-				return true
-			default:
-				return false
-			}
-		},
-	}
-	cp.Pusher.OnProblems = cp.Reconciler.SetTranslatorProblems
-	if err := cp.Reconciler.SetupWithManager(mgr); err != nil {
-		return nil, err
-	}
-
-	wakeRootCA := make(chan event.GenericEvent, 1)
-	if err := (&controller.RootCAReconciler{
-		Client: mgr.GetClient(),
-		Reader: mgr.GetAPIReader(),
-		Wake:   wakeRootCA,
-		// The xDS serving certificate is signed by the built-in root; with
-		// cert-manager the issuer's CA is added for workloads.
-		Bundle: func(ctx context.Context) ([]byte, error) {
-			out, err := rotating.BundlePEM(ctx)
-			if err != nil {
-				return nil, err
-			}
-			if b, err := backend.BundlePEM(ctx); err == nil && !bytes.Contains(out, b) {
-				out = append(append(out, '\n'), b...)
-			}
-			return out, nil
-		},
-	}).SetupWithManager(mgr); err != nil {
-		return nil, err
-	}
-
-	{
-		xdsHost := cmp.Or(o.XDSServiceHost, "trellis-xds."+o.Namespace+".svc")
-		mgr.GetWebhookServer().Register(controller.ValidatePath, &webhook.Admission{Handler: &controller.Validator{
-			Client: mgr.GetClient(), Decoder: admission.NewDecoder(scheme),
-		}})
-		mgr.GetWebhookServer().Register(inject.WebhookPath, &webhook.Admission{Handler: &inject.Webhook{
-			Decoder: admission.NewDecoder(scheme),
-			Config: func() inject.Config {
-				return inject.Config{Mesh: cp.mesh().Config, InitImage: o.InitImage, XDSHost: xdsHost, XDSPort: o.XDSServicePort}
-			},
-		}})
-	}
-
-	dns := o.XDSDNSNames
-	if len(dns) == 0 {
-		dns = []string{"trellis-xds." + o.Namespace + ".svc", "trellis-xds." + o.Namespace + ".svc.cluster.local", "localhost"}
-	}
-	cp.dnsNames = dns
-	cp.rotating = rotating
-	if err := cp.reissueServing(); err != nil {
-		return nil, err
-	}
-	if o.WebhookCertDir == "" {
-		bundler := &controller.WebhookBundle{Client: direct, Name: o.WebhookConfiguration, ValidatingName: o.ValidatingConfiguration, Bundle: rotating.BundlePEM}
-		cp.webhookBundle = bundler
-		if err := mgr.Add(manager.RunnableFunc(func(ctx context.Context) error {
-			// Leader keeps the caBundle current; it also runs after each change.
-			t := o.Clock.NewTicker(o.RootRotationTick)
-			defer t.Stop()
-			for {
-				if err := bundler.Sync(ctx); err != nil {
-					o.Log.Error(err, "sync the webhook caBundle")
-				}
-				select {
-				case <-ctx.Done():
-					return nil
-				case <-t.C():
-				}
-			}
-		})); err != nil {
-			return nil, err
-		}
-	}
-	if o.Authority == nil {
-		rr := &controller.RootRotation{
-			Client: direct, Namespace: o.Namespace, Backend: rotating, Clock: o.Clock, Overlap: o.RootRotationOverlap,
-			Recorder: mgr.GetEventRecorderFor("trellis-controller"), Current: cp.Authority,
-			OnChange: func() {
-				if err := cp.reissueServing(); err != nil {
-					o.Log.Error(err, "re-issue the xDS serving certificate")
-				}
-				if cp.webhookBundle != nil {
-					if err := cp.webhookBundle.Sync(context.Background()); err != nil {
-						o.Log.Error(err, "sync the webhook caBundle")
-					}
-				}
-				cp.Pusher.RefreshSecrets()
-				select {
-				case wakeRootCA <- event.GenericEvent{Object: &corev1.Namespace{}}:
-				default:
-				}
-			},
-		}
-		every := func(step func(context.Context) error, name string) func(context.Context) error {
-			return func(ctx context.Context) error {
-				t := o.Clock.NewTicker(o.RootRotationTick)
-				defer t.Stop()
-				for {
-					if err := step(ctx); err != nil {
-						o.Log.Error(err, name)
-					}
-					select {
-					case <-ctx.Done():
-						return nil
-					case <-t.C():
-					}
-				}
-			}
-		}
-		if err := mgr.Add(everyReplica(every(rr.Sync, "apply root rotation"))); err != nil {
-			return nil, err
-		}
-		if err := mgr.Add(everyReplica(every(cp.renewServing, "renew the xDS serving certificate"))); err != nil {
-			return nil, err
-		}
-		if err := mgr.Add(manager.RunnableFunc(every(rr.Step, "advance root rotation"))); err != nil {
-			return nil, err
-		}
-	}
-	if err := mgr.Add(everyReplica(cp.Pusher.Run)); err != nil {
-		return nil, err
-	}
-	if err := mgr.Add(everyReplica(cp.serveXDS)); err != nil {
-		return nil, err
-	}
-	if err := mgr.AddHealthzCheck("ping", healthz.Ping); err != nil {
-		return nil, err
-	}
-	if err := mgr.AddReadyzCheck("xds", func(*http.Request) error {
-		select {
-		case <-cp.Ready:
-			return nil
-		default:
-			return errors.New("xDS server not listening yet")
-		}
-	}); err != nil {
-		return nil, err
-	}
-	return cp, nil
 }
 
 func (cp *ControlPlane) mesh() model.Mesh {
