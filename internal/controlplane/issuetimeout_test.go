@@ -20,7 +20,7 @@ import (
 
 // TestUnapprovedCertificateRequestTimesOutAndRetries: with a cert-manager
 // issuer and nobody approving, a proxy's CertificateRequest (in a real
-// apiserver) is given up at the pusher's IssueTimeout on the injected
+// apiserver) is given up at the pusher's Renewals.Timeout on the injected
 // clock, deleted, and a new one is made after the retry back-off (10 s,
 // then 20 s) — never a wait without end.
 func TestUnapprovedCertificateRequestTimesOutAndRetries(t *testing.T) {
@@ -29,9 +29,9 @@ func TestUnapprovedCertificateRequestTimesOutAndRetries(t *testing.T) {
 	cm := &ca.CertManager{Client: env.Client, Namespace: ns, IssuerRef: cmmeta.IssuerReference{Name: "nobody-approves", Kind: "ClusterIssuer"}, Clock: clk}
 	c := xds.NewCache()
 	p := xds.NewPusher(c, xds.NewMetrics(), logr.Discard(), clk)
-	p.IssueTimeout = 30 * time.Second
+	p.Renewals.Timeout = 30 * time.Second
 	var failures atomic.Int32
-	p.OnRotationFailure = func() { failures.Add(1) }
+	p.Renewals.OnFailure = func(string, error, time.Duration) { failures.Add(1) }
 	mesh, _ := model.Build(model.Input{MeshConfig: &meshv1alpha1.MeshConfig{}})
 	p.NodeSecrets = xds.WorkloadSecrets(&ca.Issuer{Backend: cm, Clock: clk, Metrics: ca.NewIssuerMetrics()}, func() model.Mesh { return *mesh })
 	id := &xds.Identity{NodeID: xds.NodeID{Type: "sidecar", IP: "10.0.0.1", Pod: "p", Namespace: "ns"}, ServiceAccount: "sa"}
@@ -74,9 +74,9 @@ func TestUnapprovedCertificateRequestTimesOutAndRetries(t *testing.T) {
 	clk.Step(29 * time.Second)
 	time.Sleep(200 * time.Millisecond)
 	if failures.Load() != 0 {
-		t.Fatal("gave up before IssueTimeout")
+		t.Fatal("gave up before Renewals.Timeout")
 	}
-	clk.Step(time.Second) // IssueTimeout reached
+	clk.Step(time.Second) // Renewals.Timeout reached
 	failed(1)
 	requests("the timed-out request deleted", none)
 

@@ -179,7 +179,11 @@ func (cp *ControlPlane) wireCA() error {
 			cp.IssuerMetrics.Expiry.WithLabelValues(identity).Set(float64(soonest.Unix()))
 		}
 	}
-	cp.Pusher.OnRotationFailure = func() { cp.IssuerMetrics.Failures.WithLabelValues("rotate").Inc() }
+	log := o.Log.WithName("pusher")
+	cp.Pusher.Renewals.OnFailure = func(node string, err error, retryIn time.Duration) {
+		log.Error(err, "issue workload certificate; retrying", "node", node, "retryIn", retryIn.String())
+		cp.IssuerMetrics.Failures.WithLabelValues("rotate").Inc()
+	}
 
 	cp.dnsNames = o.XDSDNSNames
 	if len(cp.dnsNames) == 0 {

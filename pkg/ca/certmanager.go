@@ -101,7 +101,7 @@ func (c *CertManager) Sign(ctx context.Context, csrDER []byte, id spiffeid.ID, t
 		}
 		select {
 		case <-ctx.Done():
-			// The caller's deadline (xds.Pusher.IssueTimeout) or its end.
+			// The caller's deadline (Renewals.Timeout) or its end.
 			return nil, fmt.Errorf("CertificateRequest %s/%s for issuer %s %s was not approved and issued: %w (is an approver running: cert-manager's own, or approver-policy with a policy for this issuer?); the request is deleted and retried",
 				c.Namespace, cr.Name, cmp.Or(c.IssuerRef.Kind, "Issuer"), c.IssuerRef.Name, context.Cause(ctx))
 		case <-c.Clock.After(poll):

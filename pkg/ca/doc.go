@@ -9,9 +9,11 @@
 //   - Backend signs CSRs: an Authority, Rotating (the signer and trusted
 //     roots of a root rotation, swapped atomically) or CertManager (a
 //     cert-manager CertificateRequest per CSR).
-//   - Issuer does the work around a Backend: key, CSR, metrics. Its caller
-//     (xds.Pusher) owns the deadline (IssueTimeout), the retry back-off and
-//     the renewal time (RotateAt).
+//   - Issuer does the work around a Backend: key, CSR, metrics.
+//   - Renewals keeps one certificate per key current (xds.Pusher keys them
+//     by proxy): it owns every issuance's deadline (Timeout, on the
+//     injected clock), the retry back-off (IssueRetryDelay), the renewal
+//     at RotateAt and which of overlapping issuances is served.
 //
 // Root rotation's phases are driven by pkg/controller's RootRotation.
 package ca

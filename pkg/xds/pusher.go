@@ -1,7 +1,6 @@
 package xds
 
 import (
-	"cmp"
 	"context"
 	"fmt"
 	"runtime"
@@ -15,6 +14,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	"k8s.io/utils/clock"
 
+	"github.com/trellis-mesh/trellis/pkg/ca"
 	"github.com/trellis-mesh/trellis/pkg/model"
 	"github.com/trellis-mesh/trellis/pkg/translate"
 )
@@ -40,15 +40,12 @@ type Pusher struct {
 	// connected node (its certificate and the trust bundle), and again when
 	// they are due for renewal.
 	NodeSecrets func(ctx context.Context, id *Identity) (*NodeSecrets, error)
+	// Renewals runs NodeSecrets per connected node: its deadline, retries
+	// and renewal times (NewPusher sets it up on Clock, logging failures).
+	Renewals *ca.Renewals
 	// OnExpiry reports the soonest certificate expiry per identity
 	// (zero time: no proxy of the identity is connected).
 	OnExpiry func(identity string, soonest time.Time)
-	// OnRotationFailure counts failed renewals.
-	OnRotationFailure func()
-	// IssueTimeout bounds one NodeSecrets call (default
-	// DefaultIssueTimeout): a cert-manager CertificateRequest nobody
-	// approves fails after it, on Clock, and is retried with back-off.
-	IssueTimeout time.Duration
 
 	mu         sync.Mutex
 	mesh       *model.Mesh
@@ -65,35 +62,8 @@ type Pusher struct {
 type nodeInfo struct {
 	ident    *Identity
 	class    string
-	renew    clock.Timer
 	identity string
 	notAfter time.Time
-	// loads numbers loadSecrets calls: only the latest one's result is
-	// served (see loadSecrets).
-	loads uint64
-	// failures counts issuances failed in a row (the retry back-off).
-	failures int
-	// ctx ends when the node disconnects, ending its issuances in flight.
-	ctx    context.Context
-	cancel context.CancelFunc
-}
-
-// DefaultIssueTimeout is Pusher.IssueTimeout's default.
-const DefaultIssueTimeout = 30 * time.Second
-
-// Retry back-off of a failed issuance: 10 s, doubling, at most 2 min.
-const (
-	issueRetryInitial = 10 * time.Second
-	issueRetryMax     = 2 * time.Minute
-)
-
-// issueRetryDelay is the wait after the n-th failure in a row (n >= 1).
-func issueRetryDelay(n int) time.Duration {
-	d := issueRetryInitial
-	for i := 1; i < n && d < issueRetryMax; i++ {
-		d *= 2
-	}
-	return min(d, issueRetryMax)
 }
 
 type classInfo struct {
@@ -105,6 +75,9 @@ func NewPusher(c *Cache, m *Metrics, log logr.Logger, clk clock.WithTickerAndDel
 	return &Pusher{
 		Cache: c, Metrics: m, Log: log, Clock: clk,
 		Debounce: 100 * time.Millisecond, MaxDelay: 10 * time.Second,
+		Renewals: &ca.Renewals{Clock: clk, OnFailure: func(node string, err error, retryIn time.Duration) {
+			log.Error(err, "issue workload certificate; retrying", "node", node, "retryIn", retryIn.String())
+		}},
 		nodes: map[string]*nodeInfo{}, classes: map[string]*classInfo{},
 		trigger: make(chan struct{}, 1), kick: make(chan struct{}, 1),
 	}
@@ -139,15 +112,8 @@ func (p *Pusher) Connect(id *Identity) string {
 		}
 	}
 	nodeID := id.NodeID.String()
-	if old := p.nodes[nodeID]; old != nil {
-		// A reconnect replaces the node: its issuances and renewal end.
-		old.cancel()
-		if old.renew != nil {
-			old.renew.Stop()
-		}
-	}
-	nctx, cancel := context.WithCancel(context.Background())
-	p.nodes[nodeID] = &nodeInfo{ident: id, class: key, ctx: nctx, cancel: cancel}
+	n := &nodeInfo{ident: id, class: key}
+	p.nodes[nodeID] = n
 	_, known := p.classes[key]
 	p.mu.Unlock()
 	if key != "" {
@@ -162,112 +128,34 @@ func (p *Pusher) Connect(id *Identity) string {
 		}
 	}
 	if p.NodeSecrets != nil {
-		go p.loadSecrets(id)
+		// A reconnect restarts the node's renewals: its issuances in
+		// flight end.
+		p.Renewals.Start(nodeID, p.issueFor(nodeID, n))
 	}
 	return key
 }
 
-// loadSecrets issues (or renews) a node's certificate, serves it, and
-// schedules the next renewal well before expiry.
-//
-// Loads can overlap (a scheduled renewal and RefreshSecrets after a root
-// rotation step): only the latest started one is served. An older one
-// finishing last would put back a certificate from the previous signer and
-// the previous trust bundle — e.g. an old-root certificate into the
-// Complete phase, which peers no longer trust.
-func (p *Pusher) loadSecrets(id *Identity) {
-	nodeID := id.NodeID.String()
-	p.mu.Lock()
-	n, ok := p.nodes[nodeID]
-	if !ok {
-		p.mu.Unlock()
-		return // disconnected meanwhile
-	}
-	n.loads++
-	seq, nctx := n.loads, n.ctx
-	p.mu.Unlock()
-	latest := func() bool {
-		n, ok := p.nodes[nodeID]
-		return ok && n.loads == seq
-	}
-	// Every issuance has a deadline, on the injected clock, and ends when
-	// the node disconnects.
-	timeout := cmp.Or(p.IssueTimeout, DefaultIssueTimeout)
-	ctx, cancel := context.WithCancelCause(nctx)
-	deadline := p.Clock.AfterFunc(timeout, func() { cancel(fmt.Errorf("no certificate within %s", timeout)) })
-	ns, err := p.NodeSecrets(ctx, id)
-	deadline.Stop()
-	cancel(nil)
-	if err != nil {
-		p.mu.Lock()
-		ok := latest()
-		var delay time.Duration
-		if ok {
-			n := p.nodes[nodeID]
-			n.failures++
-			delay = issueRetryDelay(n.failures)
+// issueFor issues a node's certificate and trust bundle; serving them
+// records the identity's expiry and hands them to the node's stream.
+func (p *Pusher) issueFor(nodeID string, n *nodeInfo) ca.IssueFunc {
+	return func(ctx context.Context) (ca.Issuance, error) {
+		ns, err := p.NodeSecrets(ctx, n.ident)
+		if err != nil {
+			return ca.Issuance{}, err
 		}
-		p.mu.Unlock()
-		if !ok {
-			return // disconnected or superseded: nobody waits for this one
-		}
-		p.Log.Error(err, "issue workload certificate; retrying", "node", nodeID, "retryIn", delay.String())
-		p.schedule(id, p.Clock.Now().Add(delay))
-		if p.OnRotationFailure != nil {
-			p.OnRotationFailure()
-		}
-		return
+		return ca.Issuance{RotateAt: ns.RotateAt, Serve: func() {
+			p.mu.Lock()
+			n.identity, n.notAfter = ns.Identity, ns.NotAfter
+			p.mu.Unlock()
+			p.Cache.SetNodeResources(nodeID, resource.SecretType, ns.Resources)
+			p.reportExpiry(ns.Identity)
+		}}, nil
 	}
-	// The check and the cache update under secretsMu (not mu: the cache
-	// may block on a proxy's stream while a callback waits for mu), so a
-	// newer load cannot be overtaken between them.
-	p.secretsMu.Lock()
-	p.mu.Lock()
-	still := latest()
-	if still {
-		n := p.nodes[nodeID]
-		n.identity, n.notAfter, n.failures = ns.Identity, ns.NotAfter, 0
-	}
-	p.mu.Unlock()
-	if still {
-		p.Cache.SetNodeResources(nodeID, resource.SecretType, ns.Resources)
-	}
-	p.secretsMu.Unlock()
-	if !still {
-		return
-	}
-	p.reportExpiry(ns.Identity)
-	p.schedule(id, ns.RotateAt)
 }
 
 // RefreshSecrets re-issues the certificates of every connected proxy now
 // (after the signer or the trust bundle changed).
-func (p *Pusher) RefreshSecrets() {
-	p.mu.Lock()
-	ids := make([]*Identity, 0, len(p.nodes))
-	for _, n := range p.nodes {
-		ids = append(ids, n.ident)
-	}
-	p.mu.Unlock()
-	for _, id := range ids {
-		go p.loadSecrets(id)
-	}
-}
-
-func (p *Pusher) schedule(id *Identity, at time.Time) {
-	nodeID := id.NodeID.String()
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	n, ok := p.nodes[nodeID]
-	if !ok {
-		return
-	}
-	if n.renew != nil {
-		n.renew.Stop()
-	}
-	// In a goroutine: some clocks (the fake one) run callbacks under their lock.
-	n.renew = p.Clock.AfterFunc(at.Sub(p.Clock.Now()), func() { go p.loadSecrets(id) })
-}
+func (p *Pusher) RefreshSecrets() { p.Renewals.Refresh() }
 
 func (p *Pusher) reportExpiry(identity string) {
 	if p.OnExpiry == nil || identity == "" {
@@ -298,10 +186,7 @@ func (p *Pusher) Disconnect(nodeID string) {
 	delete(p.nodes, nodeID)
 	p.mu.Unlock()
 	if n != nil {
-		n.cancel()
-		if n.renew != nil {
-			n.renew.Stop()
-		}
+		p.Renewals.Stop(nodeID)
 		p.reportExpiry(n.identity)
 	}
 }
