@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"sync/atomic"
 	"time"
 
 	cmapi "github.com/cert-manager/cert-manager/pkg/apis/certmanager/v1"
@@ -113,16 +112,15 @@ type ControlPlane struct {
 	// XDSAddr is the address the xDS server listens on, once Ready is closed.
 	XDSAddr string
 	// Ready is closed when the xDS server listens.
-	Ready   chan struct{}
-	opts    Options
-	serving atomic.Pointer[tls.Certificate]
-	// webhookCert is the injection webhook\'s serving certificate.
-	webhookCert   atomic.Pointer[tls.Certificate]
-	webhookBundle *controller.WebhookBundle
-	// servingRenew is when the serving certificate is due for renewal.
-	servingRenew atomic.Int64
-	dnsNames     []string
-	rotating     *ca.Rotating
+	Ready chan struct{}
+	opts  Options
+	// xdsCert and webhookCert are the listeners' serving certificates
+	// (webhookCert unless WebhookCertDir is set), kept current by
+	// servingRenewals.
+	xdsCert, webhookCert *ca.ServingCertificate
+	servingRenewals      *ca.Renewals
+	webhookBundle        *controller.WebhookBundle
+	rotating             *ca.Rotating
 	// backend is the workload certificate backend (built-in or
 	// cert-manager, as MeshConfig says).
 	backend *meshBackend
@@ -136,61 +134,16 @@ type ControlPlane struct {
 // servingLifetime of the xDS serving certificate; it is renewed at half.
 const servingLifetime = 90 * 24 * time.Hour
 
-// reissueServing signs the xDS serving certificate (and the self-issued
-// webhook certificate) with the current signer; new TLS handshakes use them
-// at once.
-func (cp *ControlPlane) reissueServing() error {
-	pair, notAfter, err := cp.issueServing(cp.dnsNames)
-	if err != nil {
-		return err
-	}
-	cp.serving.Store(pair)
-	cp.servingRenew.Store(ca.RotateAt(notAfter.Add(-servingLifetime), notAfter, 50, 0).UnixNano())
-	if cp.opts.WebhookCertDir == "" {
-		names := cp.opts.WebhookDNSNames
-		if len(names) == 0 {
-			names = []string{"trellis-webhook." + cp.opts.Namespace + ".svc", "trellis-webhook." + cp.opts.Namespace + ".svc.cluster.local"}
-		}
-		wh, _, err := cp.issueServing(names)
-		if err != nil {
-			return err
-		}
-		cp.webhookCert.Store(wh)
-	}
-	return nil
-}
-
-// issueServing signs a serving certificate for names with the current signer.
-func (cp *ControlPlane) issueServing(names []string) (*tls.Certificate, time.Time, error) {
-	issued, err := cp.rotating.Signer().IssueServing(names, servingLifetime)
-	if err != nil {
-		return nil, time.Time{}, err
-	}
-	pair, err := issued.TLSCertificate()
-	if err != nil {
-		return nil, time.Time{}, err
-	}
-	return &pair, issued.NotAfter, nil
-}
-
 // webhookOptions serves the self-issued webhook certificate unless a
 // certificate directory is configured.
 func (cp *ControlPlane) webhookOptions(o Options) webhook.Options {
 	wo := webhook.Options{Host: o.WebhookHost, Port: o.WebhookPort, CertDir: o.WebhookCertDir}
 	if o.WebhookCertDir == "" {
 		wo.TLSOpts = []func(*tls.Config){func(c *tls.Config) {
-			c.GetCertificate = func(*tls.ClientHelloInfo) (*tls.Certificate, error) { return cp.webhookCert.Load(), nil }
+			c.GetCertificate = cp.webhookCert.GetCertificate
 		}}
 	}
 	return wo
-}
-
-// renewServing re-issues the serving certificate when it is due.
-func (cp *ControlPlane) renewServing(context.Context) error {
-	if cp.opts.Clock.Now().UnixNano() < cp.servingRenew.Load() {
-		return nil
-	}
-	return cp.reissueServing()
 }
 
 // Scheme has every kind the control plane reads.
@@ -217,9 +170,7 @@ func (cp *ControlPlane) serveXDS(ctx context.Context) error {
 		return fmt.Errorf("xds listen: %w", err)
 	}
 	g := xds.NewGRPCServer(xds.GRPCOptions{
-		TLS: &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
-			return cp.serving.Load(), nil
-		}},
+		TLS:                  &tls.Config{MinVersion: tls.VersionTLS12, GetCertificate: cp.xdsCert.GetCertificate},
 		MaxConnectionAge:     cp.opts.MaxConnectionAge,
 		MaxConcurrentStreams: 16,
 	})

@@ -57,6 +57,15 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 		return nil, err
 	}
 	cp := &ControlPlane{opts: o, Ready: make(chan struct{}), scheme: scheme, direct: direct, wakeRootCA: make(chan event.GenericEvent, 1)}
+	signer := func() *ca.Authority { return cp.rotating.Signer() }
+	cp.xdsCert = &ca.ServingCertificate{Names: o.XDSDNSNames, Lifetime: servingLifetime, Signer: signer}
+	if len(cp.xdsCert.Names) == 0 {
+		cp.xdsCert.Names = []string{"trellis-xds." + o.Namespace + ".svc", "trellis-xds." + o.Namespace + ".svc.cluster.local", "localhost"}
+	}
+	cp.webhookCert = &ca.ServingCertificate{Names: o.WebhookDNSNames, Lifetime: servingLifetime, Signer: signer}
+	if len(cp.webhookCert.Names) == 0 {
+		cp.webhookCert.Names = []string{"trellis-webhook." + o.Namespace + ".svc", "trellis-webhook." + o.Namespace + ".svc.cluster.local"}
+	}
 	for _, wire := range []func() error{
 		cp.wireXDSCache,
 		func() error { return cp.wireManager(cfg) },
@@ -148,9 +157,10 @@ func (cp *ControlPlane) wireXDSServer(cfg *rest.Config) error {
 
 // wireCA: Options.Authority or the root Secret → the Authority, the
 // rotating signer, the workload backend and Issuer the Pusher's SDS
-// secrets come from, the xDS and webhook serving certificates (renewed at
-// half life), the webhook caBundle sync and, for the built-in CA, the root
-// rotation (Sync on every replica, Step on the leader).
+// secrets come from, the xDS and webhook serving certificates (issued now,
+// then kept by servingRenewals), the webhook caBundle sync and, for the
+// built-in CA, the root rotation (Sync on every replica, Step on the
+// leader).
 func (cp *ControlPlane) wireCA() error {
 	o := cp.opts
 	cp.Authority = o.Authority
@@ -185,11 +195,28 @@ func (cp *ControlPlane) wireCA() error {
 		cp.IssuerMetrics.Failures.WithLabelValues("rotate").Inc()
 	}
 
-	cp.dnsNames = o.XDSDNSNames
-	if len(cp.dnsNames) == 0 {
-		cp.dnsNames = []string{"trellis-xds." + o.Namespace + ".svc", "trellis-xds." + o.Namespace + ".svc.cluster.local", "localhost"}
+	// The serving certificates exist before any listener starts; then
+	// they are renewed at half life, and at once after a root change.
+	servingLog := o.Log.WithName("serving")
+	cp.servingRenewals = &ca.Renewals{Clock: o.Clock, OnFailure: func(name string, err error, retryIn time.Duration) {
+		servingLog.Error(err, "re-issue a serving certificate; retrying", "certificate", name, "retryIn", retryIn.String())
+	}}
+	certs := map[string]*ca.ServingCertificate{"xds": cp.xdsCert}
+	if o.WebhookCertDir == "" {
+		certs["webhook"] = cp.webhookCert
 	}
-	if err := cp.reissueServing(); err != nil {
+	for name, c := range certs {
+		at, err := c.IssueNow()
+		if err != nil {
+			return fmt.Errorf("issue the %s serving certificate: %w", name, err)
+		}
+		cp.servingRenewals.StartAt(name, at, c.Issue)
+	}
+	if err := add(cp.Manager, everyReplica(func(ctx context.Context) error {
+		<-ctx.Done()
+		cp.servingRenewals.StopAll()
+		return nil
+	})); err != nil {
 		return err
 	}
 	if o.WebhookCertDir == "" {
@@ -209,7 +236,6 @@ func (cp *ControlPlane) wireCA() error {
 	}
 	return add(cp.Manager,
 		everyReplica(cp.every(rr.Sync, "apply root rotation")),
-		everyReplica(cp.every(cp.renewServing, "renew the xDS serving certificate")),
 		manager.RunnableFunc(cp.every(rr.Step, "advance root rotation")),
 	)
 }
@@ -218,9 +244,7 @@ func (cp *ControlPlane) wireCA() error {
 // certificates, the webhooks' caBundle, every proxy's SDS secrets and the
 // namespaces' trust-bundle ConfigMaps.
 func (cp *ControlPlane) rootChanged() {
-	if err := cp.reissueServing(); err != nil {
-		cp.opts.Log.Error(err, "re-issue the xDS serving certificate")
-	}
+	cp.servingRenewals.Refresh()
 	if cp.webhookBundle != nil {
 		if err := cp.webhookBundle.Sync(context.Background()); err != nil {
 			cp.opts.Log.Error(err, "sync the webhook caBundle")

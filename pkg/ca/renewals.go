@@ -83,9 +83,27 @@ type renewal struct {
 // Start issues the key's certificate now and keeps it renewed until Stop;
 // a key already started is restarted (its issuances in flight end).
 func (r *Renewals) Start(key string, issue IssueFunc) {
+	if k := r.add(key, issue); k != nil {
+		go r.run(key, k)
+	}
+}
+
+// StartAt is Start for a key whose current certificate is served already:
+// the first issuance runs at at.
+func (r *Renewals) StartAt(key string, at time.Time, issue IssueFunc) {
+	k := r.add(key, issue)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.keys[key] == k {
+		r.scheduleLocked(key, k, at)
+	}
+}
+
+func (r *Renewals) add(key string, issue IssueFunc) *renewal {
 	ctx, cancel := context.WithCancel(context.Background())
 	k := &renewal{issue: issue, ctx: ctx, cancel: cancel}
 	r.mu.Lock()
+	defer r.mu.Unlock()
 	if r.keys == nil {
 		r.keys = map[string]*renewal{}
 	}
@@ -93,8 +111,7 @@ func (r *Renewals) Start(key string, issue IssueFunc) {
 		old.stop()
 	}
 	r.keys[key] = k
-	r.mu.Unlock()
-	go r.run(key, k)
+	return k
 }
 
 // Stop ends the key's renewals and its issuances in flight.
@@ -102,6 +119,16 @@ func (r *Renewals) Stop(key string) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if k := r.keys[key]; k != nil {
+		k.stop()
+		delete(r.keys, key)
+	}
+}
+
+// StopAll stops every key (at shutdown).
+func (r *Renewals) StopAll() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for key, k := range r.keys {
 		k.stop()
 		delete(r.keys, key)
 	}

@@ -130,3 +130,34 @@ func TestRenewalsServeOnlyTheLatest(t *testing.T) {
 		t.Errorf("served %v; want only the refresh (2)", served)
 	}
 }
+
+// TestServingCertificateRenewedAtHalfLife: a serving certificate issued
+// before the listeners start is replaced when half its lifetime has
+// passed on the clock, not before.
+func TestServingCertificateRenewedAtHalfLife(t *testing.T) {
+	clk := clocktesting.NewFakeClock(time.Now())
+	root, err := ca.NewSelfSigned("cluster.local", 365*24*time.Hour, clk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc := &ca.ServingCertificate{Names: []string{"trellis-xds.trellis-system.svc"}, Lifetime: 10 * time.Hour, Signer: func() *ca.Authority { return root }}
+	at, err := sc.IssueNow()
+	if err != nil {
+		t.Fatal(err)
+	}
+	first, _ := sc.GetCertificate(nil)
+	if first == nil || first.Leaf == nil && len(first.Certificate) == 0 {
+		t.Fatal("no certificate served after IssueNow")
+	}
+	r := &ca.Renewals{Clock: clk}
+	r.StartAt("xds", at, sc.Issue)
+	defer r.StopAll()
+	current := func() []byte { c, _ := sc.GetCertificate(nil); return c.Certificate[0] }
+	clk.Step(4 * time.Hour)
+	time.Sleep(20 * time.Millisecond)
+	if string(current()) != string(first.Certificate[0]) {
+		t.Fatal("renewed before half its lifetime")
+	}
+	clk.Step(2 * time.Hour)
+	waitFor(t, "the renewal at half life", func() bool { return string(current()) != string(first.Certificate[0]) })
+}
