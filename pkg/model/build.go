@@ -91,9 +91,9 @@ func Defaults(spec meshv1alpha1.MeshConfigSpec) meshv1alpha1.MeshConfigSpec {
 		a.Encoding = "Text"
 		spec.AccessLog = &a
 	}
-	if spec.Tracing != nil && spec.Tracing.SamplingPercent == 0 {
+	if spec.Tracing != nil && spec.Tracing.SamplingPercent == nil {
 		t := *spec.Tracing
-		t.SamplingPercent = 1
+		t.SamplingPercent = ptrTo(int32(1))
 		spec.Tracing = &t
 	}
 	return spec

@@ -111,3 +111,19 @@ func TestExternalServiceAddressThatIsNoCIDR(t *testing.T) {
 		t.Errorf("target port = %d; want the port number 5432", p.TargetPort)
 	}
 }
+
+// TestTracingSamplingZeroIsKept: samplingPercent 0 (trace only what
+// arrives sampled) stays 0; unset is the CRD's default 1.
+func TestTracingSamplingZeroIsKept(t *testing.T) {
+	for _, tt := range []struct {
+		set  *int32
+		want int32
+	}{{ptr.To(int32(0)), 0}, {nil, 1}, {ptr.To(int32(25)), 25}} {
+		mc := &meshv1alpha1.MeshConfig{ObjectMeta: metav1.ObjectMeta{Name: "default"}, Spec: meshv1alpha1.MeshConfigSpec{
+			Tracing: &meshv1alpha1.Tracing{Collector: "otel.observability:4317", SamplingPercent: tt.set}}}
+		m, _ := model.Build(model.Input{MeshConfig: mc})
+		if got := m.Settings.Tracing.SamplingPercent; got != tt.want {
+			t.Errorf("samplingPercent %v: model has %d; want %d", tt.set, got, tt.want)
+		}
+	}
+}

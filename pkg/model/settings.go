@@ -43,7 +43,7 @@ func settings(c meshv1alpha1.MeshConfigSpec) Settings {
 		s.AccessLog = &AccessLog{JSON: c.AccessLog.Encoding == "JSON"}
 	}
 	if c.Tracing != nil {
-		s.Tracing = &Tracing{Collector: c.Tracing.Collector, SamplingPercent: c.Tracing.SamplingPercent}
+		s.Tracing = &Tracing{Collector: c.Tracing.Collector, SamplingPercent: ptrOr(c.Tracing.SamplingPercent, 1)}
 	}
 	return s
 }

@@ -229,12 +229,13 @@ type Tracing struct {
 	// "name.namespace:port", e.g. "otel-collector.observability:4317".
 	// +kubebuilder:validation:Pattern=`^[a-z0-9]([-a-z0-9]*[a-z0-9])?\.[a-z0-9]([-a-z0-9]*[a-z0-9])?:[0-9]{1,5}$`
 	Collector string `json:"collector"`
-	// SamplingPercent of requests traced.
+	// SamplingPercent of requests traced; 0 traces only requests that
+	// arrive with a sampled trace context.
 	// +kubebuilder:default=1
 	// +kubebuilder:validation:Minimum=0
 	// +kubebuilder:validation:Maximum=100
 	// +optional
-	SamplingPercent int32 `json:"samplingPercent,omitempty"`
+	SamplingPercent *int32 `json:"samplingPercent,omitempty"`
 }
 
 // MeshConfigStatus is the observed state of the mesh configuration.
