@@ -11,6 +11,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/utils/ptr"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
@@ -93,7 +94,7 @@ func Defaults(spec meshv1alpha1.MeshConfigSpec) meshv1alpha1.MeshConfigSpec {
 	}
 	if spec.Tracing != nil && spec.Tracing.SamplingPercent == nil {
 		t := *spec.Tracing
-		t.SamplingPercent = ptrTo(int32(1))
+		t.SamplingPercent = ptr.To(int32(1))
 		spec.Tracing = &t
 	}
 	return spec
@@ -268,7 +269,7 @@ func (m *Mesh) addEndpoints(slices_ []*discoveryv1.EndpointSlice) {
 			var port int32
 			found := false
 			for _, p := range es.Ports {
-				if p.Port != nil && ptrOr(p.Name, "") == sp.Name {
+				if p.Port != nil && ptr.Deref(p.Name, "") == sp.Name {
 					port, found = *p.Port, true
 					break
 				}
@@ -280,7 +281,7 @@ func (m *Mesh) addEndpoints(slices_ []*discoveryv1.EndpointSlice) {
 				ready := e.Conditions.Ready == nil || *e.Conditions.Ready
 				serving := e.Conditions.Serving == nil && ready || e.Conditions.Serving != nil && *e.Conditions.Serving
 				terminating := e.Conditions.Terminating != nil && *e.Conditions.Terminating
-				ep := Endpoint{Port: port, Ready: ready, Serving: serving, Terminating: terminating, Zone: ptrOr(e.Zone, "")}
+				ep := Endpoint{Port: port, Ready: ready, Serving: serving, Terminating: terminating, Zone: ptr.Deref(e.Zone, "")}
 				if e.TargetRef != nil && e.TargetRef.Kind == "Pod" {
 					ep.Pod = e.TargetRef.Name
 					if w := m.Workload(es.Namespace, e.TargetRef.Name); w != nil {

@@ -6,6 +6,8 @@ import (
 	"net/netip"
 	"slices"
 
+	"k8s.io/utils/ptr"
+
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
 )
 
@@ -64,7 +66,7 @@ func (m *Mesh) addExternal(ess []*meshv1alpha1.ExternalService) []Problem {
 			out.Addresses = append(out.Addresses, p.Masked())
 		}
 		for _, p := range es.Spec.Ports {
-			ep := ExternalPort{Number: p.Number, Protocol: ExternalProtocol(p.Protocol), TargetPort: ptrOr(p.TargetPort, p.Number)}
+			ep := ExternalPort{Number: p.Number, Protocol: ExternalProtocol(p.Protocol), TargetPort: ptr.Deref(p.TargetPort, p.Number)}
 			if p.TLS != nil {
 				ep.TLS = &TLSOrigination{SNI: p.TLS.SNI}
 			}

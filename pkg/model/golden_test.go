@@ -11,6 +11,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/trellis-mesh/trellis/internal/manifest"
+	"github.com/trellis-mesh/trellis/internal/testenv"
 	"github.com/trellis-mesh/trellis/pkg/model"
 )
 
@@ -61,16 +62,7 @@ func TestGolden(t *testing.T) {
 			}
 		})
 	}
-	outs, _ := filepath.Glob("testdata/*.model.yaml")
-	for _, o := range outs {
-		if !want[o] {
-			if *update {
-				_ = os.Remove(o)
-			} else {
-				t.Errorf("orphan golden file %s (run with -update to remove)", o)
-			}
-		}
-	}
+	testenv.GoldenOrphans(t, "testdata/*.model.yaml", want, *update)
 }
 
 func renderModel(t *testing.T, in model.Input) []byte {

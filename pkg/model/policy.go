@@ -4,6 +4,8 @@ import (
 	"slices"
 	"strings"
 
+	"k8s.io/utils/ptr"
+
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
 )
 
@@ -148,9 +150,9 @@ func trafficPolicy(namespace, name string, spec meshv1alpha1.BackendPolicySpec) 
 		if a := fi.Abort; a != nil {
 			f.Abort = &FaultAbort{Percent: clampPercent(a.Percent)}
 			if a.GRPCStatus != nil {
-				f.Abort.GRPCStatus = ptrTo(uint32(*a.GRPCStatus))
+				f.Abort.GRPCStatus = ptr.To(uint32(*a.GRPCStatus))
 			} else {
-				f.Abort.HTTPStatus = uint32(ptrOr(a.HTTPStatus, 503))
+				f.Abort.HTTPStatus = uint32(ptr.Deref(a.HTTPStatus, 503))
 			}
 		}
 		if f.Delay != nil || f.Abort != nil {
@@ -164,7 +166,7 @@ func limit(v *int32) *uint32 {
 	if v == nil || *v < 0 {
 		return nil
 	}
-	return ptrTo(uint32(*v))
+	return ptr.To(uint32(*v))
 }
 
 func clampPercent(p int32) uint32 { return uint32(min(max(p, 0), 100)) }

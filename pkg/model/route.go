@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"time"
 
+	"k8s.io/utils/ptr"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 )
 
@@ -214,7 +215,7 @@ func (m *Mesh) resolve(r *rawRoute) []RouteRule {
 							out.Rewrite = &Rewrite{}
 						}
 						if u.Hostname != nil {
-							out.Rewrite.Hostname = ptrTo(string(*u.Hostname))
+							out.Rewrite.Hostname = ptr.To(string(*u.Hostname))
 						}
 						if p := pathModifier(u.Path); p != nil {
 							out.Rewrite.Path = p
@@ -244,7 +245,7 @@ func (m *Mesh) resolve(r *rawRoute) []RouteRule {
 				}
 			}
 			if rt := rule.Retry; rt != nil {
-				retry := &RouteRetry{Attempts: uint32(max(ptrOr(rt.Attempts, 1), 0))}
+				retry := &RouteRetry{Attempts: uint32(max(ptr.Deref(rt.Attempts, 1), 0))}
 				for _, c := range rt.Codes {
 					retry.Codes = append(retry.Codes, uint32(c))
 				}
@@ -302,13 +303,13 @@ func (m *Mesh) sharedFilter(out *RouteRule, r *rawRoute, typ string, request, re
 func httpMatch(mt gwv1.HTTPRouteMatch) RouteMatch {
 	out := RouteMatch{Path: PathMatch{Type: MatchPrefix, Value: "/"}}
 	if mt.Path != nil {
-		switch ptrOr(mt.Path.Type, gwv1.PathMatchPathPrefix) {
+		switch ptr.Deref(mt.Path.Type, gwv1.PathMatchPathPrefix) {
 		case gwv1.PathMatchExact:
 			out.Path.Type = MatchExact
 		case gwv1.PathMatchRegularExpression:
 			out.Path.Type = MatchRegex
 		}
-		out.Path.Value = ptrOr(mt.Path.Value, "/")
+		out.Path.Value = ptr.Deref(mt.Path.Value, "/")
 	}
 	if mt.Method != nil {
 		out.Method = string(*mt.Method)
@@ -325,7 +326,7 @@ func httpMatch(mt gwv1.HTTPRouteMatch) RouteMatch {
 func grpcMatch(mt gwv1.GRPCRouteMatch) RouteMatch {
 	out := RouteMatch{Path: PathMatch{Type: MatchPrefix, Value: "/"}, GRPC: &GRPCMethod{}}
 	if mm := mt.Method; mm != nil {
-		out.GRPC = &GRPCMethod{Service: ptrOr(mm.Service, ""), Method: ptrOr(mm.Method, ""), Regex: mm.Type != nil && *mm.Type == gwv1.GRPCMethodMatchRegularExpression}
+		out.GRPC = &GRPCMethod{Service: ptr.Deref(mm.Service, ""), Method: ptr.Deref(mm.Method, ""), Regex: mm.Type != nil && *mm.Type == gwv1.GRPCMethodMatchRegularExpression}
 	}
 	for _, h := range mt.Headers {
 		out.Headers = append(out.Headers, ValueMatch{Name: string(h.Name), Type: valueMatchType(h.Type != nil && *h.Type == gwv1.GRPCHeaderMatchRegularExpression), Value: h.Value})
@@ -356,12 +357,12 @@ func appendHeaderFilter(to []HeaderFilter, h *gwv1.HTTPHeaderFilter) []HeaderFil
 }
 
 func redirect(rr *gwv1.HTTPRequestRedirectFilter) *Redirect {
-	out := &Redirect{Scheme: rr.Scheme, Path: pathModifier(rr.Path), StatusCode: ptrOr(rr.StatusCode, 302)}
+	out := &Redirect{Scheme: rr.Scheme, Path: pathModifier(rr.Path), StatusCode: ptr.Deref(rr.StatusCode, 302)}
 	if rr.Hostname != nil {
-		out.Hostname = ptrTo(string(*rr.Hostname))
+		out.Hostname = ptr.To(string(*rr.Hostname))
 	}
 	if rr.Port != nil {
-		out.Port = ptrTo(int32(*rr.Port))
+		out.Port = ptr.To(int32(*rr.Port))
 	}
 	switch out.StatusCode {
 	case 301, 302, 303, 307, 308:
@@ -377,9 +378,9 @@ func pathModifier(p *gwv1.HTTPPathModifier) *PathModifier {
 	}
 	switch p.Type {
 	case gwv1.FullPathHTTPPathModifier:
-		return &PathModifier{Value: ptrOr(p.ReplaceFullPath, "/")}
+		return &PathModifier{Value: ptr.Deref(p.ReplaceFullPath, "/")}
 	case gwv1.PrefixMatchHTTPPathModifier:
-		return &PathModifier{Prefix: true, Value: ptrOr(p.ReplacePrefixMatch, "/")}
+		return &PathModifier{Prefix: true, Value: ptr.Deref(p.ReplacePrefixMatch, "/")}
 	}
 	return nil
 }
@@ -387,7 +388,7 @@ func pathModifier(p *gwv1.HTTPPathModifier) *PathModifier {
 // backend resolves a backendRef; Service stays nil when it does not
 // resolve (validateRoute reported it).
 func (m *Mesh) backend(r *rawRoute, b gwv1.BackendRef) Backend {
-	out := Backend{Weight: uint32(max(ptrOr(b.Weight, 1), 0))}
+	out := Backend{Weight: uint32(max(ptr.Deref(b.Weight, 1), 0))}
 	if svc, sp, p := m.resolveBackend(r, b.BackendObjectReference); p == nil {
 		out.Service = &BackendRef{Namespace: svc.Namespace, Name: svc.Name, Port: sp.Port}
 	}
@@ -420,8 +421,8 @@ func (m *Mesh) appendMirror(to []Mirror, r *rawRoute, f *gwv1.HTTPRequestMirrorF
 	switch {
 	case f.Percent != nil:
 		mr.Numerator, mr.Denominator = uint32(min(max(*f.Percent, 0), 100)), 100
-	case f.Fraction != nil && ptrOr(f.Fraction.Denominator, 100) > 0:
-		den := ptrOr(f.Fraction.Denominator, 100)
+	case f.Fraction != nil && ptr.Deref(f.Fraction.Denominator, 100) > 0:
+		den := ptr.Deref(f.Fraction.Denominator, 100)
 		mr.Numerator, mr.Denominator = uint32(int64(min(max(f.Fraction.Numerator, 0), den))*1000000/int64(den)), 1000000
 	}
 	return append(to, mr)
@@ -449,5 +450,3 @@ func parseDuration(s string) (Duration, bool) {
 	d, err := time.ParseDuration(s)
 	return Duration(d), err == nil && d >= 0
 }
-
-func ptrTo[T any](v T) *T { return &v }

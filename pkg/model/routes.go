@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
@@ -171,7 +172,7 @@ func (m *Mesh) validateRoute(r *rawRoute) []Problem {
 		total := int32(0)
 		for k, b := range refs {
 			field := fmt.Sprintf("spec.rules[%d].backendRefs[%d]", rule, k)
-			total += ptrOr(b.Weight, 1)
+			total += ptr.Deref(b.Weight, 1)
 			if _, _, p := m.resolveBackend(r, b.BackendObjectReference); p != nil {
 				p.Object, p.Field = r.ref(), field
 				problems = append(problems, *p)
@@ -200,10 +201,10 @@ func (m *Mesh) validateRoute(r *rawRoute) []Problem {
 		for i, rule := range r.http.Rules {
 			for j, mt := range rule.Matches {
 				if mt.Path != nil && mt.Path.Type != nil && *mt.Path.Type == gwv1.PathMatchRegularExpression {
-					checkRegex(fmt.Sprintf("spec.rules[%d].matches[%d].path.value", i, j), ptrOr(mt.Path.Value, ""))
-				} else if mt.Path != nil && !ValidPath(ptrOr(mt.Path.Value, "/")) {
+					checkRegex(fmt.Sprintf("spec.rules[%d].matches[%d].path.value", i, j), ptr.Deref(mt.Path.Value, ""))
+				} else if mt.Path != nil && !ValidPath(ptr.Deref(mt.Path.Value, "/")) {
 					bad(fmt.Sprintf("spec.rules[%d].matches[%d].path.value", i, j), ReasonUnsupportedValue, meshv1alpha1.ConditionAccepted,
-						"path %q must start with / and contain no ? or #", ptrOr(mt.Path.Value, ""))
+						"path %q must start with / and contain no ? or #", ptr.Deref(mt.Path.Value, ""))
 				}
 				for k, h := range mt.Headers {
 					if h.Type != nil && *h.Type == gwv1.HeaderMatchRegularExpression {
@@ -295,7 +296,7 @@ func supportedHTTPFilter(t gwv1.HTTPRouteFilterType) bool {
 func (m *Mesh) resolveBackend(r *rawRoute, b gwv1.BackendObjectReference) (*Service, *ServicePort, *Problem) {
 	if !isServiceRef(b.Group, b.Kind) {
 		return nil, nil, &Problem{Reason: ReasonInvalidKind, Condition: meshv1alpha1.ConditionResolvedRefs,
-			Message: fmt.Sprintf("backendRef kind %s is not supported: only Services", ptrOr(b.Kind, ""))}
+			Message: fmt.Sprintf("backendRef kind %s is not supported: only Services", ptr.Deref(b.Kind, ""))}
 	}
 	ns := r.namespace
 	if b.Namespace != nil && string(*b.Namespace) != r.namespace {
@@ -326,7 +327,7 @@ func (m *Mesh) resolveBackend(r *rawRoute, b gwv1.BackendObjectReference) (*Serv
 // Service namespace/name.
 func (r *rawRoute) hasServiceParent(namespace, name string) bool {
 	for _, p := range r.parents {
-		if isServiceRef(p.Group, p.Kind) && string(p.Name) == name && string(ptrOr(p.Namespace, gwv1.Namespace(r.namespace))) == namespace {
+		if isServiceRef(p.Group, p.Kind) && string(p.Name) == name && string(ptr.Deref(p.Namespace, gwv1.Namespace(r.namespace))) == namespace {
 			return true
 		}
 	}

@@ -1,6 +1,8 @@
 package model
 
 import (
+	"k8s.io/utils/ptr"
+
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
 )
 
@@ -43,7 +45,7 @@ func settings(c meshv1alpha1.MeshConfigSpec) Settings {
 		s.AccessLog = &AccessLog{JSON: c.AccessLog.Encoding == "JSON"}
 	}
 	if c.Tracing != nil {
-		s.Tracing = &Tracing{Collector: c.Tracing.Collector, SamplingPercent: ptrOr(c.Tracing.SamplingPercent, 1)}
+		s.Tracing = &Tracing{Collector: c.Tracing.Collector, SamplingPercent: ptr.Deref(c.Tracing.SamplingPercent, 1)}
 	}
 	return s
 }

@@ -16,6 +16,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/trellis-mesh/trellis/internal/manifest"
+	"github.com/trellis-mesh/trellis/internal/testenv"
 	"github.com/trellis-mesh/trellis/pkg/model"
 	"github.com/trellis-mesh/trellis/pkg/translate"
 )
@@ -131,16 +132,7 @@ func TestGolden(t *testing.T) {
 			}
 		})
 	}
-	outs, _ := filepath.Glob("testdata/*.out.yaml")
-	for _, o := range outs {
-		if !want[o] {
-			if *update {
-				_ = os.Remove(o)
-			} else {
-				t.Errorf("orphan golden file %s (run with -update to remove)", o)
-			}
-		}
-	}
+	testenv.GoldenOrphans(t, "testdata/*.out.yaml", want, *update)
 }
 
 func resourcesEqual(a, b *translate.Resources) bool {
