@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"io"
 	"maps"
@@ -9,7 +8,6 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
-	"sigs.k8s.io/yaml"
 
 	"github.com/trellis-mesh/trellis/pkg/analyze"
 )
@@ -102,18 +100,8 @@ func count(rep *analyze.Report) (errs, warns int) {
 }
 
 func printReport(w io.Writer, rep *analyze.Report, output string) error {
-	switch output {
-	case "json":
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		return enc.Encode(rep)
-	case "yaml":
-		b, err := yaml.Marshal(rep)
-		if err != nil {
-			return err
-		}
-		_, err = w.Write(b)
-		return err
+	if output != "table" && output != "" {
+		return printStructured(w, rep, output)
 	}
 	for _, f := range rep.Findings {
 		mark := "✘"

@@ -48,18 +48,18 @@ func newRoot(stdin io.Reader, stdout, stderr io.Writer) *cobra.Command {
 
   analyze            find what is wrong with mesh configuration, from manifests (no cluster needed)
   check [--pre]      can the cluster run Trellis (--pre); is the installed mesh healthy
+  proxy-status       every connected proxy's sync state per xDS type, rejections and their cause
+  config-dump POD    what the control plane serves a proxy; --from-file diffs it with Envoy's own
   describe request   follow one request through the sidecars, step by step (from manifests)
-  version            print the client's version
-
-More commands (proxy-status, config-dump, top; analyze and describe on a live cluster) are on the way;
-see the README.`,
+  top, edges         per-edge golden metrics (needs fleet telemetry, not built yet)
+  version            print the client's version`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
 	root.SetIn(stdin)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
-	root.AddCommand(newAnalyze(), newCheck(), newDescribe(), newVersion())
+	root.AddCommand(newAnalyze(), newCheck(), newConfigDump(), newDescribe(), newProxyStatus(), newTop("top"), newTop("edges"), newVersion())
 	return root
 }
 

@@ -34,8 +34,11 @@ import (
 // Options configure the control plane; cmd/trellis-controller maps its
 // flags onto them.
 type Options struct {
-	MetricsAddr             string
-	MetricsSecure           bool
+	MetricsAddr   string
+	MetricsSecure bool
+	// MetricsDNSNames are the metrics serving certificate's names (default
+	// MetricsDNSNames(Namespace)).
+	MetricsDNSNames         []string
 	ProbeAddr               string
 	LeaderElect             bool
 	LeaderElectionNamespace string
@@ -117,10 +120,10 @@ type ControlPlane struct {
 	// xdsCert and webhookCert are the listeners' serving certificates
 	// (webhookCert unless WebhookCertDir is set), kept current by
 	// servingRenewals.
-	xdsCert, webhookCert *ca.ServingCertificate
-	servingRenewals      *ca.Renewals
-	webhookBundle        *controller.WebhookBundle
-	rotating             *ca.Rotating
+	xdsCert, webhookCert, metricsCert *ca.ServingCertificate
+	servingRenewals                   *ca.Renewals
+	webhookBundle                     *controller.WebhookBundle
+	rotating                          *ca.Rotating
 	// backend is the workload certificate backend (built-in or
 	// cert-manager, as MeshConfig says).
 	backend *meshBackend
@@ -129,6 +132,13 @@ type ControlPlane struct {
 	direct client.Client
 	// wakeRootCA makes the trust-bundle reconciler republish at once.
 	wakeRootCA chan event.GenericEvent
+}
+
+// MetricsDNSNames are the names of the metrics endpoint's certificate:
+// its Service (trellis-metrics), which trellisctl verifies whichever way it
+// connects (port-forward, --controller-address).
+func MetricsDNSNames(namespace string) []string {
+	return []string{"trellis-metrics." + namespace + ".svc", "trellis-metrics." + namespace + ".svc.cluster.local", "localhost"}
 }
 
 // servingLifetime of the xDS serving certificate; it is renewed at half.

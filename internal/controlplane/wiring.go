@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"cmp"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"net/http"
@@ -22,7 +23,6 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/manager"
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
-	"sigs.k8s.io/controller-runtime/pkg/metrics/filters"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
 	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
@@ -61,6 +61,10 @@ func New(cfg *rest.Config, o Options) (*ControlPlane, error) {
 	cp.xdsCert = &ca.ServingCertificate{Names: o.XDSDNSNames, Lifetime: servingLifetime, Signer: signer}
 	if len(cp.xdsCert.Names) == 0 {
 		cp.xdsCert.Names = []string{"trellis-xds." + o.Namespace + ".svc", "trellis-xds." + o.Namespace + ".svc.cluster.local", "localhost"}
+	}
+	cp.metricsCert = &ca.ServingCertificate{Names: o.MetricsDNSNames, Lifetime: servingLifetime, Signer: signer}
+	if len(cp.metricsCert.Names) == 0 {
+		cp.metricsCert.Names = MetricsDNSNames(o.Namespace)
 	}
 	cp.webhookCert = &ca.ServingCertificate{Names: o.WebhookDNSNames, Lifetime: servingLifetime, Signer: signer}
 	if len(cp.webhookCert.Names) == 0 {
@@ -102,10 +106,17 @@ func (cp *ControlPlane) wireXDSCache() error {
 // a cache that keeps only what is read of ConfigMaps and Nodes.
 func (cp *ControlPlane) wireManager(cfg *rest.Config) error {
 	o := cp.opts
-	metricsOpts := metricsserver.Options{BindAddress: o.MetricsAddr, SecureServing: o.MetricsSecure,
-		ExtraHandlers: map[string]http.Handler{"/debug/proxies": http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { cp.Server.DebugHandler().ServeHTTP(w, r) })}}
-	if o.MetricsSecure {
-		metricsOpts.FilterProvider = filters.WithAuthenticationAndAuthorization
+	metricsOpts := metricsserver.Options{BindAddress: o.MetricsAddr, SecureServing: o.MetricsSecure}
+	var clientCAs manager.Runnable
+	if o.MetricsSecure && o.MetricsAddr != "0" {
+		// The debug API is served only behind authentication (debugapi.go).
+		debug := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { cp.Server.DebugHandler().ServeHTTP(w, r) })
+		metricsOpts.ExtraHandlers = map[string]http.Handler{xds.DebugProxiesPath: debug, xds.DebugConfigDumpPath: debug}
+		ccas, err := clientCA(cfg)
+		if err != nil {
+			return err
+		}
+		metricsOpts.FilterProvider, metricsOpts.TLSOpts, clientCAs = metricsAuth(ccas), []func(*tls.Config){cp.metricsTLS}, runClientCA(ccas)
 	}
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme:                  cp.scheme,
@@ -130,6 +141,9 @@ func (cp *ControlPlane) wireManager(cfg *rest.Config) error {
 		return fmt.Errorf("manager: %w", err)
 	}
 	cp.Manager = mgr
+	if clientCAs != nil {
+		return mgr.Add(clientCAs)
+	}
 	return nil
 }
 
@@ -202,6 +216,9 @@ func (cp *ControlPlane) wireCA() error {
 		servingLog.Error(err, "re-issue a serving certificate; retrying", "certificate", name, "retryIn", retryIn.String())
 	}}
 	certs := map[string]*ca.ServingCertificate{"xds": cp.xdsCert}
+	if o.MetricsSecure && o.MetricsAddr != "0" {
+		certs["metrics"] = cp.metricsCert
+	}
 	if o.WebhookCertDir == "" {
 		certs["webhook"] = cp.webhookCert
 	}
@@ -283,9 +300,10 @@ func (cp *ControlPlane) wireReconcilers() error {
 		return err
 	}
 	return (&controller.RootCAReconciler{
-		Client: mgr.GetClient(),
-		Reader: mgr.GetAPIReader(),
-		Wake:   cp.wakeRootCA,
+		Namespace: o.Namespace,
+		Client:    mgr.GetClient(),
+		Reader:    mgr.GetAPIReader(),
+		Wake:      cp.wakeRootCA,
 		// The xDS serving certificate is signed by the built-in root; with
 		// cert-manager the issuer's CA is added for workloads.
 		Bundle: func(ctx context.Context) ([]byte, error) {

@@ -28,10 +28,14 @@ const (
 )
 
 // RootCAReconciler keeps the trellis-root-ca ConfigMap in every namespace
-// labelled trellis.dev/inject=enabled. It runs on the leader only. The
-// controller may read, list and watch only ConfigMaps of that name.
+// labelled trellis.dev/inject=enabled, and in the control plane's own
+// (trellisctl verifies the metrics endpoint's certificate with it). It runs
+// on the leader only. The controller may read, list and watch only
+// ConfigMaps of that name.
 type RootCAReconciler struct {
-	Client client.Client
+	// Namespace is the control plane's own namespace ("": none).
+	Namespace string
+	Client    client.Client
 	// Reader reads ConfigMaps directly from the apiserver.
 	Reader client.Reader
 	// Bundle returns the current trust bundle (PEM).
@@ -51,7 +55,7 @@ func (r *RootCAReconciler) Reconcile(ctx context.Context, req reconcile.Request)
 	if err := r.Client.Get(ctx, client.ObjectKey{Name: req.Name}, &ns); err != nil {
 		return reconcile.Result{}, client.IgnoreNotFound(err)
 	}
-	if ns.Labels[InjectLabel] != "enabled" || ns.DeletionTimestamp != nil {
+	if (ns.Labels[InjectLabel] != "enabled" && ns.Name != r.Namespace) || ns.DeletionTimestamp != nil {
 		return reconcile.Result{}, nil
 	}
 	bundle, err := r.Bundle(ctx)
@@ -85,7 +89,9 @@ func (r *RootCAReconciler) Reconcile(ctx context.Context, req reconcile.Request)
 // manager's cache must restrict ConfigMaps to that name (the controller may
 // list and watch no others).
 func (r *RootCAReconciler) SetupWithManager(mgr ctrl.Manager) error {
-	labelled := predicate.NewPredicateFuncs(func(o client.Object) bool { return o.GetLabels()[InjectLabel] == "enabled" })
+	labelled := predicate.NewPredicateFuncs(func(o client.Object) bool {
+		return o.GetLabels()[InjectLabel] == "enabled" || (r.Namespace != "" && o.GetName() == r.Namespace)
+	})
 	b := ctrl.NewControllerManagedBy(mgr).
 		Named("rootca").
 		For(&corev1.Namespace{}, builder.WithPredicates(labelled)).
@@ -101,9 +107,12 @@ func (r *RootCAReconciler) SetupWithManager(mgr ctrl.Manager) error {
 			if err := r.Client.List(ctx, &nss, client.MatchingLabels{InjectLabel: "enabled"}); err != nil {
 				return nil
 			}
-			out := make([]reconcile.Request, len(nss.Items))
-			for i, ns := range nss.Items {
-				out[i] = reconcile.Request{NamespacedName: client.ObjectKey{Name: ns.Name}}
+			out := make([]reconcile.Request, 0, len(nss.Items)+1)
+			for _, ns := range nss.Items {
+				out = append(out, reconcile.Request{NamespacedName: client.ObjectKey{Name: ns.Name}})
+			}
+			if r.Namespace != "" {
+				out = append(out, reconcile.Request{NamespacedName: client.ObjectKey{Name: r.Namespace}})
 			}
 			return out
 		})))

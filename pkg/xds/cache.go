@@ -288,21 +288,42 @@ func (c *Cache) tryRespond(w *watch) bool {
 		}
 		return class.typeVersion(typeURL)
 	}
-	if own := c.perNode[w.nodeID]; own != nil {
-		merged := Class{}
-		maps.Copy(merged, class)
-		for typeURL, rs := range own {
-			m := map[string]*Resource{}
-			maps.Copy(m, class[typeURL])
-			maps.Copy(m, rs)
-			merged[typeURL] = m
-		}
-		class = merged
-	}
+	class = c.withOwn(class, w.nodeID)
 	if w.sotw != nil {
 		return c.respondSotw(w, class, version)
 	}
 	return c.respondDelta(w, class, version)
+}
+
+// withOwn is class with nodeID's own resources on top; the caller holds
+// the lock.
+func (c *Cache) withOwn(class Class, nodeID string) Class {
+	own := c.perNode[nodeID]
+	if own == nil {
+		return class
+	}
+	merged := Class{}
+	maps.Copy(merged, class)
+	for typeURL, rs := range own {
+		m := map[string]*Resource{}
+		maps.Copy(m, class[typeURL])
+		maps.Copy(m, rs)
+		merged[typeURL] = m
+	}
+	return merged
+}
+
+// NodeView is what the cache serves a node: the class key it is bound to
+// and the class's resources with the node's own on top (on-demand ones it
+// subscribed to are not included). The maps are shared: read only.
+func (c *Cache) NodeView(nodeID string) (key string, view Class, ok bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	key, bound := c.nodes[nodeID]
+	if !bound {
+		return "", nil, false
+	}
+	return key, c.withOwn(c.classes[key], nodeID), true
 }
 
 // wanted are the class's resources of the watch's type its subscription

@@ -1,9 +1,11 @@
 package xds
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -170,6 +172,56 @@ func (p *Pusher) reportExpiry(identity string) {
 	}
 	p.mu.Unlock()
 	p.OnExpiry(identity, soonest)
+}
+
+// Certificate is the identity and expiry of the SVID last served to a
+// node ("" before one is).
+func (p *Pusher) Certificate(nodeID string) (identity string, notAfter time.Time) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if n := p.nodes[nodeID]; n != nil {
+		return n.identity, n.notAfter
+	}
+	return "", time.Time{}
+}
+
+// ExplainNACK finds what a node's rejection is about: the resources of
+// that type served to it whose names its message contains, and the
+// objects they come from in the model last pushed.
+func (p *Pusher) ExplainNACK(nodeID, typeURL, message string) (resources []string, objects []model.Ref) {
+	_, view, ok := p.Cache.NodeView(nodeID)
+	if !ok {
+		return nil, nil
+	}
+	var found []string
+	for name := range view[typeURL] {
+		if strings.Contains(message, name) {
+			found = append(found, name)
+		}
+	}
+	// outbound|80||a.ns.svc.cluster.local also contains outbound|80: keep
+	// the longest names only.
+	for _, name := range found {
+		if !slices.ContainsFunc(found, func(o string) bool { return o != name && strings.Contains(o, name) }) {
+			resources = append(resources, name)
+		}
+	}
+	slices.Sort(resources)
+	p.mu.Lock()
+	mesh := cmp.Or(p.pushed, p.mesh)
+	var w *model.Workload
+	if n := p.nodes[nodeID]; n != nil && mesh != nil {
+		w = mesh.Workload(n.ident.NodeID.Namespace, n.ident.NodeID.Pod)
+	}
+	p.mu.Unlock()
+	for _, name := range resources {
+		for _, ref := range translate.Origins(mesh, w, typeURL, name) {
+			if !slices.Contains(objects, ref) {
+				objects = append(objects, ref)
+			}
+		}
+	}
+	return resources, objects
 }
 
 // Mesh returns the latest model (nil before the first update).

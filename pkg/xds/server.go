@@ -3,10 +3,8 @@ package xds
 import (
 	"context"
 	"crypto/tls"
-	"encoding/json"
-	"errors"
+	"maps"
 	"net"
-	"net/http"
 	"slices"
 	"strings"
 	"sync"
@@ -25,6 +23,8 @@ import (
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 	"k8s.io/utils/clock"
+
+	"github.com/trellis-mesh/trellis/pkg/model"
 )
 
 // ProxyStatus is what the debug endpoint (and trellisctl proxy-status)
@@ -40,6 +40,28 @@ type ProxyStatus struct {
 	Sent           map[string]string `json:"sent"`  // type URL -> last version sent
 	Acked          map[string]string `json:"acked"` // type URL -> last version ACKed
 	LastNACK       *NACK             `json:"lastNACK,omitempty"`
+	// NACKs are the rejections not followed by an ACK yet, by type URL:
+	// the proxy runs the last version it accepted of these types.
+	NACKs map[string]*NACK `json:"nacks,omitempty"`
+	// Identity and CertificateExpiry are of the SVID served to the proxy
+	// (empty before the first is issued).
+	Identity          string     `json:"identity,omitempty"`
+	CertificateExpiry *time.Time `json:"certificateExpiry,omitempty"`
+}
+
+// State of one type for a proxy: SYNCED (it ACKed what was sent last),
+// NACKED (it rejected what was sent last and runs an older version) or
+// STALE (the last version sent is not ACKed yet). The cache answers a
+// proxy's open watch as soon as its class changes, so what was sent last
+// is the latest the control plane has for it.
+func (p *ProxyStatus) State(typeURL string) string {
+	switch n := p.NACKs[typeURL]; {
+	case n != nil && n.Version == p.Sent[typeURL]:
+		return "NACKED"
+	case p.Acked[typeURL] == p.Sent[typeURL]:
+		return "SYNCED"
+	}
+	return "STALE"
 }
 
 // NACK is a response a proxy rejected.
@@ -48,6 +70,11 @@ type NACK struct {
 	Version string    `json:"version"`
 	Message string    `json:"message"`
 	At      time.Time `json:"at"`
+	// Resources are the served resources the proxy's message names, and
+	// Objects the Kubernetes objects they come from (translate.Origins):
+	// what to look at first.
+	Resources []string    `json:"resources,omitempty"`
+	Objects   []model.Ref `json:"objects,omitempty"`
 }
 
 // Server is the ADS endpoint: go-control-plane's server over Cache, with
@@ -236,15 +263,23 @@ func (s *Server) request(id int64, node *corev3.Node, typeURL, version, nonce st
 	if nonce == "" {
 		return nil
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	if errDetail != nil {
-		n := &NACK{Type: typeURL, Version: st.status.Sent[typeURL], Message: errDetail.Message(), At: s.Clock.Now()}
+		resources, objects := s.Pusher.ExplainNACK(st.status.NodeID, typeURL, errDetail.Message())
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		n := &NACK{Type: typeURL, Version: st.status.Sent[typeURL], Message: errDetail.Message(), At: s.Clock.Now(), Resources: resources, Objects: objects}
 		st.status.LastNACK = n
+		if st.status.NACKs == nil {
+			st.status.NACKs = map[string]*NACK{}
+		}
+		st.status.NACKs[typeURL] = n
 		s.Metrics.NACKs.WithLabelValues(shortType(typeURL)).Inc()
-		s.Log.Info("proxy rejected configuration; it keeps its last accepted one", "node", st.status.NodeID, "type", shortType(typeURL), "version", n.Version, "error", n.Message)
+		s.Log.Info("proxy rejected configuration; it keeps its last accepted one", "node", st.status.NodeID, "type", shortType(typeURL), "version", n.Version, "error", n.Message, "objects", objects)
 		return nil
 	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(st.status.NACKs, typeURL)
 	if version != "" && st.status.Acked[typeURL] != version {
 		st.status.Acked[typeURL] = version
 		if at, ok := st.sentAt[typeURL]; ok && version == st.status.Sent[typeURL] {
@@ -352,42 +387,27 @@ func (s *Server) OnFetchResponse(*discovery.DiscoveryRequest, *discovery.Discove
 // Proxies lists the connected proxies.
 func (s *Server) Proxies() []ProxyStatus {
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	var out []ProxyStatus
 	for _, st := range s.streams {
 		if st.ident == nil {
 			continue
 		}
 		ps := st.status
-		ps.Sent = cloneMap(ps.Sent)
-		ps.Acked = cloneMap(ps.Acked)
+		ps.Sent = maps.Clone(ps.Sent)
+		ps.Acked = maps.Clone(ps.Acked)
+		ps.NACKs = maps.Clone(ps.NACKs)
 		out = append(out, ps)
+	}
+	s.mu.Unlock()
+	for i := range out {
+		if id, notAfter := s.Pusher.Certificate(out[i].NodeID); id != "" {
+			out[i].Identity, out[i].CertificateExpiry = id, &notAfter
+		}
 	}
 	slices.SortFunc(out, func(a, b ProxyStatus) int {
 		return compareStrings(a.Namespace+"/"+a.Pod+"/"+a.Protocol, b.Namespace+"/"+b.Pod+"/"+b.Protocol)
 	})
 	return out
-}
-
-func cloneMap(m map[string]string) map[string]string {
-	out := make(map[string]string, len(m))
-	for k, v := range m {
-		out[k] = v
-	}
-	return out
-}
-
-// DebugHandler serves the connected proxies as JSON; mount it behind the
-// authenticated metrics endpoint.
-func (s *Server) DebugHandler() http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Content-Type", "application/json")
-		enc := json.NewEncoder(w)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(map[string]any{"proxies": s.Proxies()}); err != nil && !errors.Is(err, http.ErrHandlerTimeout) {
-			s.Log.Error(err, "write proxy status")
-		}
-	})
 }
 
 var _ serverv3.Callbacks = (*Server)(nil)
