@@ -112,7 +112,7 @@ func TestProxyStatusAndConfigDump(t *testing.T) {
 		testgen.EndpointSlice(ns, "reviews", "reviews-a", "http", 8080, testgen.Endpoint{IP: "10.244.60.21", Pod: "reviews-1"}),
 		&gwv1.HTTPRoute{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "reviews-canary"}, Spec: gwv1.HTTPRouteSpec{
 			CommonRouteSpec: gwv1.CommonRouteSpec{ParentRefs: []gwv1.ParentReference{{Group: ptr.To(gwv1.Group("")), Kind: ptr.To(gwv1.Kind("Service")), Name: "reviews"}}},
-			Rules: []gwv1.HTTPRouteRule{{BackendRefs: []gwv1.HTTPBackendRef{{BackendRef: gwv1.BackendRef{BackendObjectReference: gwv1.BackendObjectReference{Name: "reviews", Port: ptr.To(gwv1.PortNumber(9080))}}}}}},
+			Rules:           []gwv1.HTTPRouteRule{{BackendRefs: []gwv1.HTTPBackendRef{{BackendRef: gwv1.BackendRef{BackendObjectReference: gwv1.BackendObjectReference{Name: "reviews", Port: ptr.To(gwv1.PortNumber(9080))}}}}}},
 		}},
 	)
 
