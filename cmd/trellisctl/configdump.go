@@ -276,7 +276,11 @@ func diffDump(w io.Writer, served *xds.ConfigDump, applied *envoyDump, only []st
 			case t.new == nil:
 				same++ // secrets: names only
 			default:
-				eq, err := sameResource(t.new, servedNames[name], a)
+				compare := sameResource
+				if t.typeURL == resource.EndpointType {
+					compare = sameEndpoints
+				}
+				eq, err := compare(t.new, servedNames[name], a)
 				if err != nil {
 					problems = append(problems, fmt.Sprintf("! %s %s: cannot compare: %v", t.field, name, err))
 					continue
@@ -289,11 +293,16 @@ func diffDump(w io.Writer, served *xds.ConfigDump, applied *envoyDump, only []st
 			}
 		}
 		for _, name := range slices.Sorted(maps.Keys(got)) {
+			if t.typeURL == resource.EndpointType && servedCluster(served, name) {
+				// Envoy also dumps the inline endpoints of clusters that
+				// are not discovered over EDS (static, DNS).
+				continue
+			}
 			if _, ok := servedNames[name]; !ok {
 				problems = append(problems, fmt.Sprintf("✘ %s %s: applied, no longer served (removal not received yet)", t.field, name))
 			}
 		}
-		fmt.Fprintf(w, "%s: %d served, %d applied, %d the same\n", t.name, len(servedNames), len(got), same)
+		fmt.Fprintf(w, "%s: %d served, %d applied, %d the same\n", t.name, len(servedNames), applied.count(t.typeURL, served), same)
 		for _, p := range problems {
 			fmt.Fprintln(w, "  "+p)
 		}
@@ -317,4 +326,57 @@ func sameResource(newMsg func() proto.Message, served, applied json.RawMessage) 
 		return false, fmt.Errorf("applied: %w", err)
 	}
 	return proto.Equal(a, b), nil
+}
+
+// count is how many resources of a type Envoy applied, leaving out the
+// inline endpoints of served clusters that are not discovered over EDS.
+func (d *envoyDump) count(typeURL string, served *xds.ConfigDump) int {
+	n := 0
+	for name := range d.resources[typeURL] {
+		if typeURL != resource.EndpointType || !servedCluster(served, name) {
+			n++
+		}
+	}
+	return n
+}
+
+// servedCluster says whether name is a served cluster whose endpoints are
+// not served over EDS.
+func servedCluster(d *xds.ConfigDump, name string) bool {
+	cluster, eds := false, false
+	for _, r := range d.Resources {
+		if r.Name == name {
+			cluster = cluster || r.Type == resource.ClusterType
+			eds = eds || r.Type == resource.EndpointType
+		}
+	}
+	return cluster && !eds
+}
+
+// sameEndpoints compares load assignments by what Envoy keeps of them:
+// Envoy dumps the hosts it built (with health, weight and policy
+// defaults filled in), not the message it received, so compare priority,
+// zone and address of every endpoint.
+func sameEndpoints(newMsg func() proto.Message, served, applied json.RawMessage) (bool, error) {
+	a, b := newMsg().(*endpointv3.ClusterLoadAssignment), newMsg().(*endpointv3.ClusterLoadAssignment)
+	opts := protojson.UnmarshalOptions{DiscardUnknown: true}
+	if err := opts.Unmarshal(served, a); err != nil {
+		return false, fmt.Errorf("served: %w", err)
+	}
+	if err := opts.Unmarshal(applied, b); err != nil {
+		return false, fmt.Errorf("applied: %w", err)
+	}
+	return slices.Equal(hostKeys(a), hostKeys(b)), nil
+}
+
+func hostKeys(cla *endpointv3.ClusterLoadAssignment) []string {
+	var out []string
+	for _, l := range cla.GetEndpoints() {
+		for _, e := range l.GetLbEndpoints() {
+			sa := e.GetEndpoint().GetAddress().GetSocketAddress()
+			out = append(out, fmt.Sprintf("%d/%s/%s:%d", l.GetPriority(), l.GetLocality().GetZone(), sa.GetAddress(), sa.GetPortValue()))
+		}
+	}
+	slices.Sort(out)
+	return out
 }

@@ -96,11 +96,11 @@ func Build(root string) (map[string]string, error) {
 		}
 		return nil
 	}
-	if err := install(root, out, "./cmd/trellis-controller", "./cmd/trellis-init", "./e2e/apps/echo", "./e2e/apps/httpecho", "./e2e/apps/svid-writer"); err != nil {
+	if err := install(root, out, "./cmd/trellis-controller", "./cmd/trellis-init", "./cmd/trellisctl", "./e2e/apps/echo", "./e2e/apps/httpecho", "./e2e/apps/svid-writer"); err != nil {
 		return nil, err
 	}
 	bins := map[string]string{}
-	for _, name := range []string{"trellis-controller", "trellis-init", "echo", "httpecho", "svid-writer"} {
+	for _, name := range []string{"trellis-controller", "trellis-init", "trellisctl", "echo", "httpecho", "svid-writer"} {
 		bins[name] = filepath.Join(out, name)
 	}
 	// Istio's test echo server and client, the Gateway API conformance
@@ -284,10 +284,12 @@ func (e *Env) StartController(ctx context.Context) error {
 		return err
 	}
 	args, err := chartinstall.ControllerArgs(ctx, cfg, ControllerNamespace, map[string]string{
-		"--kubeconfig":                kubeconfig,
-		"--leader-elect":              "false",
-		"--metrics-bind-address":      fmt.Sprintf("127.0.0.1:%d", MetricsPort),
-		"--metrics-secure":            "false",
+		"--kubeconfig":           kubeconfig,
+		"--leader-elect":         "false",
+		"--metrics-bind-address": fmt.Sprintf("127.0.0.1:%d", MetricsPort),
+		// The chart's secure metrics endpoint (and debug API): trellisctl
+		// reaches it with the admin kubeconfig's client certificate.
+		"--metrics-secure":            "true",
 		"--health-probe-bind-address": fmt.Sprintf("127.0.0.1:%d", HealthPort),
 		"--xds-address":               fmt.Sprintf("%s:%d", GatewayIP, XDSPort),
 		"--xds-dns-names":             GatewayIP,

@@ -108,12 +108,14 @@ func run() error {
   Helm:        make bin/helm && bin/helm --kubeconfig %[1]s -n trellis-system upgrade trellis charts/trellis --reuse-values --set controller.logLevel=debug
                (the release is the chart's; the controller runs as a local process with the
                Deployment's arguments, read again when it restarts: kill it to apply an upgrade)
-  connected proxies:   curl -s http://127.0.0.1:%[5]d/debug/proxies   (per proxy: class, ACKed versions, last NACK)
-  controller metrics:  curl -s http://127.0.0.1:%[5]d/metrics
+  connected proxies:   bin/trellisctl proxy-status --kubeconfig %[1]s --controller-address 127.0.0.1:%[5]d
+                       (per proxy and xDS type SYNCED/STALE/NACKED; a rejection names the objects behind it)
+  served config:       bin/trellisctl config-dump --kubeconfig %[1]s --controller-address 127.0.0.1:%[5]d -n demo POD
   readiness:           curl -s http://127.0.0.1:%[6]d/readyz
   xDS (TLS, token-authenticated): %[7]s:%[8]d
-  (the demo serves metrics and the debug API in plain HTTP on loopback; the Helm chart serves
-  them over HTTPS with TokenReview/SubjectAccessReview)
+  (metrics and the debug API are served as the chart serves them: HTTPS from the mesh root,
+  for a bearer token or a client certificate allowed by a SubjectAccessReview; the
+  demo's admin kubeconfig carries a client certificate)
 
   Press Ctrl-C to stop and clean up.
 `, env.Cluster.Kubeconfig, env.Cluster.Kubectl, frontend, env.ControllerLog(),
