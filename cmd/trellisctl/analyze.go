@@ -19,10 +19,11 @@ func newAnalyze() *cobra.Command {
 		assume    bool
 		output    string
 		failOn    string
+		live      = newLiveFlags()
 	)
 	cmd := &cobra.Command{
-		Use:   "analyze -f PATH...",
-		Short: "Find what is wrong with mesh configuration, from manifests",
+		Use:   "analyze (-f PATH... | --live)",
+		Short: "Find what is wrong with mesh configuration, from manifests or a live cluster",
 		Long: `analyze reads Kubernetes manifests (files or directories, recursively; - for standard
 input) and reports what the Trellis controller would refuse or what would not do what it says:
 the problems status conditions carry (same reasons), and common mistakes — Services selecting no
@@ -33,6 +34,10 @@ No cluster is needed: workloads' pod templates go through the real injection web
 Services get cluster IPs and endpoints as a cluster would give them, and the mesh model and every
 meshed workload's Envoy configuration are built as the controller builds them.
 
+--live reads the cluster of the kubeconfig instead, exactly what the controller reads (the same
+lists, cluster-wide), and analyses it as it runs: real pods (injected or not), cluster IPs and
+EndpointSlices; -n then keeps the findings of that namespace only.
+
 Exit status: 0 when there is nothing at or above --fail-on, 1 otherwise (for CI and GitOps
 pipelines), 2 on usage errors.`,
 		Example: `  # The manifests of an app, before applying them
@@ -42,11 +47,17 @@ pipelines), 2 on usage errors.`,
   helm template shop ./chart | trellisctl analyze -f - -n shop -o json
 
   # Also fail on warnings
-  trellisctl analyze -f deploy/ --fail-on warning`,
+  trellisctl analyze -f deploy/ --fail-on warning
+
+  # What is wrong in the cluster now, in one namespace
+  trellisctl analyze --live -n shop`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if len(files) == 0 {
-				return usageError(cmd, "-f is required: name the manifests (a file, a directory, or - for standard input)")
+			switch {
+			case live.live && len(files) > 0:
+				return usageError(cmd, "-f and --live exclude each other: analyze manifests or the cluster")
+			case !live.live && len(files) == 0:
+				return usageError(cmd, "-f is required: name the manifests (a file, a directory, or - for standard input), or --live for the cluster")
 			}
 			switch failOn {
 			case "error", "warning", "none":
@@ -58,12 +69,24 @@ pipelines), 2 on usage errors.`,
 			default:
 				return usageError(cmd, fmt.Sprintf("-o %q: write table, json or yaml", output))
 			}
-			objs, loadFindings, err := analyze.Load(files, namespace, cmd.InOrStdin())
-			if err != nil {
-				return err
+			var rep *analyze.Report
+			if live.live {
+				cl, err := live.cluster(cmd.Context())
+				if err != nil {
+					return err
+				}
+				rep = cl.Report()
+				if cmd.Flags().Changed("namespace") {
+					rep.Findings = slices.DeleteFunc(rep.Findings, func(f analyze.Finding) bool { return f.Object.Namespace != namespace })
+				}
+			} else {
+				objs, loadFindings, err := analyze.Load(files, namespace, cmd.InOrStdin())
+				if err != nil {
+					return err
+				}
+				rep = analyze.Run(objs, analyze.Options{AssumeInjection: assume})
+				rep.Findings = append(loadFindings, rep.Findings...)
 			}
-			rep := analyze.Run(objs, analyze.Options{AssumeInjection: assume})
-			rep.Findings = append(loadFindings, rep.Findings...)
 			if err := printReport(cmd.OutOrStdout(), rep, output); err != nil {
 				return err
 			}
@@ -79,6 +102,7 @@ pipelines), 2 on usage errors.`,
 	cmd.Flags().BoolVar(&assume, "assume-injection", true, "treat namespaces the manifests do not define as labelled trellis.dev/inject=enabled")
 	cmd.Flags().StringVarP(&output, "output", "o", "table", "table, json or yaml")
 	cmd.Flags().StringVar(&failOn, "fail-on", "error", "lowest severity that makes the exit status 1: error, warning or none")
+	live.add(cmd.Flags(), "analyze the cluster of the kubeconfig instead of manifests")
 	return cmd
 }
 

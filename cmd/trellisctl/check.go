@@ -23,6 +23,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/cli-runtime/pkg/genericclioptions"
 	"k8s.io/client-go/discovery"
+	"k8s.io/client-go/kubernetes"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -45,6 +46,7 @@ func newCheck() *cobra.Command {
 	var pre bool
 	var cpNamespace string
 	var timeout time.Duration
+	debug := &debugFlags{kube: flags}
 	cmd := &cobra.Command{
 		Use:   "check [--pre]",
 		Short: "Check that the cluster can run Trellis (--pre), or that the installed mesh is healthy",
@@ -58,7 +60,9 @@ API CRDs (which channel), cert-manager, and whether you may create what the char
 Without --pre, after installing: the Trellis CRDs and their stored versions, the controller's
 ready replicas and leader, both webhooks' CA bundles, the mesh root certificate's age and expiry,
 the trust bundle in every meshed namespace, pods in meshed namespaces that have no sidecar, and
-Trellis objects whose status reports a problem.`,
+Trellis objects whose status reports a problem, and from the controller's debug API (as
+proxy-status reads it): injected pods with no connected proxy, proxies that rejected their
+configuration, and proxies whose certificate expires within 5 minutes (renewal failing).`,
 		Example: `  trellisctl check --pre
   trellisctl check --context prod -n trellis-system`,
 		Args: cobra.NoArgs,
@@ -89,6 +93,8 @@ Trellis objects whose status reports a problem.`,
 				results = preChecks(ctx, c, dc)
 			} else {
 				results = postChecks(ctx, c, cpNamespace, time.Now())
+				debug.controllerNamespace, debug.timeout = cpNamespace, timeout
+				results = append(results, proxyChecks(ctx, debug, cmd.ErrOrStderr(), time.Now())...)
 			}
 			if printChecks(cmd.OutOrStdout(), results) {
 				return exitError{1}
@@ -101,6 +107,7 @@ Trellis objects whose status reports a problem.`,
 	cmd.Flags().Lookup("namespace").Usage = "namespace Trellis is installed in"
 	cmd.Flags().BoolVar(&pre, "pre", false, "check whether the cluster can run Trellis, before installing")
 	cmd.Flags().DurationVar(&timeout, "timeout", 30*time.Second, "give up on the cluster after this long")
+	debug.addController(cmd.Flags())
 	cmd.PreRun = func(*cobra.Command, []string) {
 		cpNamespace = "trellis-system"
 		if flags.Namespace != nil && *flags.Namespace != "" {
@@ -389,4 +396,56 @@ func limit(xs []string, n int) string {
 		return strings.Join(xs, "; ")
 	}
 	return strings.Join(xs[:n], "; ") + fmt.Sprintf("; and %d more", len(xs)-n)
+}
+
+// proxyChecks are the checks of the proxies, from every controller
+// replica's debug API (a warning, not a failure, when it cannot be read:
+// the user may lack trellis-debug-reader).
+func proxyChecks(ctx context.Context, d *debugFlags, errOut io.Writer, now time.Time) []checkResult {
+	conn, err := d.connect(ctx, errOut)
+	if err == nil {
+		defer conn.Close()
+		var rep *statusReport
+		if rep, err = proxyStatus(ctx, conn); err == nil {
+			if cfg, cerr := d.kube.ToRESTConfig(); cerr == nil {
+				if cs, cerr := kubernetes.NewForConfig(cfg); cerr == nil {
+					rep.NotConnected = notConnected(ctx, cs, "", rep.Proxies)
+				}
+			}
+			return proxyResults(rep, now)
+		}
+	}
+	return []checkResult{{warn: true, what: "proxies: cannot read the controller's debug API: " + strings.SplitN(err.Error(), "\n", 2)[0],
+		fix: "bind the ClusterRole and Role trellis-debug-reader to yourself to check the proxies too (or pass --controller-address)"}}
+}
+
+func proxyResults(rep *statusReport, now time.Time) []checkResult {
+	var out []checkResult
+	var nacked, expiring []string
+	for _, p := range rep.Proxies {
+		for _, t := range statusTypes {
+			if p.States[t.short] == "NACKED" {
+				nacked = append(nacked, fmt.Sprintf("%s/%s (%s)", p.Namespace, p.Pod, t.short))
+			}
+		}
+		if p.CertificateExpiry != nil && p.CertificateExpiry.Sub(now) < 5*time.Minute {
+			expiring = append(expiring, fmt.Sprintf("%s/%s (%s)", p.Namespace, p.Pod, expiry(p.CertificateExpiry)))
+		}
+	}
+	out = append(out, checkResult{ok: true, what: fmt.Sprintf("proxies: %d connected", len(rep.Proxies))})
+	if len(rep.NotConnected) > 0 {
+		out = append(out, checkResult{what: fmt.Sprintf("%d injected %s connected to no controller replica: %s", len(rep.NotConnected), plural(len(rep.NotConnected), "pod"), limit(rep.NotConnected, 5)),
+			fix: "their sidecars cannot reach or authenticate to trellis-xds: kubectl logs POD -c trellis-proxy"})
+	}
+	if len(nacked) > 0 {
+		out = append(out, checkResult{what: fmt.Sprintf("%d proxy rejections: %s", len(nacked), limit(nacked, 5)),
+			fix: "trellisctl proxy-status shows each rejection and the objects behind it"})
+	} else {
+		out = append(out, checkResult{ok: true, what: "no proxy rejected its configuration"})
+	}
+	if len(expiring) > 0 {
+		out = append(out, checkResult{what: fmt.Sprintf("%d proxies' certificates expire within 5 minutes: %s", len(expiring), limit(expiring, 5)),
+			fix: "renewal is failing: the controller logs \"issue workload certificate; retrying\" with the reason"})
+	}
+	return out
 }

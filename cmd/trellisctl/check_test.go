@@ -139,7 +139,7 @@ func TestCheckInstalled(t *testing.T) {
 	wantLines(t, out, "✔ controller: 2 of 2 replicas ready", "✔ leader: trellis-controller-abc_1", "✔ mesh root certificate", "expires in 364 days",
 		"✔ webhook trellis-injection: caBundle set and valid", "✔ webhook trellis-validation: caBundle set and valid",
 		"! 1 pod in meshed namespaces has no sidecar: "+meshed+"/old", "kubectl rollout restart",
-		"! 1 Trellis object reports a problem: AccessPolicy "+meshed+"/p: Service gone does not exist", "all 12 checks passed, 2 with a warning")
+		"! 1 Trellis object reports a problem: AccessPolicy "+meshed+"/p: Service gone does not exist", "! proxies: cannot read the controller's debug API: no running controller pod with a metrics port in "+ns, "all 13 checks passed, 3 with a warning")
 
 	// A stale Lease and a lost replica.
 	dep.Status.ReadyReplicas = 0

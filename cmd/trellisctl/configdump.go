@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"encoding/json"
@@ -263,7 +264,7 @@ func diffDump(w io.Writer, served *xds.ConfigDump, applied *envoyDump, only []st
 			}
 		}
 		got := applied.resources[t.typeURL]
-		same, problems := 0, []string{}
+		same, problems, notes := 0, []string{}, []string{}
 		for _, name := range slices.Sorted(maps.Keys(servedNames)) {
 			a, ok := got[name]
 			switch {
@@ -299,11 +300,18 @@ func diffDump(w io.Writer, served *xds.ConfigDump, applied *envoyDump, only []st
 				continue
 			}
 			if _, ok := servedNames[name]; !ok {
+				if t.typeURL == resource.RouteType && !applied.listenersUse(name) {
+					// Envoy keeps the route table of a removed filter chain
+					// while the chain drains (and RDS removals do not drop
+					// it); no listener routes by it.
+					notes = append(notes, fmt.Sprintf("· %s %s: applied, no longer served, used by no listener (left from a removed filter chain; harmless)", t.field, name))
+					continue
+				}
 				problems = append(problems, fmt.Sprintf("✘ %s %s: applied, no longer served (removal not received yet)", t.field, name))
 			}
 		}
 		fmt.Fprintf(w, "%s: %d served, %d applied, %d the same\n", t.name, len(servedNames), applied.count(t.typeURL, served), same)
-		for _, p := range problems {
+		for _, p := range append(problems, notes...) {
 			fmt.Fprintln(w, "  "+p)
 		}
 		differ = differ || len(problems) > 0
@@ -379,4 +387,15 @@ func hostKeys(cla *endpointv3.ClusterLoadAssignment) []string {
 	}
 	slices.Sort(out)
 	return out
+}
+
+// listenersUse says whether an applied listener routes by the RDS name.
+func (d *envoyDump) listenersUse(routeName string) bool {
+	quoted, _ := json.Marshal(routeName)
+	for _, l := range d.resources[resource.ListenerType] {
+		if bytes.Contains(l, append([]byte(`"route_config_name":`), quoted...)) || bytes.Contains(l, append([]byte(`"route_config_name": `), quoted...)) {
+			return true
+		}
+	}
+	return false
 }

@@ -46,9 +46,14 @@ func newDebugFlags() *debugFlags { return &debugFlags{kube: genericclioptions.Ne
 func (d *debugFlags) add(fs *pflag.FlagSet) {
 	d.kube.AddFlags(fs)
 	fs.StringVar(&d.controllerNamespace, "trellis-namespace", "trellis-system", "namespace Trellis is installed in")
-	fs.StringSliceVar(&d.addresses, "controller-address", nil, "host:port of a controller's metrics endpoint to use instead of port-forwarding to every controller pod (repeatable)")
-	fs.StringVar(&d.caFile, "controller-ca-file", "", "PEM roots that verify the controller's certificate (default: ConfigMap trellis-root-ca in --trellis-namespace)")
 	fs.DurationVar(&d.timeout, "timeout", 30*time.Second, "give up after this long")
+	d.addController(fs)
+}
+
+// addController adds the flags that say how to reach the controller.
+func (d *debugFlags) addController(fs *pflag.FlagSet) {
+	fs.StringSliceVar(&d.addresses, "controller-address", nil, "host:port of a controller's metrics endpoint to use instead of port-forwarding to every controller pod (repeatable)")
+	fs.StringVar(&d.caFile, "controller-ca-file", "", "PEM roots that verify the controller's certificate (default: ConfigMap trellis-root-ca in the Trellis namespace)")
 }
 
 // namespace is kubectl's -n (the pods' namespace), or the context's.

@@ -26,10 +26,10 @@ func newDescribe() *cobra.Command {
 		Short: "Explain what the mesh does with something",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return usageError(cmd, "name what to describe: request")
+			return usageError(cmd, "name what to describe: request, service or pod")
 		},
 	}
-	cmd.AddCommand(newDescribeRequest())
+	cmd.AddCommand(newDescribeRequest(), newDescribeObject("service"), newDescribeObject("pod"))
 	return cmd
 }
 
@@ -40,9 +40,10 @@ func newDescribeRequest() *cobra.Command {
 		assume    bool
 		headers   []string
 		method    string
+		live      = newLiveFlags()
 	)
 	cmd := &cobra.Command{
-		Use:   "request FROM URL -f PATH...",
+		Use:   "request FROM URL (-f PATH... | --live)",
 		Short: "Follow one request through the sidecars, step by step",
 		Long: `describe request follows one request from a workload's application through its sidecar
 and the server's, on the Envoy configuration Trellis builds for them, and prints each step:
@@ -55,13 +56,18 @@ FROM is a workload of the manifests: [KIND/]NAME (Deployment, StatefulSet, Daemo
 Job, CronJob or Pod) in --namespace. URL is what the application calls: http://HOST[:PORT]/PATH,
 HOST a Service name (short, .namespace, .svc or the full name), an IP or an ExternalService host;
 tcp://HOST:PORT for a TCP connection. The configuration comes from manifests (-f), as analyze
-builds it; endpoints and cluster IPs are stand-ins.`,
+builds it; endpoints and cluster IPs are stand-ins. With --live it is built from the cluster as
+the controller builds it (real pods, cluster IPs and endpoints), and FROM is a pod.`,
 		Example: `  trellisctl describe request -f config/samples/demo -n demo deployment/frontend http://reviews/
-  trellisctl describe request -f deploy/ -n shop frontend http://reviews:9080/api -H 'x-user: tester' -X POST`,
+  trellisctl describe request -f deploy/ -n shop frontend http://reviews:9080/api -H 'x-user: tester' -X POST
+  trellisctl describe request --live -n shop frontend-7d9f8-x2x4q http://reviews/`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if len(files) == 0 {
-				return usageError(cmd, "-f is required: name the manifests (a file, a directory, or - for standard input)")
+			switch {
+			case live.live && len(files) > 0:
+				return usageError(cmd, "-f and --live exclude each other: describe from manifests or from the cluster")
+			case !live.live && len(files) == 0:
+				return usageError(cmd, "-f is required: name the manifests (a file, a directory, or - for standard input), or --live for the cluster")
 			}
 			hdrs := map[string]string{}
 			for _, h := range headers {
@@ -71,14 +77,22 @@ builds it; endpoints and cluster IPs are stand-ins.`,
 				}
 				hdrs[strings.ToLower(strings.TrimSpace(k))] = strings.TrimSpace(v)
 			}
-			objs, loadFindings, err := analyze.Load(files, namespace, cmd.InOrStdin())
-			if err != nil {
-				return err
+			var cl *analyze.Cluster
+			if live.live {
+				var err error
+				if cl, err = live.cluster(cmd.Context()); err != nil {
+					return err
+				}
+			} else {
+				objs, loadFindings, err := analyze.Load(files, namespace, cmd.InOrStdin())
+				if err != nil {
+					return err
+				}
+				for _, f := range loadFindings {
+					fmt.Fprintf(cmd.ErrOrStderr(), "warning: %s: %s (left out)\n", cmp.Or(f.Source, f.Object.String()), f.Message)
+				}
+				cl = analyze.Build(objs, analyze.Options{AssumeInjection: assume})
 			}
-			for _, f := range loadFindings {
-				fmt.Fprintf(cmd.ErrOrStderr(), "warning: %s: %s (left out)\n", cmp.Or(f.Source, f.Object.String()), f.Message)
-			}
-			cl := analyze.Build(objs, analyze.Options{AssumeInjection: assume})
 			return describeRequest(cmd.OutOrStdout(), cl, namespace, args[0], args[1], strings.ToUpper(method), hdrs)
 		},
 	}
@@ -87,6 +101,7 @@ builds it; endpoints and cluster IPs are stand-ins.`,
 	cmd.Flags().BoolVar(&assume, "assume-injection", true, "treat namespaces the manifests do not define as labelled trellis.dev/inject=enabled")
 	cmd.Flags().StringArrayVarP(&headers, "header", "H", nil, "request header NAME: VALUE; repeatable")
 	cmd.Flags().StringVarP(&method, "method", "X", "GET", "request method")
+	live.add(cmd.Flags(), "build the configuration from the cluster of the kubeconfig instead of manifests")
 	return cmd
 }
 

@@ -297,3 +297,22 @@ func podToken(t *testing.T, pod *corev1.Pod, sa string) string {
 	}
 	return tr.Status.Token
 }
+
+// TestProxyCheckResults: check's proxy lines fail on rejections, proxies
+// not connected and certificates about to expire, and pass otherwise.
+func TestProxyCheckResults(t *testing.T) {
+	now := time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC)
+	soon, later := now.Add(2*time.Minute), now.Add(12*time.Hour)
+	healthy := proxyRow{ProxyStatus: xds.ProxyStatus{Namespace: "shop", Pod: "a", CertificateExpiry: &later}, States: map[string]string{"CDS": "SYNCED", "RDS": "SYNCED"}}
+	var out strings.Builder
+	if printChecks(&out, proxyResults(&statusReport{Proxies: []proxyRow{healthy}}, now)) {
+		t.Errorf("a healthy proxy fails:\n%s", out.String())
+	}
+	wantLines(t, out.String(), "✔ proxies: 1 connected", "✔ no proxy rejected its configuration")
+	sick := proxyRow{ProxyStatus: xds.ProxyStatus{Namespace: "shop", Pod: "b", CertificateExpiry: &soon}, States: map[string]string{"CDS": "SYNCED", "RDS": "NACKED"}}
+	out.Reset()
+	if !printChecks(&out, proxyResults(&statusReport{Proxies: []proxyRow{healthy, sick}, NotConnected: []string{"shop/c"}}, now)) {
+		t.Errorf("a rejection, an unconnected pod and an expiring certificate pass:\n%s", out.String())
+	}
+	wantLines(t, out.String(), "✘ 1 injected pod connected to no controller replica: shop/c", "✘ 1 proxy rejections: shop/b (RDS)", "✘ 1 proxies' certificates expire within 5 minutes: shop/b")
+}

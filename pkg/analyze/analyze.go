@@ -63,6 +63,16 @@ type Options struct {
 	// labelled trellis.dev/inject=enabled (the usual case for an app's
 	// manifests); namespaces they define decide by their label.
 	AssumeInjection bool
+	// Live: the objects are a cluster's (Live): pods are used as they run
+	// (injected or not, with their IPs), Services and EndpointSlices as the
+	// cluster made them, and nothing stands in for them.
+	Live bool
+}
+
+// Live analyses what a cluster holds: in as the controller lists it
+// (controller.ListInput), and its Namespaces (for their labels).
+func Live(in model.Input, namespaces []*corev1.Namespace) *Cluster {
+	return Build(&Objects{Input: in, Namespaces: namespaces, Skipped: map[string]int{}}, Options{Live: true})
 }
 
 // Report is the result of Run.
@@ -96,17 +106,25 @@ type Cluster struct {
 	// services by namespace/name, with their (stand-in) cluster IPs.
 	services map[string]*corev1.Service
 	external []*meshv1alpha1.ExternalService
+	// live: built from a cluster (Options.Live), nothing stands in.
+	live bool
 }
 
 // Run analyses the objects.
 func Run(o *Objects, opts Options) *Report {
-	cl := Build(o, opts)
-	return &Report{Findings: cl.Findings, Workloads: len(cl.Mesh.Workloads), Services: len(cl.Mesh.Services), Skipped: o.Skipped}
+	rep := Build(o, opts).Report()
+	rep.Skipped = o.Skipped
+	return rep
+}
+
+// Report is the cluster's findings, for printing.
+func (c *Cluster) Report() *Report {
+	return &Report{Findings: c.Findings, Workloads: len(c.Mesh.Workloads), Services: len(c.Mesh.Services)}
 }
 
 // Build makes the cluster the objects describe and analyses it.
 func Build(o *Objects, opts Options) *Cluster {
-	rep := &Cluster{owners: map[string]model.Ref{}, services: map[string]*corev1.Service{}, external: o.ExternalServices}
+	rep := &Cluster{owners: map[string]model.Ref{}, services: map[string]*corev1.Service{}, external: o.ExternalServices, live: opts.Live}
 	add := func(f Finding) { rep.Findings = append(rep.Findings, f) }
 
 	var mc meshv1alpha1.MeshConfigSpec
@@ -151,6 +169,10 @@ func Build(o *Objects, opts Options) *Cluster {
 	in.Pods, in.Services = nil, nil
 	for _, po := range pods {
 		p := po.pod
+		if opts.Live {
+			in.Pods = append(in.Pods, p)
+			continue
+		}
 		if injected(p.Namespace) && p.Annotations[inject.AnnotationStatus] != "injected" {
 			var warnings []string
 			p, warnings = inject.Pod(p, cfg)
@@ -198,8 +220,11 @@ func Build(o *Objects, opts Options) *Cluster {
 			}
 		}
 		if len(selected) == 0 {
-			add(Finding{Severity: Warning, Object: ref, Field: "spec.selector", Reason: ReasonNoPods,
-				Message: fmt.Sprintf("no pod or workload in the manifests matches %s; unless its pods are deployed from elsewhere, clients get 503 (no healthy upstream)", sel)})
+			msg := fmt.Sprintf("no pod or workload in the manifests matches %s; unless its pods are deployed from elsewhere, clients get 503 (no healthy upstream)", sel)
+			if opts.Live {
+				msg = fmt.Sprintf("no pod matches %s: clients get 503 (no healthy upstream)", sel)
+			}
+			add(Finding{Severity: Warning, Object: ref, Field: "spec.selector", Reason: ReasonNoPods, Message: msg})
 			continue
 		}
 		var unmeshed []string
@@ -212,10 +237,14 @@ func Build(o *Objects, opts Options) *Cluster {
 			add(Finding{Severity: Warning, Object: ref, Reason: ReasonNotInjected,
 				Message: fmt.Sprintf("its pods from %s get no sidecar (namespace without trellis.dev/inject=enabled, or pod label trellis.dev/inject=disabled): no mTLS, policies or routes apply on the server side", strings.Join(unmeshed, ", "))})
 		}
-		in.EndpointSlices = append(in.EndpointSlices, endpointSlice(s, selected))
+		if !opts.Live {
+			in.EndpointSlices = append(in.EndpointSlices, endpointSlice(s, selected))
+		}
 	}
-	// The stand-in pods' network, as a Node's spec.podCIDRs would give it.
-	in.PodCIDRs = []string{"10.244.0.0/16"}
+	if !opts.Live {
+		// The stand-in pods' network, as a Node's spec.podCIDRs would give it.
+		in.PodCIDRs = []string{"10.244.0.0/16"}
+	}
 
 	mesh, problems := model.Build(in)
 	for _, w := range mesh.Workloads {
@@ -237,9 +266,17 @@ func Build(o *Objects, opts Options) *Cluster {
 		misgrouped(model.Ref{Kind: "GRPCRoute", Namespace: r.Namespace, Name: r.Name}, r.Spec.ParentRefs, add)
 	}
 	portProtocols(o.Services, add)
-	identities(o, add)
+	if !opts.Live {
+		// Live, the model checks them against what exists (RefNotFound).
+		identities(o, add)
+	}
 	if mc.MTLS.Mode == meshv1alpha1.MTLSStrict {
 		for i, p := range in.Pods {
+			// Live, only pods of meshed namespaces: the others (kube-system…)
+			// are not meant to be meshed.
+			if opts.Live && nsLabels[p.Namespace][inject.LabelInject] != "enabled" {
+				continue
+			}
 			if p.Annotations[model.AnnotationProxy] == "" && !p.Spec.HostNetwork {
 				add(Finding{Severity: Warning, Object: pods[i].owner, Reason: ReasonUnmeshedStrict,
 					Message: "this workload has no sidecar and mTLS is Strict: its calls to meshed Services are refused (inject it, or use Permissive while migrating)"})

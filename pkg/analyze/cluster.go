@@ -104,6 +104,9 @@ func (c *Cluster) Resolve(clientNamespace, host string) (ip, what string) {
 			}
 			return "", ""
 		}
+		if c.live {
+			return s.Spec.ClusterIP, fmt.Sprintf("cluster IP of Service %s/%s", ns, name)
+		}
 		return s.Spec.ClusterIP, fmt.Sprintf("cluster IP (stand-in) of Service %s/%s", ns, name)
 	}
 	for _, es := range c.external {

@@ -70,6 +70,24 @@ type MeshReconciler struct {
 // gatewayAPIKinds are the Gateway API kinds the mesh reads.
 var gatewayAPIKinds = []string{"HTTPRoute", "GRPCRoute", "ReferenceGrant"}
 
+// GatewayAPIKinds finds which of the Gateway API kinds the mesh reads the
+// cluster serves, and which it does not.
+func GatewayAPIKinds(mapper meta.RESTMapper) (served map[string]bool, missing []string, err error) {
+	served = map[string]bool{}
+	for _, k := range gatewayAPIKinds {
+		_, err := mapper.RESTMapping(schema.GroupKind{Group: gwv1.GroupName, Kind: k}, gwv1.GroupVersion.Version)
+		switch {
+		case err == nil:
+			served[k] = true
+		case meta.IsNoMatchError(err):
+			missing = append(missing, k)
+		default:
+			return nil, nil, fmt.Errorf("look up Gateway API kind %s: %w", k, err)
+		}
+	}
+	return served, missing, nil
+}
+
 // serves says whether the cluster has the Gateway API kind.
 func (r *MeshReconciler) serves(kind string) bool {
 	return r.gatewayKinds == nil || r.gatewayKinds[kind]
@@ -103,18 +121,10 @@ func (r *MeshReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	// The Gateway API CRDs are optional: without them the mesh runs on
 	// Services and the Trellis policies alone (a watch on a missing kind
 	// would keep the controller from ever starting).
-	r.gatewayKinds = map[string]bool{}
 	var missing []string
-	for _, k := range gatewayAPIKinds {
-		_, err := mgr.GetRESTMapper().RESTMapping(schema.GroupKind{Group: gwv1.GroupName, Kind: k}, gwv1.GroupVersion.Version)
-		switch {
-		case err == nil:
-			r.gatewayKinds[k] = true
-		case meta.IsNoMatchError(err):
-			missing = append(missing, k)
-		default:
-			return fmt.Errorf("look up Gateway API kind %s: %w", k, err)
-		}
+	var err error
+	if r.gatewayKinds, missing, err = GatewayAPIKinds(mgr.GetRESTMapper()); err != nil {
+		return err
 	}
 	if len(missing) > 0 {
 		mgr.GetLogger().Info("Gateway API CRDs not installed: these route kinds are not read; install the standard-channel CRDs and restart the controller", "missing", missing)
@@ -189,6 +199,14 @@ func (r *MeshReconciler) Reconcile(ctx context.Context, req reconcile.Request) (
 }
 
 func (r *MeshReconciler) input(ctx context.Context) (model.Input, error) {
+	return ListInput(ctx, r.Client, r.serves, r.PodCIDRs)
+}
+
+// ListInput lists what the mesh model is built from, as the controller
+// reads it (trellisctl analyze --live reads the same): serves says which
+// Gateway API kinds the cluster has; podCIDRs, when set, replace the
+// Nodes' spec.podCIDRs.
+func ListInput(ctx context.Context, c client.Reader, serves func(kind string) bool, podCIDRs []netip.Prefix) (model.Input, error) {
 	var (
 		in     model.Input
 		mcs    meshv1alpha1.MeshConfigList
@@ -209,16 +227,16 @@ func (r *MeshReconciler) input(ctx context.Context) (model.Input, error) {
 	)
 	// ServiceAccounts: metadata only (names are all the model needs).
 	sas.SetGroupVersionKind(corev1.SchemeGroupVersion.WithKind("ServiceAccountList"))
-	if len(r.PodCIDRs) == 0 {
+	if len(podCIDRs) == 0 {
 		lists = append(lists, &nodes)
 	}
 	for _, k := range gatewayAPIKinds {
-		if r.serves(k) {
+		if serves(k) {
 			lists = append(lists, byKind[k])
 		}
 	}
 	for _, l := range lists {
-		if err := r.Client.List(ctx, l); err != nil {
+		if err := c.List(ctx, l); err != nil {
 			return in, err
 		}
 	}
@@ -228,7 +246,7 @@ func (r *MeshReconciler) input(ctx context.Context) (model.Input, error) {
 		}
 	}
 	in.Services, in.EndpointSlices, in.Pods = ptrs(svcs.Items), ptrs(eps.Items), ptrs(pods.Items)
-	for _, p := range r.PodCIDRs {
+	for _, p := range podCIDRs {
 		in.PodCIDRs = append(in.PodCIDRs, p.String())
 	}
 	for _, n := range nodes.Items {
