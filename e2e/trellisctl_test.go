@@ -1,26 +1,35 @@
 package e2e_test
 
 import (
+	"context"
 	"encoding/json"
-	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/trellis-mesh/trellis/e2e/framework"
 )
 
 // trellisctl runs the CLI against the e2e cluster as its administrator
 // (a client certificate), reaching the controller's secure metrics
-// endpoint directly (the controller runs as a local process here, so there
-// is no pod to port-forward to).
+// endpoint directly (the controller runs as a local process here).
 func trellisctl(t *testing.T, args ...string) (string, int) {
 	t.Helper()
-	cmd := exec.CommandContext(ctxT(t), env.Bins["trellisctl"], append(args, "--kubeconfig", env.Cluster.Kubeconfig,
-		"--controller-address", fmt.Sprintf("127.0.0.1:%d", framework.MetricsPort))...)
+	return trellisctlVia(t, append(args, "--controller-address", net.JoinHostPort(framework.GatewayIP, strconv.Itoa(framework.MetricsPort)))...)
+}
+
+// trellisctlVia runs the CLI as the administrator with args as they are.
+func trellisctlVia(t *testing.T, args ...string) (string, int) {
+	t.Helper()
+	cmd := exec.CommandContext(ctxT(t), env.Bins["trellisctl"], append(args, "--kubeconfig", env.Cluster.Kubeconfig)...)
 	out, err := cmd.CombinedOutput()
 	if ee, ok := err.(*exec.ExitError); ok {
 		return string(out), ee.ExitCode()
@@ -49,17 +58,12 @@ func TestTrellisctlProxyStatusAndConfigDump(t *testing.T) {
 	t.Logf("trellisctl proxy-status -n %s:\n%s", ns, out)
 
 	// Envoy's own view, from its admin endpoint inside the pod.
-	raw := execClient(t, ns, "client", "app", "--url", "http://127.0.0.1:15000/config_dump?include_eds", "--count", "1")
-	var res struct {
-		Code int             `json:"code"`
-		Body json.RawMessage `json:"body"`
-		Raw  string          `json:"raw"`
-	}
-	if err := json.Unmarshal(raw[:strings.IndexByte(string(raw), '\n')+1], &res); err != nil || res.Code != 200 || len(res.Body) == 0 {
-		t.Fatalf("Envoy /config_dump: %v, code %d: %.300s", err, res.Code, raw)
+	raw, err := env.Kubelet.EnvoyAdmin(ctxT(t), ns, "client", "/config_dump?include_eds")
+	if err != nil || !json.Valid(raw) {
+		t.Fatalf("Envoy /config_dump: %v: %.300s", err, raw)
 	}
 	dump := filepath.Join(t.TempDir(), "envoy-config-dump.json")
-	if err := os.WriteFile(dump, res.Body, 0o600); err != nil {
+	if err := os.WriteFile(dump, raw, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	out, code = trellisctl(t, "config-dump", "-n", ns, "client", "--from-file", dump)
@@ -77,5 +81,28 @@ func TestTrellisctlProxyStatusAndConfigDump(t *testing.T) {
 	out, code = trellisctl(t, "config-dump", "-n", ns, otherPod, "--from-file", dump)
 	if code != 1 || !strings.Contains(out, "served, not applied") {
 		t.Errorf("another proxy's dump compared equal (exit %d):\n%s", code, out)
+	}
+
+	// Without --controller-address, trellisctl port-forwards to every
+	// running controller pod through the apiserver (pods/portforward, to
+	// the kubelet). The controller runs outside the cluster here (its
+	// Deployment's pods stay Pending), so a pod labelled as a controller in
+	// its namespace relays its metrics port to it.
+	relay := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: framework.ControllerNamespace, Name: "controller-relay", Labels: map[string]string{
+			"app.kubernetes.io/name": "trellis", "app.kubernetes.io/component": "controller", "trellis.dev/inject": "disabled"}},
+		Spec: corev1.PodSpec{Containers: []corev1.Container{{
+			Name: "relay", Image: framework.HTTPEchoImage, Command: []string{"httpecho"},
+			Args:  []string{"relay", "--listen=:8443", "--to=" + net.JoinHostPort(framework.GatewayIP, strconv.Itoa(framework.MetricsPort))},
+			Ports: []corev1.ContainerPort{{Name: "metrics", ContainerPort: 8443}},
+		}}},
+	}
+	create(t, relay)
+	t.Cleanup(func() { _ = env.Cluster.Client().Delete(context.Background(), relay) })
+	waitRunning(t, relay.Namespace, relay.Name)
+	out, code = trellisctlVia(t, "proxy-status", "-n", ns)
+	t.Logf("trellisctl proxy-status through a port-forward:\n%s", out)
+	if code != 0 || !regexp.MustCompile(`client\s+(sotw|delta)\s+SYNCED.*\scontroller-relay\n`).MatchString(out) {
+		t.Errorf("proxy-status through a port-forward (exit %d):\n%s", code, out)
 	}
 }

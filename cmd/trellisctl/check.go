@@ -7,6 +7,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"io"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -19,6 +20,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apiextensionsv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/cli-runtime/pkg/genericclioptions"
@@ -47,6 +49,7 @@ func newCheck() *cobra.Command {
 	var cpNamespace string
 	var timeout time.Duration
 	debug := &debugFlags{kube: flags}
+	var output string
 	cmd := &cobra.Command{
 		Use:   "check [--pre]",
 		Short: "Check that the cluster can run Trellis (--pre), or that the installed mesh is healthy",
@@ -67,6 +70,9 @@ configuration, and proxies whose certificate expires within 5 minutes (renewal f
   trellisctl check --context prod -n trellis-system`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if !slices.Contains([]string{"table", "yaml", "json"}, output) {
+				return usageError(cmd, "--output must be table, yaml or json")
+			}
 			cfg, err := flags.ToRESTConfig()
 			if err != nil {
 				return fmt.Errorf("kubeconfig: %w", err)
@@ -96,7 +102,13 @@ configuration, and proxies whose certificate expires within 5 minutes (renewal f
 				debug.controllerNamespace, debug.timeout = cpNamespace, timeout
 				results = append(results, proxyChecks(ctx, debug, cmd.ErrOrStderr(), time.Now())...)
 			}
-			if printChecks(cmd.OutOrStdout(), results) {
+			failed := slices.ContainsFunc(results, func(r checkResult) bool { return !r.ok && !r.warn })
+			if output == "table" {
+				printChecks(cmd.OutOrStdout(), results)
+			} else if err := printStructured(cmd.OutOrStdout(), structuredChecks(results), output); err != nil {
+				return err
+			}
+			if failed {
 				return exitError{1}
 			}
 			return nil
@@ -108,6 +120,7 @@ configuration, and proxies whose certificate expires within 5 minutes (renewal f
 	cmd.Flags().BoolVar(&pre, "pre", false, "check whether the cluster can run Trellis, before installing")
 	cmd.Flags().DurationVar(&timeout, "timeout", 30*time.Second, "give up on the cluster after this long")
 	debug.addController(cmd.Flags())
+	cmd.Flags().StringVarP(&output, "output", "o", "table", "table, yaml or json")
 	cmd.PreRun = func(*cobra.Command, []string) {
 		cpNamespace = "trellis-system"
 		if flags.Namespace != nil && *flags.Namespace != "" {
@@ -115,6 +128,28 @@ configuration, and proxies whose certificate expires within 5 minutes (renewal f
 		}
 	}
 	return cmd
+}
+
+// structuredCheck is one check as -o json|yaml prints it.
+type structuredCheck struct {
+	Status string `json:"status"` // ok, warning or failed
+	Check  string `json:"check"`
+	Fix    string `json:"fix,omitempty"`
+}
+
+func structuredChecks(rs []checkResult) map[string][]structuredCheck {
+	out := []structuredCheck{}
+	for _, r := range rs {
+		c := structuredCheck{Status: "failed", Check: r.what, Fix: r.fix}
+		switch {
+		case r.ok:
+			c.Status, c.Fix = "ok", ""
+		case r.warn:
+			c.Status = "warning"
+		}
+		out = append(out, c)
+	}
+	return map[string][]structuredCheck{"checks": out}
 }
 
 // printChecks prints the lines and reports whether any check failed.
@@ -318,6 +353,7 @@ func postChecks(ctx context.Context, c client.Client, ns string, now time.Time) 
 			}
 		}
 	}
+	add(webhookAnswers(ctx, c, nss.Items))
 	if len(missing) > 0 {
 		add(checkResult{what: "trust bundle ConfigMap " + controller.RootCAConfigMap + " missing in " + strings.Join(missing, ", "), fix: "sidecars there cannot verify the control plane; the controller recreates it: check its log"})
 	} else {
@@ -448,4 +484,37 @@ func proxyResults(rep *statusReport, now time.Time) []checkResult {
 			fix: "renewal is failing: the controller logs \"issue workload certificate; retrying\" with the reason"})
 	}
 	return out
+}
+
+// webhookAnswers creates a pod in a meshed namespace as a server-side dry
+// run (nothing is stored; admission webhooks run, the injection webhook
+// declares no side effects): the injection webhook answers when the pod
+// comes back with its sidecar.
+func webhookAnswers(ctx context.Context, c client.Client, meshed []corev1.Namespace) checkResult {
+	ns := ""
+	for _, n := range meshed {
+		if n.DeletionTimestamp == nil && n.Status.Phase != corev1.NamespaceTerminating {
+			ns = n.Name
+			break
+		}
+	}
+	if ns == "" {
+		return checkResult{warn: true, what: "injection webhook not tried: no meshed namespace", fix: "label a namespace trellis.dev/inject=enabled"}
+	}
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, GenerateName: "trellisctl-check-"},
+		Spec:       corev1.PodSpec{Containers: []corev1.Container{{Name: "app", Image: "trellisctl-check"}}},
+	}
+	err := c.Create(ctx, pod, client.DryRunAll)
+	switch {
+	case apierrors.IsForbidden(err) && !strings.Contains(err.Error(), "webhook"):
+		return checkResult{warn: true, what: "injection webhook not tried: you may not create pods in " + ns, fix: "check runs a server-side dry-run pod creation (nothing is created)"}
+	case err != nil:
+		return checkResult{what: "injection webhook does not answer: " + err.Error(),
+			fix: "pods in meshed namespaces are not created while it fails (failurePolicy Fail): kubectl -n trellis-system get pods,endpoints trellis-webhook"}
+	case pod.Annotations[inject.AnnotationStatus] != "injected":
+		return checkResult{what: "a dry-run pod in " + ns + " came back without a sidecar",
+			fix: "the injection webhook did not see it (namespaceSelector or objectSelector of trellis-injection) or ignored its failure (failurePolicy Ignore)"}
+	}
+	return checkResult{ok: true, what: "injection webhook answers: a dry-run pod in " + ns + " gets its sidecar"}
 }

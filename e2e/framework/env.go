@@ -286,7 +286,7 @@ func (e *Env) StartController(ctx context.Context) error {
 	args, err := chartinstall.ControllerArgs(ctx, cfg, ControllerNamespace, map[string]string{
 		"--kubeconfig":           kubeconfig,
 		"--leader-elect":         "false",
-		"--metrics-bind-address": fmt.Sprintf("127.0.0.1:%d", MetricsPort),
+		"--metrics-bind-address": fmt.Sprintf("%s:%d", GatewayIP, MetricsPort),
 		// The chart's secure metrics endpoint (and debug API): trellisctl
 		// reaches it with the admin kubeconfig's client certificate.
 		"--metrics-secure":            "true",

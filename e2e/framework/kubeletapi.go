@@ -26,6 +26,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	remotecommandconsts "k8s.io/apimachinery/pkg/util/remotecommand"
+	"k8s.io/cri-streaming/pkg/streaming/portforward"
 	"k8s.io/cri-streaming/pkg/streaming/remotecommand"
 	utilexec "k8s.io/utils/exec"
 )
@@ -142,6 +143,8 @@ func (k *Kubelet) serveAPI(ctx context.Context) error {
 	mux := http.NewServeMux()
 	mux.HandleFunc("/exec/{ns}/{pod}/{container}", k.handleExec)
 	mux.HandleFunc("GET /containerLogs/{ns}/{pod}/{container}", k.handleLogs)
+	mux.HandleFunc("/portForward/{ns}/{pod}", k.handlePortForward)
+	mux.HandleFunc("/portForward/{ns}/{pod}/{uid}", k.handlePortForward)
 	ln, err := net.Listen("tcp", net.JoinHostPort(GatewayIP, strconv.Itoa(KubeletPort)))
 	if err != nil {
 		return fmt.Errorf("kubelet API: %w", err)
@@ -188,6 +191,43 @@ func (k *Kubelet) handleExec(w http.ResponseWriter, req *http.Request) {
 	}
 	remotecommand.ServeExec(w, req, k, ns+"/"+name, string(r.pod.UID), container, cmd, opts,
 		4*time.Hour, remotecommandconsts.DefaultStreamCreationTimeout, remotecommandconsts.SupportedStreamingProtocols)
+}
+
+// handlePortForward serves kubectl port-forward (the apiserver's
+// pods/portforward, SPDY or WebSocket) with cri-streaming's server, as
+// the kubelet's streaming server does.
+func (k *Kubelet) handlePortForward(w http.ResponseWriter, req *http.Request) {
+	ns, name := req.PathValue("ns"), req.PathValue("pod")
+	r := k.pod(ns, name)
+	if r == nil {
+		http.Error(w, fmt.Sprintf("pod %s/%s is not running on this node", ns, name), http.StatusNotFound)
+		return
+	}
+	opts, err := portforward.NewV4Options(req)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	portforward.ServePortForward(w, req, k, ns+"/"+name, string(r.pod.UID), opts,
+		4*time.Hour, remotecommandconsts.DefaultStreamCreationTimeout, portforward.SupportedProtocols)
+}
+
+// PortForward copies a forwarded stream to and from a pod's port, dialled
+// on localhost inside the pod's network namespace as the kubelet's
+// container runtime does.
+func (k *Kubelet) PortForward(ctx context.Context, pod string, _ string, port int32, stream io.ReadWriteCloser) error {
+	defer stream.Close()
+	ns, name, _ := strings.Cut(pod, "/")
+	conn, err := k.DialPod(ctx, ns, name, net.JoinHostPort("127.0.0.1", strconv.Itoa(int(port))))
+	if err != nil {
+		return fmt.Errorf("port-forward to %s port %d: %w", pod, port, err)
+	}
+	defer conn.Close()
+	done := make(chan struct{}, 2)
+	go func() { _, _ = io.Copy(conn, stream); done <- struct{}{} }()
+	go func() { _, _ = io.Copy(stream, conn); done <- struct{}{} }()
+	<-done
+	return nil
 }
 
 // ExecInContainer runs cmd as a process of the container: in the pod's

@@ -108,9 +108,9 @@ func run() error {
   Helm:        make bin/helm && bin/helm --kubeconfig %[1]s -n trellis-system upgrade trellis charts/trellis --reuse-values --set controller.logLevel=debug
                (the release is the chart's; the controller runs as a local process with the
                Deployment's arguments, read again when it restarts: kill it to apply an upgrade)
-  connected proxies:   bin/trellisctl proxy-status --kubeconfig %[1]s --controller-address 127.0.0.1:%[5]d
+  connected proxies:   bin/trellisctl proxy-status --kubeconfig %[1]s --controller-address %[7]s:%[5]d
                        (per proxy and xDS type SYNCED/STALE/NACKED; a rejection names the objects behind it)
-  served config:       bin/trellisctl config-dump --kubeconfig %[1]s --controller-address 127.0.0.1:%[5]d -n demo POD
+  served config:       bin/trellisctl config-dump --kubeconfig %[1]s --controller-address %[7]s:%[5]d -n demo POD
   readiness:           curl -s http://127.0.0.1:%[6]d/readyz
   xDS (TLS, token-authenticated): %[7]s:%[8]d
   (metrics and the debug API are served as the chart serves them: HTTPS from the mesh root,

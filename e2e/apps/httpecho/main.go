@@ -55,6 +55,8 @@ func run(args []string) int {
 		err = serve(ctx, args, os.Stderr)
 	case "client":
 		err = runClient(ctx, args, os.Stdout, os.Stderr)
+	case "relay":
+		err = relay(ctx, args, os.Stderr)
 	case "":
 		err = fmt.Errorf("%w: no command", errUsage)
 	default:
@@ -65,7 +67,7 @@ func run(args []string) int {
 		return 0
 	case errors.Is(err, errUsage):
 		fmt.Fprintln(os.Stderr, "httpecho:", err)
-		fmt.Fprintln(os.Stderr, "usage: httpecho serve|client [flags]  (-h for flags)")
+		fmt.Fprintln(os.Stderr, "usage: httpecho serve|client|relay [flags]  (-h for flags)")
 		return 2
 	default:
 		fmt.Fprintln(os.Stderr, "httpecho:", err)
