@@ -102,6 +102,12 @@ func run() error {
                %[2]s --kubeconfig %[1]s -n demo patch accesspolicy reviews-from-frontend --type=merge -p '{"spec":{"action":"Deny"}}'
                tail -f %[3]s     (the frontend's calls, one JSON line each)
                bin/trellisctl analyze -f config/samples/demo -n demo     (offline checks of the demo's manifests)
+               bin/trellisctl analyze --live --kubeconfig %[1]s -n demo     (the same, on what runs)
+               bin/trellisctl describe request --live --kubeconfig %[1]s -n demo FRONTEND_POD http://reviews/
+               bin/trellisctl describe service reviews --live --kubeconfig %[1]s -n demo
+               bin/trellisctl check --kubeconfig %[1]s --controller-address %[7]s:%[5]d
+               (check says the controller Deployment has 0 ready replicas and no leader Lease: the
+               demo runs the controller as a local process with leader election off)
   trellis-controller log: %[4]s
                (kill it, e.g. pkill -f bin/e2e/trellis-controller: the demo starts it again, as a
                Deployment would, with the kubelet's back-off: at once, then 10 s, 20 s, … 5 min)
