@@ -35,12 +35,9 @@ func newDescribe() *cobra.Command {
 
 func newDescribeRequest() *cobra.Command {
 	var (
-		files     []string
-		namespace string
-		assume    bool
-		headers   []string
-		method    string
-		live      = newLiveFlags()
+		src     = newSource()
+		headers []string
+		method  string
 	)
 	cmd := &cobra.Command{
 		Use:   "request FROM URL (-f PATH... | --live)",
@@ -63,12 +60,6 @@ the controller builds it (real pods, cluster IPs and endpoints), and FROM is a p
   trellisctl describe request --live -n shop frontend-7d9f8-x2x4q http://reviews/`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			switch {
-			case live.live && len(files) > 0:
-				return usageError(cmd, "-f and --live exclude each other: describe from manifests or from the cluster")
-			case !live.live && len(files) == 0:
-				return usageError(cmd, "-f is required: name the manifests (a file, a directory, or - for standard input), or --live for the cluster")
-			}
 			hdrs := map[string]string{}
 			for _, h := range headers {
 				k, v, ok := strings.Cut(h, ":")
@@ -77,31 +68,16 @@ the controller builds it (real pods, cluster IPs and endpoints), and FROM is a p
 				}
 				hdrs[strings.ToLower(strings.TrimSpace(k))] = strings.TrimSpace(v)
 			}
-			var cl *analyze.Cluster
-			if live.live {
-				var err error
-				if cl, err = live.cluster(cmd.Context()); err != nil {
-					return err
-				}
-			} else {
-				objs, loadFindings, err := analyze.Load(files, namespace, cmd.InOrStdin())
-				if err != nil {
-					return err
-				}
-				for _, f := range loadFindings {
-					fmt.Fprintf(cmd.ErrOrStderr(), "warning: %s: %s (left out)\n", cmp.Or(f.Source, f.Object.String()), f.Message)
-				}
-				cl = analyze.Build(objs, analyze.Options{AssumeInjection: assume})
+			cl, err := src.cluster(cmd)
+			if err != nil {
+				return err
 			}
-			return describeRequest(cmd.OutOrStdout(), cl, namespace, args[0], args[1], strings.ToUpper(method), hdrs)
+			return describeRequest(cmd.OutOrStdout(), cl, src.namespace, args[0], args[1], strings.ToUpper(method), hdrs)
 		},
 	}
-	cmd.Flags().StringArrayVarP(&files, "filename", "f", nil, "manifests: a file, a directory (read recursively) or - for standard input; repeatable")
-	cmd.Flags().StringVarP(&namespace, "namespace", "n", "default", "namespace of FROM, and of objects that name none")
-	cmd.Flags().BoolVar(&assume, "assume-injection", true, "treat namespaces the manifests do not define as labelled trellis.dev/inject=enabled")
+	src.add(cmd.Flags(), "namespace of FROM, and of objects that name none")
 	cmd.Flags().StringArrayVarP(&headers, "header", "H", nil, "request header NAME: VALUE; repeatable")
 	cmd.Flags().StringVarP(&method, "method", "X", "GET", "request method")
-	live.add(cmd.Flags(), "build the configuration from the cluster of the kubeconfig instead of manifests")
 	return cmd
 }
 

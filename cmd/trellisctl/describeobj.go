@@ -18,12 +18,7 @@ import (
 // newDescribeObject is describe service NAME and describe pod NAME: what
 // the mesh makes of the object, from manifests (-f) or the cluster (--live).
 func newDescribeObject(kind string) *cobra.Command {
-	var (
-		files     []string
-		namespace string
-		assume    bool
-		live      = newLiveFlags()
-	)
+	src := newSource()
 	long := map[string]string{
 		"service": `describe service shows what the mesh makes of a Service: each port with the protocol it is
 treated as (and why HTTP features do not apply to a TCP port), its endpoints with their pods and
@@ -41,37 +36,17 @@ manifests, a workload ([KIND/]NAME) stands for its pods.`,
 		Long:  long,
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			var cl *analyze.Cluster
-			switch {
-			case live.live && len(files) > 0:
-				return usageError(cmd, "-f and --live exclude each other")
-			case live.live:
-				var err error
-				if cl, err = live.cluster(cmd.Context()); err != nil {
-					return err
-				}
-			case len(files) > 0:
-				objs, loadFindings, err := analyze.Load(files, namespace, cmd.InOrStdin())
-				if err != nil {
-					return err
-				}
-				for _, f := range loadFindings {
-					fmt.Fprintf(cmd.ErrOrStderr(), "warning: %s: %s (left out)\n", cmp.Or(f.Source, f.Object.String()), f.Message)
-				}
-				cl = analyze.Build(objs, analyze.Options{AssumeInjection: assume})
-			default:
-				return usageError(cmd, "-f (manifests) or --live (the cluster) is required")
+			cl, err := src.cluster(cmd)
+			if err != nil {
+				return err
 			}
 			if kind == "service" {
-				return describeService(cmd.OutOrStdout(), cl, namespace, args[0])
+				return describeService(cmd.OutOrStdout(), cl, src.namespace, args[0])
 			}
-			return describePod(cmd.OutOrStdout(), cl, namespace, args[0])
+			return describePod(cmd.OutOrStdout(), cl, src.namespace, args[0])
 		},
 	}
-	cmd.Flags().StringArrayVarP(&files, "filename", "f", nil, "manifests: a file, a directory (read recursively) or - for standard input; repeatable")
-	cmd.Flags().StringVarP(&namespace, "namespace", "n", "default", "namespace of NAME, and of objects that name none")
-	cmd.Flags().BoolVar(&assume, "assume-injection", true, "treat namespaces the manifests do not define as labelled trellis.dev/inject=enabled")
-	live.add(cmd.Flags(), "read the cluster of the kubeconfig instead of manifests")
+	src.add(cmd.Flags(), "namespace of NAME, and of objects that name none")
 	return cmd
 }
 

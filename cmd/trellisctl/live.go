@@ -1,9 +1,11 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 
+	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -70,4 +72,43 @@ func (l *liveFlags) cluster(ctx context.Context) (*analyze.Cluster, error) {
 		namespaces[i] = &nss.Items[i]
 	}
 	return analyze.Live(in, namespaces), nil
+}
+
+// source is where describe reads the mesh from: manifests (-f) or the
+// cluster (--live).
+type source struct {
+	files     []string
+	namespace string
+	assume    bool
+	live      *liveFlags
+}
+
+func newSource() *source { return &source{live: newLiveFlags()} }
+
+func (s *source) add(fs *pflag.FlagSet, namespaceUsage string) {
+	fs.StringArrayVarP(&s.files, "filename", "f", nil, "manifests: a file, a directory (read recursively) or - for standard input; repeatable")
+	fs.StringVarP(&s.namespace, "namespace", "n", "default", namespaceUsage)
+	fs.BoolVar(&s.assume, "assume-injection", true, "treat namespaces the manifests do not define as labelled trellis.dev/inject=enabled")
+	s.live.add(fs, "read the cluster of the kubeconfig instead of manifests")
+}
+
+// cluster builds the mesh from the source; manifests that do not decode
+// are warned about on stderr and left out.
+func (s *source) cluster(cmd *cobra.Command) (*analyze.Cluster, error) {
+	switch {
+	case s.live.live && len(s.files) > 0:
+		return nil, usageError(cmd, "-f and --live exclude each other: read manifests or the cluster")
+	case s.live.live:
+		return s.live.cluster(cmd.Context())
+	case len(s.files) == 0:
+		return nil, usageError(cmd, "-f is required: name the manifests (a file, a directory, or - for standard input), or --live for the cluster")
+	}
+	objs, loadFindings, err := analyze.Load(s.files, s.namespace, cmd.InOrStdin())
+	if err != nil {
+		return nil, err
+	}
+	for _, f := range loadFindings {
+		fmt.Fprintf(cmd.ErrOrStderr(), "warning: %s: %s (left out)\n", cmp.Or(f.Source, f.Object.String()), f.Message)
+	}
+	return analyze.Build(objs, analyze.Options{AssumeInjection: s.assume}), nil
 }

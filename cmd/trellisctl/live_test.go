@@ -66,24 +66,10 @@ func TestLiveAnalyzeAndDescribe(t *testing.T) {
 	for _, sa := range []string{"frontend", "reviews"} {
 		mustCreate(t, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: sa}})
 	}
-	for _, p := range []*corev1.Pod{
+	createRunning(t,
 		testgen.Pod(ns, "frontend-1", testgen.WithServiceAccount("frontend"), testgen.WithIP("10.244.70.10"), testgen.WithProxy("envoy"), testgen.WithLabel("app", "frontend")),
-		testgen.Pod(ns, "reviews-1", testgen.WithServiceAccount("reviews"), testgen.WithIP("10.244.70.21"), testgen.WithProxy("envoy"), testgen.WithLabel("app", "reviews")),
-	} {
-		st := p.Status
-		mustCreate(t, p)
-		p.Status = st
-		if err := env.Client.Status().Update(ctx, p); err != nil {
-			t.Fatal(err)
-		}
-	}
-	for _, doc := range strings.Split(fmt.Sprintf(liveObjects, ns), "\n---\n") {
-		u := &unstructured.Unstructured{}
-		if err := yaml.Unmarshal([]byte(doc), &u.Object); err != nil {
-			t.Fatal(err)
-		}
-		mustCreate(t, u)
-	}
+		testgen.Pod(ns, "reviews-1", testgen.WithServiceAccount("reviews"), testgen.WithIP("10.244.70.21"), testgen.WithProxy("envoy"), testgen.WithLabel("app", "reviews")))
+	createYAML(t, fmt.Sprintf(liveObjects, ns))
 	// Another namespace's finding is not shown with -n.
 	mustCreate(t, testgen.Service(other, "elsewhere", "", testgen.Port("web", 80, 80)))
 
@@ -129,23 +115,10 @@ func TestLiveAnalyzeAndDescribe(t *testing.T) {
 
 // TestDescribeServiceAndPod, live and from manifests.
 func TestDescribeServiceAndPod(t *testing.T) {
-	ctx := context.Background()
 	ns := env.Namespace(t, map[string]string{"trellis.dev/inject": "enabled"})
 	mustCreate(t, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "reviews"}})
-	p := testgen.Pod(ns, "reviews-1", testgen.WithServiceAccount("reviews"), testgen.WithIP("10.244.71.21"), testgen.WithProxy("envoy"), testgen.WithLabel("app", "reviews"))
-	st := p.Status
-	mustCreate(t, p)
-	p.Status = st
-	if err := env.Client.Status().Update(ctx, p); err != nil {
-		t.Fatal(err)
-	}
-	for _, doc := range strings.Split(fmt.Sprintf(liveObjects, ns), "\n---\n") {
-		u := &unstructured.Unstructured{}
-		if err := yaml.Unmarshal([]byte(strings.ReplaceAll(doc, "10.244.70.21", "10.244.71.21")), &u.Object); err != nil {
-			t.Fatal(err)
-		}
-		mustCreate(t, u)
-	}
+	createRunning(t, testgen.Pod(ns, "reviews-1", testgen.WithServiceAccount("reviews"), testgen.WithIP("10.244.71.21"), testgen.WithProxy("envoy"), testgen.WithLabel("app", "reviews")))
+	createYAML(t, strings.ReplaceAll(fmt.Sprintf(liveObjects, ns), "10.244.70.21", "10.244.71.21"))
 	admin := kubeconfig(t, envtest.User{Name: "describe-admin", Groups: []string{"system:masters"}})
 	describe := func(args ...string) string {
 		t.Helper()
@@ -175,5 +148,31 @@ func TestDescribeServiceAndPod(t *testing.T) {
 	wantLines(t, out, "AccessPolicy shop/no-admin (Deny, 1 rules)", "meshed (envoy)")
 	if code, _, errOut := trellisctl(t, "", "describe", "service", "nope", "-f", "testdata/describe", "-n", "shop"); code != 1 || !strings.Contains(errOut, "no Service shop/nope") {
 		t.Errorf("unknown Service: exit %d: %s", code, errOut)
+	}
+}
+
+// createRunning creates pods with the status their testgen options set
+// (IP, Running), as a kubelet would report it.
+func createRunning(t *testing.T, pods ...*corev1.Pod) {
+	t.Helper()
+	for _, p := range pods {
+		st := p.Status
+		mustCreate(t, p)
+		p.Status = st
+		if err := env.Client.Status().Update(context.Background(), p); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// createYAML creates the objects of a multi-document manifest.
+func createYAML(t *testing.T, manifest string) {
+	t.Helper()
+	for _, doc := range strings.Split(manifest, "\n---\n") {
+		u := &unstructured.Unstructured{}
+		if err := yaml.Unmarshal([]byte(doc), &u.Object); err != nil {
+			t.Fatal(err)
+		}
+		mustCreate(t, u)
 	}
 }

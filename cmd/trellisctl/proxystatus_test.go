@@ -99,14 +99,7 @@ func TestProxyStatusAndConfigDump(t *testing.T) {
 	for _, sa := range []string{"frontend", "reviews"} {
 		mustCreate(t, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: sa}})
 	}
-	for _, p := range []*corev1.Pod{frontend, reviews} {
-		st := p.Status
-		mustCreate(t, p)
-		p.Status = st
-		if err := env.Client.Status().Update(ctx, p); err != nil {
-			t.Fatal(err)
-		}
-	}
+	createRunning(t, frontend, reviews)
 	mustCreate(t,
 		testgen.Service(ns, "reviews", "", testgen.Port("http", 9080, 8080)),
 		testgen.EndpointSlice(ns, "reviews", "reviews-a", "http", 8080, testgen.Endpoint{IP: "10.244.60.21", Pod: "reviews-1"}),
