@@ -21,6 +21,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/ptr"
@@ -142,6 +143,34 @@ func TestProxyStatusAndConfigDump(t *testing.T) {
 	eventually(t, "trust bundle in the control plane's namespace", func() bool {
 		return env.Client.Get(ctx, client.ObjectKey{Namespace: o.Namespace, Name: controller.RootCAConfigMap}, &bundle) == nil
 	})
+
+	// The rejection is on the object that caused it (the route's parent
+	// status), until the proxy accepts a later version.
+	routeProgrammed := func() *metav1.Condition {
+		var r gwv1.HTTPRoute
+		if err := env.Client.Get(ctx, client.ObjectKey{Namespace: ns, Name: "reviews-canary"}, &r); err != nil || len(r.Status.Parents) != 1 {
+			return nil
+		}
+		return meta.FindStatusCondition(r.Status.Parents[0].Conditions, "Programmed")
+	}
+	eventually(t, "HTTPRoute Programmed=False RejectedByProxy", func() bool {
+		c := routeProgrammed()
+		return c != nil && c.Status == metav1.ConditionFalse && c.Reason == "RejectedByProxy" &&
+			strings.Contains(c.Message, "1 proxy ("+ns+"/frontend-1) rejected RouteConfiguration "+routeName) && strings.Contains(c.Message, "test rejects it")
+	})
+	defer func() {
+		// The proxy accepts the next version: the condition goes.
+		xc.Reject = nil
+		var r gwv1.HTTPRoute
+		if err := env.Client.Get(ctx, client.ObjectKey{Namespace: ns, Name: "reviews-canary"}, &r); err != nil {
+			t.Fatal(err)
+		}
+		r.Spec.Rules[0].Timeouts = &gwv1.HTTPRouteTimeouts{Request: ptr.To(gwv1.Duration("5s"))}
+		if err := env.Client.Update(ctx, &r); err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, "Programmed removed once the proxy accepts the route", func() bool { return routeProgrammed() == nil })
+	}()
 
 	admin := kubeconfig(t, envtest.User{Name: "debug-admin", Groups: []string{"system:masters"}})
 	debug := func(kc string, args ...string) (string, string, int) {

@@ -296,6 +296,7 @@ func (cp *ControlPlane) wireReconcilers() error {
 		},
 	}
 	cp.Pusher.OnProblems = cp.Reconciler.SetTranslatorProblems
+	cp.Server.OnRejections = cp.Reconciler.SetRejections
 	if err := cp.Reconciler.SetupWithManager(mgr); err != nil {
 		return err
 	}

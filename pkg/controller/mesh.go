@@ -58,6 +58,9 @@ type MeshReconciler struct {
 
 	mu                 sync.Mutex
 	translatorProblems []model.Problem
+	// rejections are the objects whose configuration proxies connected
+	// to this replica reject (SetRejections).
+	rejections []model.Problem
 	// loggedPodProblems are the pod problems already logged (pods have no
 	// status of ours to carry them).
 	loggedPodProblems map[string]bool
@@ -96,9 +99,19 @@ func (r *MeshReconciler) serves(kind string) bool {
 // SetTranslatorProblems records the problems the last push round found and
 // schedules a status update.
 func (r *MeshReconciler) SetTranslatorProblems(ps []model.Problem) {
+	r.setProblems(&r.translatorProblems, ps)
+}
+
+// SetRejections records the objects whose configuration proxies reject
+// (Programmed=False, RejectedByProxy, until they accept a later version)
+// and schedules a status update. Only the proxies of this replica count:
+// with several replicas, the leader reports those connected to it.
+func (r *MeshReconciler) SetRejections(ps []model.Problem) { r.setProblems(&r.rejections, ps) }
+
+func (r *MeshReconciler) setProblems(into *[]model.Problem, ps []model.Problem) {
 	r.mu.Lock()
-	same := slices.Equal(r.translatorProblems, ps)
-	r.translatorProblems = ps
+	same := slices.Equal(*into, ps)
+	*into = ps
 	r.mu.Unlock()
 	if same {
 		return
@@ -194,6 +207,7 @@ func (r *MeshReconciler) Reconcile(ctx context.Context, req reconcile.Request) (
 	}
 	r.mu.Lock()
 	problems = append(problems, r.translatorProblems...)
+	problems = append(problems, r.rejections...)
 	r.mu.Unlock()
 	return reconcile.Result{}, r.writeStatus(ctx, in, problems)
 }

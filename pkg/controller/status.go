@@ -38,11 +38,14 @@ func conditions(problems []model.Problem, generation int64) []metav1.Condition {
 		}
 		return c
 	}
-	var accepted, refs []model.Problem
+	var accepted, refs, rejected []model.Problem
 	for _, p := range problems {
-		if p.Condition == meshv1alpha1.ConditionResolvedRefs {
+		switch p.Condition {
+		case meshv1alpha1.ConditionResolvedRefs:
 			refs = append(refs, p)
-		} else {
+		case meshv1alpha1.ConditionProgrammed:
+			rejected = append(rejected, p)
+		default:
 			accepted = append(accepted, p)
 		}
 	}
@@ -50,8 +53,12 @@ func conditions(problems []model.Problem, generation int64) []metav1.Condition {
 	r := cond(meshv1alpha1.ConditionResolvedRefs, len(refs) == 0, meshv1alpha1.ReasonResolvedRefs, "All references resolved", refs)
 	p := metav1.Condition{Type: meshv1alpha1.ConditionProgrammed, ObservedGeneration: generation, Status: metav1.ConditionTrue,
 		Reason: meshv1alpha1.ReasonProgrammed, Message: "Configuration computed and handed to the xDS server"}
-	if a.Status != metav1.ConditionTrue {
+	switch {
+	case a.Status != metav1.ConditionTrue:
 		p.Status, p.Reason, p.Message = metav1.ConditionFalse, meshv1alpha1.ReasonInvalid, "Not programmed: see the Accepted condition"
+	case len(rejected) > 0:
+		p = cond(meshv1alpha1.ConditionProgrammed, false, "", "", rejected)
+		p.ObservedGeneration = generation
 	}
 	return []metav1.Condition{a, r, p}
 }
@@ -176,7 +183,15 @@ func routeStatus(st *gwv1.RouteStatus, parents []gwv1.ParentReference, routeNS s
 			}
 		}
 		conds := prev
-		setConditions(&conds, conditions(mine, generation)[:2]) // GAMMA: Accepted and ResolvedRefs
+		all := conditions(mine, generation)
+		setConditions(&conds, all[:2]) // GAMMA: Accepted and ResolvedRefs
+		// Programmed only while proxies reject the route's configuration
+		// (Gateway API defines no Programmed for mesh routes).
+		if all[2].Reason == meshv1alpha1.ReasonRejectedByProxy {
+			setConditions(&conds, all[2:])
+		} else {
+			meta.RemoveStatusCondition(&conds, meshv1alpha1.ConditionProgrammed)
+		}
 		ours = append(ours, gwv1.RouteParentStatus{ParentRef: pr, ControllerName: ControllerName, Conditions: conds})
 	}
 	next := append(keep, ours...)

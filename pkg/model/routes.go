@@ -24,10 +24,12 @@ const (
 )
 
 // Conditions and reasons of Trellis's own objects, for the translator's
-// problems (it imports no API package).
+// and the xDS server's problems (they import no API package).
 const (
-	ConditionAccepted = meshv1alpha1.ConditionAccepted
-	ReasonConflicted  = meshv1alpha1.ReasonConflicted
+	ConditionAccepted     = meshv1alpha1.ConditionAccepted
+	ConditionProgrammed   = meshv1alpha1.ConditionProgrammed
+	ReasonConflicted      = meshv1alpha1.ReasonConflicted
+	ReasonRejectedByProxy = meshv1alpha1.ReasonRejectedByProxy
 )
 
 func isServiceRef(group *gwv1.Group, kind *gwv1.Kind) bool {

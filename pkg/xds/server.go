@@ -3,6 +3,7 @@ package xds
 import (
 	"context"
 	"crypto/tls"
+	"fmt"
 	"maps"
 	"net"
 	"slices"
@@ -86,6 +87,10 @@ type Server struct {
 	Metrics *Metrics
 	Log     logr.Logger
 	Clock   clock.PassiveClock
+	// OnRejections receives, after every NACK and every ACK that ends
+	// one, the objects behind the configuration proxies connected to this
+	// replica reject: a Programmed problem per object (RejectedByProxy).
+	OnRejections func([]model.Problem)
 
 	mu sync.Mutex
 	// streams by id; go-control-plane numbers state-of-the-world and delta
@@ -202,7 +207,7 @@ func (s *Server) closed(id int64) {
 	st := s.streams[id]
 	delete(s.streams, id)
 	var node string
-	last := false
+	last, rejected := false, st != nil && len(st.status.NACKs) > 0
 	if st != nil && st.ident != nil {
 		node = st.status.NodeID
 		s.nodes[node]--
@@ -216,6 +221,9 @@ func (s *Server) closed(id int64) {
 	if last {
 		s.Pusher.Disconnect(node)
 		s.Cache.UnbindNode(node)
+	}
+	if rejected {
+		s.reportRejections()
 	}
 }
 
@@ -264,6 +272,7 @@ func (s *Server) request(id int64, node *corev3.Node, typeURL, version, nonce st
 		return nil
 	}
 	if errDetail != nil {
+		defer s.reportRejections()
 		resources, objects := s.Pusher.ExplainNACK(st.status.NodeID, typeURL, errDetail.Message())
 		s.mu.Lock()
 		defer s.mu.Unlock()
@@ -278,7 +287,7 @@ func (s *Server) request(id int64, node *corev3.Node, typeURL, version, nonce st
 		return nil
 	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	ended := st.status.NACKs[typeURL] != nil
 	delete(st.status.NACKs, typeURL)
 	if version != "" && st.status.Acked[typeURL] != version {
 		st.status.Acked[typeURL] = version
@@ -286,6 +295,10 @@ func (s *Server) request(id int64, node *corev3.Node, typeURL, version, nonce st
 			s.Metrics.Convergence.Observe(s.Clock.Since(at).Seconds())
 			delete(st.sentAt, typeURL)
 		}
+	}
+	s.mu.Unlock()
+	if ended {
+		s.reportRejections()
 	}
 	return nil
 }
@@ -383,6 +396,47 @@ func (s *Server) OnFetchRequest(context.Context, *discovery.DiscoveryRequest) er
 
 // OnFetchResponse implements go-control-plane's callbacks.
 func (s *Server) OnFetchResponse(*discovery.DiscoveryRequest, *discovery.DiscoveryResponse) {}
+
+// reportRejections hands OnRejections the objects behind every rejection
+// in force on this replica, one problem per object: how many proxies, the
+// first proxy's message.
+func (s *Server) reportRejections() {
+	if s.OnRejections == nil {
+		return
+	}
+	type rejection struct {
+		proxies []string
+		first   *NACK
+	}
+	by := map[model.Ref]*rejection{}
+	s.mu.Lock()
+	for _, st := range s.streams {
+		for _, n := range st.status.NACKs {
+			for _, o := range n.Objects {
+				r := by[o]
+				if r == nil {
+					r = &rejection{first: n}
+					by[o] = r
+				}
+				if p := st.status.Namespace + "/" + st.status.Pod; !slices.Contains(r.proxies, p) {
+					r.proxies = append(r.proxies, p)
+				}
+			}
+		}
+	}
+	s.mu.Unlock()
+	out := []model.Problem{}
+	for o, r := range by {
+		slices.Sort(r.proxies)
+		shown := r.proxies[:min(len(r.proxies), 3)]
+		out = append(out, model.Problem{Object: o, Condition: model.ConditionProgrammed, Reason: model.ReasonRejectedByProxy,
+			Message: fmt.Sprintf("%d %s (%s) rejected %s %s and keep the configuration they had: %s",
+				len(r.proxies), map[bool]string{true: "proxy", false: "proxies"}[len(r.proxies) == 1], strings.Join(shown, ", "),
+				shortType(r.first.Type), strings.Join(r.first.Resources, ", "), r.first.Message)})
+	}
+	slices.SortFunc(out, func(a, b model.Problem) int { return compareStrings(a.Object.String(), b.Object.String()) })
+	s.OnRejections(out)
+}
 
 // Proxies lists the connected proxies.
 func (s *Server) Proxies() []ProxyStatus {

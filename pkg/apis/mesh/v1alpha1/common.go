@@ -26,6 +26,9 @@ const (
 	ReasonTargetNotFound = "TargetNotFound"
 	ReasonProgrammed     = "Programmed"
 	ReasonPending        = "Pending"
+	// ReasonRejectedByProxy: proxies rejected (NACKed) configuration that
+	// comes from the object and keep running what they had before.
+	ReasonRejectedByProxy = "RejectedByProxy"
 )
 
 // Duration is a time span in Go's notation restricted to hours, minutes,
