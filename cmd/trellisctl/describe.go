@@ -107,7 +107,11 @@ func describeRequest(w io.Writer, cl *analyze.Cluster, namespace, from, rawURL, 
 	host := u.Hostname()
 	dest, how := cl.Resolve(client.Namespace, host)
 	if dest == "" {
-		return fmt.Errorf("host %q: no Service of that name in the manifests (as seen from namespace %s) and no IP; name a Service, an ExternalService host or an IP", host, client.Namespace)
+		where := " in the manifests"
+		if cl.Live() {
+			where = ""
+		}
+		return fmt.Errorf("host %q: no Service of that name%s (as seen from namespace %s) and no IP; name a Service, an ExternalService host or an IP", host, where, client.Namespace)
 	}
 	path := cmp.Or(u.EscapedPath(), "/")
 	if u.RawQuery != "" {

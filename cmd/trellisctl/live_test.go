@@ -111,6 +111,9 @@ func TestLiveAnalyzeAndDescribe(t *testing.T) {
 		t.Fatalf("describe request --live: exit %d", code)
 	}
 	wantLines(t, out, "10.244.70.21:8080", "allowed by "+ns+"/reviews-callers/rules/0")
+	if code, _, errOut := trellisctl(t, "", "describe", "request", "--live", "--kubeconfig", admin, "-n", ns, "deployment/frontend", "http://reviews/"); code != 1 || !strings.Contains(errOut, `no pod "deployment/frontend" in namespace `+ns+" (name a pod") {
+		t.Errorf("describe request --live from a Deployment: exit %d: %s", code, errOut)
+	}
 }
 
 // TestDescribeServiceAndPod, live and from manifests.

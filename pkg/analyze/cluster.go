@@ -38,6 +38,9 @@ func (c *Cluster) Workload(namespace, ref string) (*model.Workload, error) {
 	case 1:
 		return found[0], nil
 	case 0:
+		if c.live {
+			return nil, fmt.Errorf("no pod %q in namespace %s (name a pod; -n for its namespace)", ref, namespace)
+		}
 		return nil, fmt.Errorf("no workload %q in namespace %s in the manifests (write [KIND/]NAME, e.g. deployment/frontend, and -n for its namespace)", ref, namespace)
 	}
 	var names []string
@@ -46,6 +49,9 @@ func (c *Cluster) Workload(namespace, ref string) (*model.Workload, error) {
 	}
 	return nil, fmt.Errorf("%q names %s: say which with KIND/NAME", ref, strings.Join(names, " and "))
 }
+
+// Live says the cluster was read from a live cluster (Options.Live).
+func (c *Cluster) Live() bool { return c.live }
 
 // Owner names the workload a model workload stands for.
 func (c *Cluster) Owner(w *model.Workload) string {
