@@ -61,10 +61,10 @@ type MeshReconciler struct {
 	// rejections are the objects whose configuration proxies connected
 	// to this replica reject (SetRejections).
 	rejections []model.Problem
-	// loggedPodProblems are the pod problems already logged (pods have no
-	// status of ours to carry them).
-	loggedPodProblems map[string]bool
-	wake              chan event.GenericEvent
+	// loggedProblems are the problems already logged (each once, when it
+	// appears; again only after it went away and came back).
+	loggedProblems map[string]bool
+	wake           chan event.GenericEvent
 	// gatewayKinds are the Gateway API route kinds the cluster serves,
 	// found at setup; nil means all of them.
 	gatewayKinds map[string]bool

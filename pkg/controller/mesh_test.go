@@ -3,14 +3,17 @@ package controller
 import (
 	"context"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 
+	"github.com/go-logr/logr/funcr"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	logf "sigs.k8s.io/controller-runtime/pkg/log"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
@@ -182,5 +185,56 @@ func TestStatusKeyWritesTranslatorProblemsWithoutPushing(t *testing.T) {
 	}
 	if !slices.ContainsFunc(es.Status.Conditions, func(c metav1.Condition) bool { return c.ObservedGeneration == es.Generation }) {
 		t.Errorf("conditions do not carry the observed generation %d: %+v", es.Generation, es.Status.Conditions)
+	}
+}
+
+// TestProblemsAreLoggedOnce: a problem is logged at info with object,
+// field and reason when it appears, not again every round; again once it
+// went away and came back.
+func TestProblemsAreLoggedOnce(t *testing.T) {
+	ns := env.Namespace(t, nil)
+	var mu sync.Mutex
+	var lines []string
+	ctx := logf.IntoContext(context.Background(), funcr.New(func(prefix, args string) {
+		mu.Lock()
+		defer mu.Unlock()
+		lines = append(lines, args)
+	}, funcr.Options{}))
+	logged := func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		n := 0
+		for _, l := range lines {
+			if strings.Contains(l, `"object"="AccessPolicy/`+ns+`/p"`) && strings.Contains(l, `"reason"="TargetNotFound"`) && strings.Contains(l, `"field"="spec.targetRefs[0]"`) {
+				n++
+			}
+		}
+		return n
+	}
+	create(t, &meshv1alpha1.AccessPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "p"}, Spec: meshv1alpha1.AccessPolicySpec{
+		TargetRefs: []meshv1alpha1.PolicyTargetReference{{Kind: "Service", Name: "gone"}}, Action: meshv1alpha1.AccessAllow,
+		Rules: []meshv1alpha1.AccessRule{{From: []meshv1alpha1.AccessSource{{Namespace: ptr.To("*")}}}},
+	}})
+	r := &MeshReconciler{Client: env.Client, Pusher: &recordingPusher{}, IsLeader: func() bool { return true }}
+	for range 3 {
+		if _, err := r.Reconcile(ctx, meshKey); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := logged(); n != 1 {
+		t.Fatalf("the AccessPolicy's problem was logged %d times over 3 rounds, want once:\n%s", n, strings.Join(lines, "\n"))
+	}
+	create(t, &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "gone"}, Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: 80}}}})
+	if _, err := r.Reconcile(ctx, meshKey); err != nil {
+		t.Fatal(err)
+	}
+	if err := env.Client.Delete(context.Background(), &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "gone"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Reconcile(ctx, meshKey); err != nil {
+		t.Fatal(err)
+	}
+	if n := logged(); n != 2 {
+		t.Errorf("the problem came back: logged %d times in all, want 2", n)
 	}
 }

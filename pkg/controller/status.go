@@ -94,7 +94,7 @@ func problemsFor(problems []model.Problem, kind, ns, name string) []model.Proble
 // statuses of every route, only where something changed. A conflict means a
 // newer object is on its way and the resulting event reconciles again.
 func (r *MeshReconciler) writeStatus(ctx context.Context, in model.Input, problems []model.Problem) error {
-	r.logPodProblems(ctx, problems)
+	r.logProblems(ctx, problems)
 	var errs []error
 	update := func(obj client.Object) {
 		if err := r.Client.Status().Update(ctx, obj); err != nil && !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) {
@@ -136,21 +136,28 @@ func (r *MeshReconciler) writeStatus(ctx context.Context, in model.Input, proble
 	return errors.Join(errs...)
 }
 
-// logPodProblems logs each problem found on a pod (an unusable probes
-// annotation) once, when it first appears.
-func (r *MeshReconciler) logPodProblems(ctx context.Context, problems []model.Problem) {
+// logProblems logs each problem once, at info, when it first appears
+// (not every round): the object, the field, the reason and the message,
+// also for what has no status of ours to carry it (a pod's annotation).
+func (r *MeshReconciler) logProblems(ctx context.Context, problems []model.Problem) {
 	seen := map[string]bool{}
+	log := logf.FromContext(ctx)
 	for _, p := range problems {
-		if p.Object.Kind != "Pod" {
-			continue
-		}
 		key := p.String()
 		seen[key] = true
-		if !r.loggedPodProblems[key] {
-			logf.FromContext(ctx).Info("pod cannot be programmed as written", "pod", p.Object.Namespace+"/"+p.Object.Name, "field", p.Field, "problem", p.Message)
+		if r.loggedProblems[key] {
+			continue
 		}
+		msg := "object cannot be programmed as written"
+		switch p.Condition {
+		case meshv1alpha1.ConditionResolvedRefs:
+			msg = "object refers to something that does not exist"
+		case meshv1alpha1.ConditionProgrammed:
+			msg = "proxies reject configuration from this object"
+		}
+		log.Info(msg, "object", p.Object.String(), "field", p.Field, "reason", p.Reason, "problem", p.Message)
 	}
-	r.loggedPodProblems = seen
+	r.loggedProblems = seen
 }
 
 // routeStatus sets one RouteParentStatus per Service parent (GAMMA),
