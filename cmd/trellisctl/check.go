@@ -25,7 +25,6 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/cli-runtime/pkg/genericclioptions"
 	"k8s.io/client-go/discovery"
-	"k8s.io/client-go/kubernetes"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -443,11 +442,7 @@ func proxyChecks(ctx context.Context, d *debugFlags, errOut io.Writer, now time.
 		defer conn.Close()
 		var rep *statusReport
 		if rep, err = proxyStatus(ctx, conn); err == nil {
-			if cfg, cerr := d.kube.ToRESTConfig(); cerr == nil {
-				if cs, cerr := kubernetes.NewForConfig(cfg); cerr == nil {
-					rep.NotConnected = notConnected(ctx, cs, "", rep.Proxies)
-				}
-			}
+			rep.NotConnected = conn.notConnected(ctx, "", rep.Proxies)
 			return proxyResults(rep, now)
 		}
 	}

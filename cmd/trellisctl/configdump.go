@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"cmp"
 	"context"
 	"encoding/json"
@@ -11,6 +10,7 @@ import (
 	"maps"
 	"net/url"
 	"os"
+	"regexp"
 	"slices"
 
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
@@ -392,8 +392,9 @@ func hostKeys(cla *endpointv3.ClusterLoadAssignment) []string {
 // listenersUse says whether an applied listener routes by the RDS name.
 func (d *envoyDump) listenersUse(routeName string) bool {
 	quoted, _ := json.Marshal(routeName)
+	uses := regexp.MustCompile(`"route_config_name":\s*` + regexp.QuoteMeta(string(quoted)))
 	for _, l := range d.resources[resource.ListenerType] {
-		if bytes.Contains(l, append([]byte(`"route_config_name":`), quoted...)) || bytes.Contains(l, append([]byte(`"route_config_name": `), quoted...)) {
+		if uses.Match(l) {
 			return true
 		}
 	}

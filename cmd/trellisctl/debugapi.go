@@ -70,6 +70,8 @@ type debugConn struct {
 	replicas []replica
 	client   *http.Client
 	stops    []func()
+	// kube is the cluster, as the kubeconfig's user.
+	kube kubernetes.Interface
 }
 
 type replica struct{ name, base string }
@@ -100,7 +102,7 @@ func (d *debugFlags) connect(ctx context.Context, errOut io.Writer) (*debugConn,
 	if err != nil {
 		return nil, err
 	}
-	conn := &debugConn{client: hc}
+	conn := &debugConn{client: hc, kube: cs}
 	for _, a := range d.addresses {
 		conn.replicas = append(conn.replicas, replica{name: a, base: "https://" + a})
 	}

@@ -15,7 +15,6 @@ import (
 	"github.com/spf13/cobra"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
 	"sigs.k8s.io/yaml"
 
 	"github.com/trellis-mesh/trellis/pkg/inject"
@@ -97,15 +96,11 @@ same name in the Trellis namespace for the port-forward.`,
 			if !all && d.kube.Namespace != nil && *d.kube.Namespace != "" {
 				rep.Proxies = slices.DeleteFunc(rep.Proxies, func(p proxyRow) bool { return p.Namespace != ns })
 			}
-			if cfg, err := d.kube.ToRESTConfig(); err == nil {
-				if cs, err := kubernetes.NewForConfig(cfg); err == nil {
-					listNS := ""
-					if !all && d.kube.Namespace != nil && *d.kube.Namespace != "" {
-						listNS = ns
-					}
-					rep.NotConnected = notConnected(ctx, cs, listNS, rep.Proxies)
-				}
+			listNS := ""
+			if !all && d.kube.Namespace != nil && *d.kube.Namespace != "" {
+				listNS = ns
 			}
+			rep.NotConnected = conn.notConnected(ctx, listNS, rep.Proxies)
 			return printStatus(cmd.OutOrStdout(), rep, output)
 		},
 	}
@@ -144,8 +139,8 @@ func proxyStatus(ctx context.Context, conn *debugConn) (*statusReport, error) {
 // notConnected lists running pods with an injected proxy (sidecar or
 // proxyless) that no replica has a stream from; nil when pods cannot be
 // listed.
-func notConnected(ctx context.Context, cs kubernetes.Interface, namespace string, proxies []proxyRow) []string {
-	pods, err := cs.CoreV1().Pods(namespace).List(ctx, metav1.ListOptions{})
+func (c *debugConn) notConnected(ctx context.Context, namespace string, proxies []proxyRow) []string {
+	pods, err := c.kube.CoreV1().Pods(namespace).List(ctx, metav1.ListOptions{FieldSelector: "status.phase=Running"})
 	if err != nil {
 		return nil
 	}

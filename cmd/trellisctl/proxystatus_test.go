@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"maps"
 	"net"
+	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -241,6 +242,15 @@ func TestProxyStatusAndConfigDump(t *testing.T) {
 	user := kubeconfig(t, envtest.User{Name: "debug-user"})
 	if _, errOut, code := debug(user, "proxy-status"); code != 1 || !strings.Contains(errOut, "bind the Role trellis-debug-reader in "+o.Namespace) {
 		t.Errorf("proxy-status without rights to the trust bundle: exit %d: %s", code, errOut)
+	}
+	// --controller-ca-file instead of the ConfigMap: the handshake verifies
+	// and the controller itself answers (Forbidden: no ClusterRole yet).
+	caFile := filepath.Join(t.TempDir(), "roots.pem")
+	if err := os.WriteFile(caFile, []byte(bundle.Data[controller.RootCAKey]), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, errOut, code := debug(user, "proxy-status", "--controller-ca-file", caFile); code != 1 || !strings.Contains(errOut, `Forbidden: user "debug-user" may not get /debug/proxies`) {
+		t.Errorf("proxy-status with --controller-ca-file: exit %d: %s", code, errOut)
 	}
 	// The chart's namespaced Role: the trust bundle (and pods, port-forward).
 	mustCreate(t,

@@ -38,6 +38,12 @@ const (
 	clientCAKey       = "client-ca-file"
 )
 
+// servesDebugAPI: the metrics endpoint is on and secure, so it serves the
+// debug API on its own certificate.
+func (cp *ControlPlane) servesDebugAPI() bool {
+	return cp.opts.MetricsSecure && cp.opts.MetricsAddr != "0"
+}
+
 // webhookBackoff is client-go's default for the review calls.
 var webhookBackoff = &wait.Backoff{Duration: 500 * time.Millisecond, Factor: 1.5, Jitter: 0.2, Steps: 5}
 

@@ -108,7 +108,7 @@ func (cp *ControlPlane) wireManager(cfg *rest.Config) error {
 	o := cp.opts
 	metricsOpts := metricsserver.Options{BindAddress: o.MetricsAddr, SecureServing: o.MetricsSecure}
 	var clientCAs manager.Runnable
-	if o.MetricsSecure && o.MetricsAddr != "0" {
+	if cp.servesDebugAPI() {
 		// The debug API is served only behind authentication (debugapi.go).
 		debug := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { cp.Server.DebugHandler().ServeHTTP(w, r) })
 		metricsOpts.ExtraHandlers = map[string]http.Handler{xds.DebugProxiesPath: debug, xds.DebugConfigDumpPath: debug}
@@ -216,7 +216,7 @@ func (cp *ControlPlane) wireCA() error {
 		servingLog.Error(err, "re-issue a serving certificate; retrying", "certificate", name, "retryIn", retryIn.String())
 	}}
 	certs := map[string]*ca.ServingCertificate{"xds": cp.xdsCert}
-	if o.MetricsSecure && o.MetricsAddr != "0" {
+	if cp.servesDebugAPI() {
 		certs["metrics"] = cp.metricsCert
 	}
 	if o.WebhookCertDir == "" {

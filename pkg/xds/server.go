@@ -398,8 +398,9 @@ func (s *Server) OnFetchRequest(context.Context, *discovery.DiscoveryRequest) er
 func (s *Server) OnFetchResponse(*discovery.DiscoveryRequest, *discovery.DiscoveryResponse) {}
 
 // reportRejections hands OnRejections the objects behind every rejection
-// in force on this replica, one problem per object: how many proxies, the
-// first proxy's message.
+// in force on this replica, one problem per object: how many proxies, and
+// the message of the first (by pod, then type), so that the same
+// rejections always read the same and status is not rewritten for nothing.
 func (s *Server) reportRejections() {
 	if s.OnRejections == nil {
 		return
@@ -407,18 +408,23 @@ func (s *Server) reportRejections() {
 	type rejection struct {
 		proxies []string
 		first   *NACK
+		firstBy string // pod + type of first
 	}
 	by := map[model.Ref]*rejection{}
 	s.mu.Lock()
 	for _, st := range s.streams {
-		for _, n := range st.status.NACKs {
+		p := st.status.Namespace + "/" + st.status.Pod
+		for typeURL, n := range st.status.NACKs {
 			for _, o := range n.Objects {
 				r := by[o]
 				if r == nil {
-					r = &rejection{first: n}
+					r = &rejection{}
 					by[o] = r
 				}
-				if p := st.status.Namespace + "/" + st.status.Pod; !slices.Contains(r.proxies, p) {
+				if k := p + " " + typeURL; r.first == nil || k < r.firstBy {
+					r.first, r.firstBy = n, k
+				}
+				if !slices.Contains(r.proxies, p) {
 					r.proxies = append(r.proxies, p)
 				}
 			}
