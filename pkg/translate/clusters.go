@@ -10,6 +10,8 @@ import (
 	clusterv3 "github.com/envoyproxy/go-control-plane/envoy/config/cluster/v3"
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
+	leastrequestv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/load_balancing_policies/least_request/v3"
+	roundrobinv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/load_balancing_policies/round_robin/v3"
 	tlsv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	httpv3 "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	matcherv3 "github.com/envoyproxy/go-control-plane/envoy/type/matcher/v3"
@@ -192,13 +194,27 @@ func (t *translator) applyBackendPolicy(c *clusterv3.Cluster, p *model.TrafficPo
 		}
 		c.OutlierDetection = o
 	}
-	switch p.LoadBalancer {
-	case "LeastRequest":
-		c.LbPolicy = clusterv3.Cluster_LEAST_REQUEST
-	case "RingHash":
+	switch {
+	case p.LoadBalancer == "RingHash":
 		c.LbPolicy = clusterv3.Cluster_RING_HASH
-	case "Random":
+	case !t.proxyless && p.LoadBalancer == "LeastRequest":
+		c.LbPolicy = clusterv3.Cluster_LEAST_REQUEST
+	case !t.proxyless && p.LoadBalancer == "Random":
 		c.LbPolicy = clusterv3.Cluster_RANDOM
+	case p.LoadBalancer == "LeastRequest":
+		// Not every gRPC has least request (gRFC A48: Go and Java do; C-core
+		// and grpc-js NACK the lb_policy): as a load_balancing_policy list
+		// (gRFC A52) each client takes the first policy it implements, and
+		// one without A52 reads lb_policy, left at ROUND_ROBIN.
+		c.LoadBalancingPolicy = &clusterv3.LoadBalancingPolicy{Policies: []*clusterv3.LoadBalancingPolicy_Policy{
+			{TypedExtensionConfig: &corev3.TypedExtensionConfig{Name: "envoy.load_balancing_policies.least_request", TypedConfig: mustAny(&leastrequestv3.LeastRequest{})}},
+			{TypedExtensionConfig: &corev3.TypedExtensionConfig{Name: "envoy.load_balancing_policies.round_robin", TypedConfig: mustAny(&roundrobinv3.RoundRobin{})}},
+		}}
+	case p.LoadBalancer == "Random":
+		// gRPC has no random policy and NACKs RANDOM: round robin, and the
+		// policy says so.
+		t.problem(model.Ref{Kind: "BackendPolicy", Namespace: p.Namespace, Name: p.Name}, "spec.loadBalancer.algorithm", model.ReasonUnsupportedValue, model.ConditionAccepted,
+			"gRPC has no Random load balancing: proxyless gRPC clients use RoundRobin (Envoy sidecars use Random); write RoundRobin or LeastRequest to mean the same for both")
 	}
 }
 
