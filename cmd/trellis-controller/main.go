@@ -7,8 +7,10 @@ package main
 import (
 	"flag"
 	"fmt"
+	"net"
 	"net/netip"
 	"os"
+	"strconv"
 	"strings"
 
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -29,15 +31,22 @@ func main() {
 
 func run() error {
 	o := controlplane.Defaults()
+	// Every listener binds one explicit address: the pod's IP (env POD_IP,
+	// the chart sets it) or loopback. Metrics default to loopback even in a
+	// pod: kubectl port-forward dials it there (the chart adds the pod IP).
+	host := envOr("POD_IP", "127.0.0.1")
+	o.XDSAddr = net.JoinHostPort(host, "15012")
+	o.ProbeAddr = net.JoinHostPort(host, "8081")
+	webhookAddr := net.JoinHostPort(host, strconv.Itoa(o.WebhookPort))
 	var dnsNames, rootCAOut string
 	fs := flag.CommandLine
-	fs.StringVar(&o.MetricsAddr, "metrics-bind-address", o.MetricsAddr, "Address of the metrics endpoint (Prometheus metrics and /debug/proxies); \"0\" disables it.")
+	fs.StringVar(&o.MetricsAddr, "metrics-bind-address", o.MetricsAddr, "Address of the metrics endpoint (Prometheus metrics and the debug API); \"0\" disables it, \":8443\" is every interface.")
 	fs.BoolVar(&o.MetricsSecure, "metrics-secure", o.MetricsSecure, "Serve metrics over HTTPS with Kubernetes authentication and authorization (TokenReview and SubjectAccessReview).")
-	fs.StringVar(&o.ProbeAddr, "health-probe-bind-address", o.ProbeAddr, "Address of the /healthz and /readyz endpoints.")
+	fs.StringVar(&o.ProbeAddr, "health-probe-bind-address", o.ProbeAddr, "Address of the /healthz and /readyz endpoints (default: env POD_IP or loopback).")
 	fs.BoolVar(&o.LeaderElect, "leader-elect", o.LeaderElect, "Elect a leader among replicas; only the leader writes status. Every replica serves xDS.")
 	fs.StringVar(&o.LeaderElectionNamespace, "leader-election-namespace", "", "Namespace of the leader election Lease (default: --namespace).")
 	fs.StringVar(&o.Namespace, "namespace", envOr("POD_NAMESPACE", o.Namespace), "Namespace the control plane runs in (env POD_NAMESPACE).")
-	fs.StringVar(&o.XDSAddr, "xds-address", o.XDSAddr, "Address of the xDS (ADS) gRPC server; it always uses TLS.")
+	fs.StringVar(&o.XDSAddr, "xds-address", o.XDSAddr, "Address of the xDS (ADS) gRPC server (default: env POD_IP or loopback); it always uses TLS.")
 	fs.StringVar(&dnsNames, "xds-dns-names", "", "Comma-separated DNS names of the xDS serving certificate (default: trellis-xds.<namespace>.svc, its .cluster.local form, localhost).")
 	fs.StringVar(&rootCAOut, "xds-root-ca-out", "", "If set, write the mesh root certificate (PEM) to this file, for clients outside the cluster and tests.")
 	fs.DurationVar(&o.Debounce, "xds-debounce", o.Debounce, "Quiet period after a change before a push round.")
@@ -49,7 +58,7 @@ func run() error {
 	fs.DurationVar(&o.TokenReviewTTL, "xds-tokenreview-cache-ttl", o.TokenReviewTTL, "Longest a successful TokenReview is reused (never past the token's expiry).")
 	fs.DurationVar(&o.RootRotationOverlap, "root-rotation-overlap", o.RootRotationOverlap, "Least time each phase of a root rotation (Overlap, Reissue) lasts; start one by creating the Secret trellis-ca-next.")
 	fs.DurationVar(&o.RootRotationTick, "root-rotation-check-interval", o.RootRotationTick, "How often the root Secrets are checked.")
-	fs.IntVar(&o.WebhookPort, "webhook-port", o.WebhookPort, "Port of the injection webhook (HTTPS).")
+	fs.StringVar(&webhookAddr, "webhook-bind-address", webhookAddr, "Address (host:port) of the webhooks' HTTPS server (injection and validation).")
 	var webhookNames string
 	fs.StringVar(&o.WebhookCertDir, "webhook-cert-dir", "", "Directory with the webhook's tls.crt and tls.key (e.g. from cert-manager, whose CA injector then owns the caBundle). Empty: the controller issues the certificate from the mesh root and keeps the caBundle of --webhook-configuration current.")
 	fs.StringVar(&webhookNames, "webhook-dns-names", "", "Comma-separated names of the self-issued webhook certificate (default trellis-webhook.<namespace>.svc and its .cluster.local form).")
@@ -64,7 +73,7 @@ func run() error {
 	zapOpts := zap.Options{}
 	zapOpts.BindFlags(fs)
 	fs.Usage = func() {
-		fmt.Fprintf(fs.Output(), "Usage: trellis-controller [flags]\n\nThe Trellis control plane: mesh reconciler, xDS/SDS server and certificate authority.\nEnvironment: POD_NAMESPACE (default of --namespace); KUBECONFIG or --kubeconfig outside a cluster.\n\nFlags:\n")
+		fmt.Fprintf(fs.Output(), "Usage: trellis-controller [flags]\n\nThe Trellis control plane: mesh reconciler, xDS/SDS server and certificate authority.\nEnvironment: POD_NAMESPACE (default of --namespace); POD_IP (default host of --xds-address, --webhook-bind-address, --health-probe-bind-address); KUBECONFIG or --kubeconfig outside a cluster.\n\nFlags:\n")
 		fs.PrintDefaults()
 	}
 	flag.Parse()
@@ -72,6 +81,11 @@ func run() error {
 		fmt.Println("trellis-controller", version)
 		return nil
 	}
+	h, port, err := net.SplitHostPort(webhookAddr)
+	if o.WebhookPort, _ = strconv.Atoi(port); err != nil || o.WebhookPort <= 0 || h == "" {
+		return fmt.Errorf("--webhook-bind-address: %q is no host:port (write e.g. 10.0.0.5:9443)", webhookAddr)
+	}
+	o.WebhookHost = h
 	for _, n := range strings.Split(webhookNames, ",") {
 		if n = strings.TrimSpace(n); n != "" {
 			o.WebhookDNSNames = append(o.WebhookDNSNames, n)

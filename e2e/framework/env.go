@@ -295,7 +295,7 @@ func (e *Env) StartController(ctx context.Context) error {
 		"--xds-dns-names":             GatewayIP,
 		"--xds-service-host":          GatewayIP,
 		"--xds-service-port":          fmt.Sprint(XDSPort),
-		"--webhook-port":              fmt.Sprint(WebhookPort),
+		"--webhook-bind-address":      fmt.Sprintf("127.0.0.1:%d", WebhookPort),
 		"--webhook-dns-names":         "127.0.0.1",
 		"--xds-root-ca-out":           filepath.Join(e.Dir, "root-ca.pem"),
 		// TestCertificateRotation goes through a root rotation's phases

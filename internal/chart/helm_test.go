@@ -211,6 +211,21 @@ func TestRenderedProperties(t *testing.T) {
 			if !slices.Contains(c.Args, "--xds-service-host=trellis-xds.mesh-control.svc") {
 				t.Errorf("proxies are not pointed at the xDS Service: %v", c.Args)
 			}
+
+			// Every listener binds an explicit address (#19 item 9): the pod
+			// IP for what Services and probes reach; metrics on the pod's
+			// interfaces (loopback is what kubectl port-forward dials).
+			podIP := slices.ContainsFunc(c.Env, func(e corev1.EnvVar) bool {
+				return e.Name == "POD_IP" && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "status.podIP"
+			})
+			if !podIP {
+				t.Errorf("POD_IP is not the pod's status.podIP: %v", c.Env)
+			}
+			for _, flag := range []string{"--xds-address", "--webhook-bind-address", "--health-probe-bind-address"} {
+				if !slices.ContainsFunc(c.Args, func(a string) bool { return strings.HasPrefix(a, flag+"=[$(POD_IP)]:") }) {
+					t.Errorf("%s does not bind the pod IP: %v", flag, c.Args)
+				}
+			}
 		})
 	}
 }

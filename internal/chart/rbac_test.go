@@ -118,11 +118,10 @@ func startController(t *testing.T, bin, ns string, extra map[string]string) *con
 	ctx := context.Background()
 	c := &controllerRun{ports: map[string]int{}, logs: &syncBuffer{}, exited: make(chan error, 1)}
 	overrides := map[string]string{}
-	for _, flag := range []string{"--xds-address", "--webhook-port", "--metrics-bind-address", "--health-probe-bind-address"} {
+	for _, flag := range []string{"--xds-address", "--webhook-bind-address", "--metrics-bind-address", "--health-probe-bind-address"} {
 		c.ports[flag] = freePort(t)
 		overrides[flag] = fmt.Sprintf("127.0.0.1:%d", c.ports[flag])
 	}
-	overrides["--webhook-port"] = fmt.Sprint(c.ports["--webhook-port"])
 	maps.Copy(overrides, extra)
 	args, err := chartinstall.ControllerArgs(ctx, env.Config, ns, overrides)
 	must(t, err)
@@ -479,7 +478,7 @@ func testCertManagerServesTheWebhooks(t *testing.T) {
 	c := startController(t, bin, ns, map[string]string{"--webhook-cert-dir": dir})
 	pool := x509.NewCertPool()
 	pool.AddCert(issuer.Root())
-	conn, err := tls.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", c.ports["--webhook-port"]), &tls.Config{RootCAs: pool, ServerName: "trellis-webhook." + ns + ".svc"})
+	conn, err := tls.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", c.ports["--webhook-bind-address"]), &tls.Config{RootCAs: pool, ServerName: "trellis-webhook." + ns + ".svc"})
 	if err != nil {
 		t.Fatalf("the webhook does not serve the cert-manager certificate: %v", err)
 	}

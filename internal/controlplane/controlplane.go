@@ -91,12 +91,12 @@ type Options struct {
 // Defaults returns the production defaults.
 func Defaults() Options {
 	return Options{
-		MetricsAddr: ":8443", MetricsSecure: true, ProbeAddr: ":8081", LeaderElect: true,
-		Namespace: "trellis-system", XDSAddr: ":15012",
+		MetricsAddr: "127.0.0.1:8443", MetricsSecure: true, ProbeAddr: "127.0.0.1:8081", LeaderElect: true,
+		Namespace: "trellis-system", XDSAddr: "127.0.0.1:15012",
 		Debounce: 100 * time.Millisecond, MaxDelay: 10 * time.Second, MaxConnectionAge: 30 * time.Minute,
 		ConnectionRate: 100, Audience: "trellis", VerifyPeerIP: true, TokenReviewTTL: 5 * time.Minute,
 		RootRotationOverlap: time.Hour, RootRotationTick: 10 * time.Second,
-		WebhookPort: 9443, WebhookConfiguration: "trellis-injection", ValidatingConfiguration: "trellis-validation",
+		WebhookHost: "127.0.0.1", WebhookPort: 9443, WebhookConfiguration: "trellis-injection", ValidatingConfiguration: "trellis-validation",
 		InitImage: "ghcr.io/trellis-mesh/trellis-init:dev", XDSServicePort: 15012,
 	}
 }
