@@ -3,6 +3,7 @@ package inject
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 
 	corev1 "k8s.io/api/core/v1"
@@ -28,6 +29,12 @@ type Webhook struct {
 
 // Handle implements admission.Handler.
 func (w *Webhook) Handle(ctx context.Context, req admission.Request) admission.Response {
+	// The decoder reads YAML too, but the patch is computed against the
+	// JSON the apiserver sends: anything else is a bad request, not a 500
+	// (found by FuzzWebhook).
+	if !json.Valid(req.Object.Raw) {
+		return admission.Errored(http.StatusBadRequest, errors.New("the pod is not a JSON object"))
+	}
 	var pod corev1.Pod
 	if err := w.Decoder.Decode(req, &pod); err != nil {
 		return admission.Errored(http.StatusBadRequest, err)
