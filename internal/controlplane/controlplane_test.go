@@ -25,6 +25,7 @@ import (
 	"go.uber.org/zap/zapcore"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
 	admissionv1 "k8s.io/api/admissionregistration/v1"
 	authnv1 "k8s.io/api/authentication/v1"
@@ -762,5 +763,101 @@ func TestPolicyStatusConditions(t *testing.T) {
 			t.Fatalf("ResolvedRefs after the ServiceAccount was created: %+v", callers.Status.Conditions)
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// TestInvalidEditKeepsTheLastGoodGeneration: an HTTPRoute edited to name a
+// backend that does not exist keeps its previous generation programmed —
+// the frontend's routes do not change — and its status says so on the new
+// generation; the next valid edit is programmed.
+func TestInvalidEditKeepsTheLastGoodGeneration(t *testing.T) {
+	p := startPlane(t, nil)
+	w := newWorld(t, 41)
+	cluster := fmt.Sprintf(reviewsCluster, w.ns)
+	fe := p.connect(t, w.frontend, token(t, w.frontend, "frontend"), nodeID(w.frontend), false)
+	kind := gwv1.Kind("Service")
+	route := func(header, backend string) gwv1.HTTPRouteSpec {
+		return gwv1.HTTPRouteSpec{
+			CommonRouteSpec: gwv1.CommonRouteSpec{ParentRefs: []gwv1.ParentReference{{Group: new(gwv1.Group("")), Kind: &kind, Name: "reviews"}}},
+			Rules: []gwv1.HTTPRouteRule{{
+				Matches:     []gwv1.HTTPRouteMatch{{Headers: []gwv1.HTTPHeaderMatch{{Name: gwv1.HTTPHeaderName(header), Value: "1"}}}},
+				BackendRefs: []gwv1.HTTPBackendRef{{BackendRef: gwv1.BackendRef{BackendObjectReference: gwv1.BackendObjectReference{Name: gwv1.ObjectName(backend), Port: new(gwv1.PortNumber(9080))}}}},
+			}},
+		}
+	}
+	hasHeaderMatch := func(header string) func(map[string]map[string]proto.Message, map[string]int) bool {
+		return func(res map[string]map[string]proto.Message, _ map[string]int) bool {
+			rc, ok := res[resource.RouteType][cluster]
+			if !ok {
+				return false
+			}
+			b, _ := protojson.Marshal(rc)
+			return strings.Contains(string(b), `"name":"`+header+`"`)
+		}
+	}
+	r := &gwv1.HTTPRoute{ObjectMeta: metav1.ObjectMeta{Namespace: w.ns, Name: "canary"}, Spec: route("x-canary", "reviews")}
+	create(t, r)
+	if err := fe.WaitFor(ctxWait(t), hasHeaderMatch("x-canary")); err != nil {
+		t.Fatal(err)
+	}
+	routeStatus := func(gen int64, cond string) *metav1.Condition {
+		t.Helper()
+		var got gwv1.HTTPRoute
+		deadline := time.Now().Add(wait)
+		for {
+			if err := env.Client.Get(context.Background(), client.ObjectKeyFromObject(r), &got); err != nil {
+				t.Fatal(err)
+			}
+			if len(got.Status.Parents) == 1 {
+				if c := meta.FindStatusCondition(got.Status.Parents[0].Conditions, cond); c != nil && c.ObservedGeneration == gen {
+					return c
+				}
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("no %s condition for generation %d: %+v", cond, gen, got.Status)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	if c := routeStatus(1, "ResolvedRefs"); c.Status != metav1.ConditionTrue {
+		t.Fatalf("generation 1: %+v", c)
+	}
+	p.settle(t, nodeID(w.frontend))
+	res, _ := fe.Snapshot()
+	good := res[resource.RouteType][cluster]
+
+	// Generation 2: a typo'd backend on another header.
+	var cur gwv1.HTTPRoute
+	if err := env.Client.Get(context.Background(), client.ObjectKeyFromObject(r), &cur); err != nil {
+		t.Fatal(err)
+	}
+	cur.Spec = route("x-beta", "reveiws")
+	if err := env.Client.Update(context.Background(), &cur); err != nil {
+		t.Fatal(err)
+	}
+	c := routeStatus(2, "ResolvedRefs")
+	if c.Status != metav1.ConditionFalse || c.Reason != "BackendNotFound" || !strings.Contains(c.Message, "generation 1, the last valid one, stays programmed") {
+		t.Errorf("generation 2: ResolvedRefs %+v", c)
+	}
+	t.Logf("generation 2's status: %s %s: %s", c.Status, c.Reason, c.Message)
+	p.settle(t, nodeID(w.frontend))
+	res, _ = fe.Snapshot()
+	if !proto.Equal(good, res[resource.RouteType][cluster]) {
+		t.Error("the invalid generation changed the frontend's routes")
+	}
+
+	// Generation 3 is valid again: programmed.
+	if err := env.Client.Get(context.Background(), client.ObjectKeyFromObject(r), &cur); err != nil {
+		t.Fatal(err)
+	}
+	cur.Spec = route("x-beta", "reviews")
+	if err := env.Client.Update(context.Background(), &cur); err != nil {
+		t.Fatal(err)
+	}
+	if err := fe.WaitFor(ctxWait(t), hasHeaderMatch("x-beta")); err != nil {
+		t.Fatal(err)
+	}
+	if c := routeStatus(3, "ResolvedRefs"); c.Status != metav1.ConditionTrue {
+		t.Errorf("generation 3: %+v", c)
 	}
 }

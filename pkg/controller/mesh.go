@@ -56,6 +56,10 @@ type MeshReconciler struct {
 	// spec.podCIDRs.
 	PodCIDRs []netip.Prefix
 
+	// lastGood keeps each route's and BackendPolicy's last valid
+	// generation in force while a newer one is invalid.
+	lastGood model.LastGood
+
 	mu                 sync.Mutex
 	translatorProblems []model.Problem
 	// rejections are the objects whose configuration proxies connected
@@ -197,7 +201,7 @@ func (r *MeshReconciler) Reconcile(ctx context.Context, req reconcile.Request) (
 	if err != nil {
 		return reconcile.Result{}, err
 	}
-	mesh, problems := model.Build(in)
+	mesh, problems := r.lastGood.Build(in)
 	if req != statusKey {
 		r.Pusher.Update(mesh)
 	}

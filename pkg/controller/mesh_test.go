@@ -47,7 +47,7 @@ func (p *recordingPusher) last() *model.Mesh {
 	return p.meshes[len(p.meshes)-1]
 }
 
-func create(t *testing.T, objs ...client.Object) {
+func create(t testing.TB, objs ...client.Object) {
 	t.Helper()
 	for _, o := range objs {
 		if err := env.Client.Create(context.Background(), o); err != nil {

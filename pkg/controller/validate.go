@@ -40,36 +40,49 @@ func (v *Validator) Handle(ctx context.Context, req admission.Request) admission
 	switch req.Kind.Kind {
 	case "BackendPolicy":
 		var bp meshv1alpha1.BackendPolicy
-		if err := v.Decoder.Decode(req, &bp); err != nil {
+		if err := v.decode(req, &bp); err != nil {
 			return admission.Errored(http.StatusBadRequest, err)
 		}
 		return v.backendPolicy(ctx, &bp)
 	case "AccessPolicy":
 		var ap meshv1alpha1.AccessPolicy
-		if err := v.Decoder.Decode(req, &ap); err != nil {
+		if err := v.decode(req, &ap); err != nil {
 			return admission.Errored(http.StatusBadRequest, err)
 		}
 		return v.accessPolicy(ctx, &ap)
 	case "ExternalService":
 		var es meshv1alpha1.ExternalService
-		if err := v.Decoder.Decode(req, &es); err != nil {
+		if err := v.decode(req, &es); err != nil {
 			return admission.Errored(http.StatusBadRequest, err)
 		}
 		return v.externalService(ctx, &es)
 	case "HTTPRoute":
 		var r gwv1.HTTPRoute
-		if err := v.Decoder.Decode(req, &r); err != nil {
+		if err := v.decode(req, &r); err != nil {
 			return admission.Errored(http.StatusBadRequest, err)
 		}
 		return admission.Allowed("").WithWarnings(parentRefWarnings(r.Spec.ParentRefs)...)
 	case "GRPCRoute":
 		var r gwv1.GRPCRoute
-		if err := v.Decoder.Decode(req, &r); err != nil {
+		if err := v.decode(req, &r); err != nil {
 			return admission.Errored(http.StatusBadRequest, err)
 		}
 		return admission.Allowed("").WithWarnings(parentRefWarnings(r.Spec.ParentRefs)...)
 	}
 	return admission.Allowed("")
+}
+
+// decode decodes the request's object into obj. The object is in the
+// request's namespace (the apiserver's, from the URL), whatever its body
+// says.
+func (v *Validator) decode(req admission.Request, obj client.Object) error {
+	if err := v.Decoder.Decode(req, obj); err != nil {
+		return err
+	}
+	if req.Namespace != "" {
+		obj.SetNamespace(req.Namespace)
+	}
+	return nil
 }
 
 // parentRefWarnings flags the commonest GAMMA mistake (see
