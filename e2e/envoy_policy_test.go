@@ -33,8 +33,10 @@ func TestEnvoyAccessPolicy(t *testing.T) {
 	requireEnv(t)
 	t.Parallel()
 	ns := setupHTTP(t, "web", 1)
-	create(t, serviceAccount(ns, "other"), httpClientPod(ns, "other", "other", true))
+	create(t, serviceAccount(ns, "other"), httpClientPod(ns, "other", "other", true),
+		serviceAccount(ns, "stranger"), httpClientPod(ns, "stranger", "stranger", true))
 	waitRunning(t, ns, "other")
+	waitRunning(t, ns, "stranger")
 	create(t, &meshv1alpha1.AccessPolicy{
 		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "allow-client-reads"},
 		Spec: meshv1alpha1.AccessPolicySpec{TargetRefs: targets("web"), Action: meshv1alpha1.AccessAllow, Rules: []meshv1alpha1.AccessRule{{
@@ -75,6 +77,24 @@ func TestEnvoyAccessPolicy(t *testing.T) {
 			t.Logf("%s from %s: 5/5 code %d %s", strings.Join(c.args, " "), c.pod, c.want, rs[0].Raw)
 		})
 	}
+	// No Allow rule names the stranger: it is not given web's cluster or
+	// endpoints, and its own sidecar answers 403 saying which policy.
+	t.Run("an identity no Allow rule names gets a clear 403 from its own sidecar", func(t *testing.T) {
+		rs := eventuallyHTTP(t, "stranger denied", func() []httpResult {
+			return httpCall(t, ns, "stranger", "--url", "http://web/public/a", "--count", "5", "--timeout", "2s")
+		}, allCode(403))
+		if !strings.Contains(rs[0].Raw, "AccessPolicy "+ns+"/allow-client-reads allows calls") || !strings.Contains(rs[0].Raw, "/sa/stranger") {
+			t.Errorf("the denial does not name the policy and the caller: %q", rs[0].Raw)
+		}
+		t.Logf("stranger: 5/5 code 403 %q", rs[0].Raw)
+		clusters, err := env.Kubelet.EnvoyAdmin(ctxT(t), ns, "stranger", "/clusters")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if strings.Contains(string(clusters), "web."+ns+".svc") {
+			t.Errorf("the stranger's sidecar has web's cluster:\n%s", clusters)
+		}
+	})
 }
 
 // TestEnvoyBackendPolicy: BackendPolicy features on real traffic.

@@ -8,6 +8,7 @@ import (
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/utils/ptr"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
@@ -70,6 +71,27 @@ func TestAccessPolicy(t *testing.T) {
 	rs := call(t, ns, "client", target(ns, "echo"), "--n=20")
 	if ok, codes, _ := summarize(rs); ok != 20 {
 		t.Fatalf("with the Allow policy %d/20 succeeded (%v)", ok, codes)
+	}
+
+	// Scoped out: the Allow policy now names another identity only. The
+	// client is no longer given echo's cluster or endpoints, and its calls
+	// fail with PERMISSION_DENIED from its own gRPC (the fault filter) —
+	// not a deadline or UNAVAILABLE for a listener that never comes.
+	var allow meshv1alpha1.AccessPolicy
+	if err := env.Cluster.Client().Get(ctxT(t), client.ObjectKey{Namespace: ns, Name: "allow-client"}, &allow); err != nil {
+		t.Fatal(err)
+	}
+	allow.Spec.Rules[0].From[0].ServiceAccount.Name = "someone-else"
+	update(t, &allow)
+	eventually(t, "scoped-out calls denied", func() (bool, string) {
+		rs := call(t, ns, "client", target(ns, "echo"), "--n=1")
+		return rs[0].Code == "PermissionDenied", rs[0].Code + " " + rs[0].Error
+	})
+	rs = call(t, ns, "client", target(ns, "echo"), "--n=5")
+	_, codes, _ := summarize(rs)
+	t.Logf("scoped out by the Allow policy: %v (%s, %.0f ms)", codes, rs[0].Error, rs[0].MS)
+	if codes["PermissionDenied"] != 5 {
+		t.Errorf("scoped out: %v, want 5 PermissionDenied", codes)
 	}
 }
 

@@ -2,13 +2,16 @@ package controller
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	apiequality "k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
@@ -96,9 +99,15 @@ func parentRefWarnings(refs []gwv1.ParentReference) []string {
 	return out
 }
 
+// missingTargets warns about target Services that do not exist (yet). A
+// name no Service can have is an error naming the field (the schema
+// rejects it first on a real apiserver; the webhook must not answer 500).
 func (v *Validator) missingTargets(ctx context.Context, ns string, refs []meshv1alpha1.PolicyTargetReference) ([]string, error) {
 	var warnings []string
 	for i, t := range refs {
+		if errs := validation.IsDNS1035Label(t.Name); len(errs) > 0 {
+			return nil, invalidField{fmt.Sprintf("spec.targetRefs[%d].name: %q is not a Service name: %s", i, t.Name, strings.Join(errs, "; "))}
+		}
 		var svc corev1.Service
 		err := v.Client.Get(ctx, client.ObjectKey{Namespace: ns, Name: t.Name}, &svc)
 		if apierrors.IsNotFound(err) {
@@ -108,6 +117,20 @@ func (v *Validator) missingTargets(ctx context.Context, ns string, refs []meshv1
 		}
 	}
 	return warnings, nil
+}
+
+// invalidField is a denial (403) naming the field, not a failure (500).
+type invalidField struct{ message string }
+
+func (e invalidField) Error() string { return e.message }
+
+// errored answers err: a denial for an invalid field, else 500.
+func errored(err error) admission.Response {
+	var inv invalidField
+	if errors.As(err, &inv) {
+		return admission.Denied(inv.message)
+	}
+	return admission.Errored(http.StatusInternalServerError, err)
 }
 
 func (v *Validator) backendPolicy(ctx context.Context, bp *meshv1alpha1.BackendPolicy) admission.Response {
@@ -127,7 +150,7 @@ func (v *Validator) backendPolicy(ctx context.Context, bp *meshv1alpha1.BackendP
 	}
 	warnings, err := v.missingTargets(ctx, bp.Namespace, bp.Spec.TargetRefs)
 	if err != nil {
-		return admission.Errored(http.StatusInternalServerError, err)
+		return errored(err)
 	}
 	return admission.Allowed("").WithWarnings(warnings...)
 }
@@ -166,7 +189,7 @@ func (v *Validator) accessPolicy(ctx context.Context, ap *meshv1alpha1.AccessPol
 	}
 	missing, err := v.missingTargets(ctx, ap.Namespace, ap.Spec.TargetRefs)
 	if err != nil {
-		return admission.Errored(http.StatusInternalServerError, err)
+		return errored(err)
 	}
 	return admission.Allowed("").WithWarnings(append(warnings, missing...)...)
 }

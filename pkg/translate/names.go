@@ -57,6 +57,12 @@ func InboundClusterName(port int32) string {
 	return "inbound|" + strconv.Itoa(int(port)) + "||"
 }
 
+// DeniedChainName names the outbound filter chain that answers 403 for a
+// Service port the proxy may not call.
+func DeniedChainName(host string, port int32) string {
+	return "denied|" + strconv.Itoa(int(port)) + "||" + host
+}
+
 // OutboundRouteName is the RDS name of the HTTP ExternalServices on a port
 // (chosen by Host header, whatever the destination address).
 func OutboundRouteName(port int32) string { return "outbound|" + strconv.Itoa(int(port)) }

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 	"slices"
 	"strconv"
+	"strings"
 
 	corev3 "github.com/envoyproxy/go-control-plane/envoy/config/core/v3"
 	listenerv3 "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
@@ -92,6 +93,44 @@ func (t *translator) outboundListener() *listenerv3.Listener {
 				fc.Filters = []*listenerv3.Filter{t.tcpProxy(cluster, cluster)}
 			}
 			add(ref, fc)
+		}
+	}
+
+	// Services scoping leaves out: an HTTP call to one is answered 403
+	// by the caller's own sidecar, naming the policy, instead of being
+	// passed through to a server that resets it. No cluster, no endpoints.
+	for _, svc := range t.deniedServices() {
+		if svc.Headless() {
+			continue
+		}
+		var pfxs []netip.Prefix
+		for _, ip := range svc.ClusterIPs {
+			if p, err := hostPrefix(ip); err == nil {
+				pfxs = append(pfxs, p)
+			}
+		}
+		for i := range svc.Ports {
+			port := &svc.Ports[i]
+			if len(pfxs) == 0 || !port.Protocol.IsHTTP() {
+				continue
+			}
+			name := DeniedChainName(svc.Hostname(), port.Port)
+			h := t.baseHCM(name, false)
+			h.RouteSpecifier = &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: &routev3.RouteConfiguration{Name: name, VirtualHosts: []*routev3.VirtualHost{{
+				Name: name, Domains: []string{"*"},
+				Routes: []*routev3.Route{{
+					Match: &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
+					Action: &routev3.Route_DirectResponse{DirectResponse: &routev3.DirectResponseAction{Status: 403, Body: &corev3.DataSource{
+						Specifier: &corev3.DataSource_InlineString{InlineString: t.denialMessage(svc, port.Port) + "\n"},
+					}}},
+				}},
+			}}}}
+			h.HttpFilters = buildHTTPFilters(httpFilterInput{})
+			add(model.Ref{Kind: "Service", Namespace: svc.Namespace, Name: svc.Name}, &listenerv3.FilterChain{
+				Name:             name,
+				FilterChainMatch: &listenerv3.FilterChainMatch{PrefixRanges: cidrs(pfxs...), DestinationPort: wrapperspb.UInt32(uint32(port.Port))},
+				Filters:          []*listenerv3.Filter{hcmFilter(h)},
+			})
 		}
 	}
 
@@ -235,6 +274,36 @@ func (t *translator) visibleServices() []*model.Service {
 	}
 	t.visible = out
 	return out
+}
+
+// deniedServices are the Services visibleServices leaves out.
+func (t *translator) deniedServices() []*model.Service {
+	var out []*model.Service
+	for _, svc := range t.mesh.Services {
+		if !t.mayCall(svc) {
+			out = append(out, svc)
+		}
+	}
+	return out
+}
+
+// denialMessage says why the proxy may not call the Service's port: which
+// Allow AccessPolicies leave it out, or the mesh's defaultAccess.
+func (t *translator) denialMessage(svc *model.Service, port int32) string {
+	var allow []string
+	for _, ap := range svc.AccessPolicies {
+		if !ap.Deny {
+			allow = append(allow, ap.Namespace+"/"+ap.Name)
+		}
+	}
+	who := t.mesh.SPIFFEID(t.proxy.Namespace, t.proxy.ServiceAccount)
+	if len(allow) == 0 {
+		return fmt.Sprintf("access denied by Trellis: MeshConfig defaultAccess is Deny and no Allow AccessPolicy lets %s call %s:%d", who, svc.Hostname(), port)
+	}
+	if len(allow) == 1 {
+		return fmt.Sprintf("access denied by Trellis: AccessPolicy %s allows calls to %s:%d only from the identities it lists, and %s is not one of them", allow[0], svc.Hostname(), port, who)
+	}
+	return fmt.Sprintf("access denied by Trellis: AccessPolicies %s allow calls to %s:%d only from the identities they list, and %s is not one of them", strings.Join(allow, ", "), svc.Hostname(), port, who)
 }
 
 func (t *translator) mayCall(svc *model.Service) bool {

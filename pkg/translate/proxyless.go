@@ -84,6 +84,38 @@ func ProxylessGRPC(mesh *model.Mesh, w *model.Workload) (*Resources, []model.Pro
 			})
 		}
 	}
+	// A Service scoping leaves out still resolves, so that a call to it
+	// fails at once with PERMISSION_DENIED (gRPC's fault filter, before
+	// any connection) instead of waiting for a listener that never comes;
+	// its route names DeniedCluster, empty, so the client gets no cluster
+	// or endpoints of the Service.
+	for _, svc := range t.deniedServices() {
+		if svc.Headless() {
+			continue
+		}
+		for i := range svc.Ports {
+			sp := &svc.Ports[i]
+			if !sp.Protocol.IsHTTP() {
+				continue
+			}
+			name := fmt.Sprintf("%s:%d", svc.Hostname(), sp.Port)
+			t.routes[name] = &routev3.RouteConfiguration{Name: name, VirtualHosts: []*routev3.VirtualHost{{
+				Name: name, Domains: []string{name, svc.Hostname()},
+				Routes: []*routev3.Route{{
+					Match:  &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
+					Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: t.deniedCluster()}}},
+				}},
+			}}}
+			h := &hcmv3.HttpConnectionManager{
+				StatPrefix:     name,
+				RouteSpecifier: &hcmv3.HttpConnectionManager_Rds{Rds: &hcmv3.Rds{RouteConfigName: name, ConfigSource: adsConfigSource()}},
+			}
+			h.HttpFilters = buildHTTPFilters(httpFilterInput{fault: &faultv3.HTTPFault{Abort: &faultv3.FaultAbort{
+				Percentage: percent(100), ErrorType: &faultv3.FaultAbort_GrpcStatus{GrpcStatus: 7}, // PERMISSION_DENIED
+			}}})
+			res.Listeners = append(res.Listeners, &listenerv3.Listener{Name: name, ApiListener: &listenerv3.ApiListener{ApiListener: mustAny(h)}})
+		}
+	}
 	for _, ip := range t.inboundPorts() {
 		if !ip.protocol.IsHTTP() {
 			continue
@@ -99,6 +131,24 @@ func ProxylessGRPC(mesh *model.Mesh, w *model.Workload) (*Resources, []model.Pro
 	}
 	t.collect(res)
 	return res, dedupeProblems(t.problems)
+}
+
+// DeniedCluster is the one cluster, with no endpoints, that the routes of
+// Services a proxyless client may not call name (gRPC needs a cluster in a
+// route; its fault filter aborts the call before the cluster is used).
+const DeniedCluster = "trellis|denied"
+
+func (t *translator) deniedCluster() string {
+	if _, ok := t.clusters[DeniedCluster]; !ok {
+		t.clusters[DeniedCluster] = &clusterv3.Cluster{
+			Name:                 DeniedCluster,
+			ClusterDiscoveryType: &clusterv3.Cluster_Type{Type: clusterv3.Cluster_EDS},
+			EdsClusterConfig:     &clusterv3.Cluster_EdsClusterConfig{EdsConfig: adsConfigSource(), ServiceName: DeniedCluster},
+			ConnectTimeout:       dur(serviceConnectTimeout),
+		}
+		t.endpoints[DeniedCluster] = &endpointv3.ClusterLoadAssignment{ClusterName: DeniedCluster}
+	}
+	return DeniedCluster
 }
 
 // grpcRoutes adapts routes to what gRPC understands: it has no

@@ -2,6 +2,7 @@ package translate_test
 
 import (
 	"math"
+	"strings"
 	"testing"
 
 	"github.com/trellis-mesh/trellis/internal/manifest"
@@ -193,11 +194,16 @@ func TestDefaultAccessDeny(t *testing.T) {
 	if in.Outcome != simulate.Denied {
 		t.Errorf("defaultAccess Deny: %s", in.Outcome)
 	}
-	// The frontend is not even given reviews: the request passes through
-	// to the cluster IP and the server's RBAC would refuse it anyway.
+	// The frontend is not given reviews' cluster or endpoints: its own
+	// sidecar answers 403 saying why, without a connection to the server.
 	r := send(t, s, p["shop/frontend-1"], get("/"))
-	if r.Chain != translate.PassthroughCluster {
-		t.Errorf("chain %q, want the passthrough", r.Chain)
+	if r.Chain != translate.DeniedChainName("reviews.shop.svc.cluster.local", 9080) || r.Outcome != simulate.Responded || r.Status != 403 || len(r.Clusters) != 0 {
+		t.Errorf("chain %q: %s %d via %v, want 403 from the denial chain", r.Chain, r.Outcome, r.Status, r.Clusters)
+	}
+	for _, c := range p["shop/frontend-1"].Resources.Clusters {
+		if strings.Contains(c.Name, "reviews") {
+			t.Errorf("the frontend has a cluster for reviews: %s", c.Name)
+		}
 	}
 }
 
