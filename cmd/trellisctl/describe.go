@@ -147,6 +147,9 @@ func describeRequest(w io.Writer, cl *analyze.Cluster, namespace, from, rawURL, 
 	switch res.Outcome {
 	case simulate.Responded:
 		fmt.Fprintf(w, "  result       the client's sidecar answers %d itself%s\n", res.Status, respondedWhy(res))
+		if body := strings.TrimSpace(res.Route.GetDirectResponse().GetBody().GetInlineString()); body != "" {
+			fmt.Fprintf(w, "  body         %s\n", body)
+		}
 		return nil
 	case simulate.Redirected:
 		fmt.Fprintf(w, "  result       redirect: %s\n", redirectText(res.Redirect))
@@ -305,6 +308,8 @@ func respondedWhy(res *simulate.Result) string {
 		return " (outboundPolicy RegistryOnly: no Service or ExternalService matches the host)"
 	case res.Status == 503:
 		return " (no healthy endpoint)"
+	case res.Status == 403 && strings.HasPrefix(res.Chain, "denied|"):
+		return " (scoping: the Service is not in this sidecar's configuration, its identity may not call it)"
 	}
 	return ""
 }

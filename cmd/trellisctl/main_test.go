@@ -145,7 +145,7 @@ func TestDescribeRequest(t *testing.T) {
 		{"allowed", []string{"frontend", "http://reviews/"}, "AccessPolicy: allowed by shop/reviews-callers/rules/0"},
 		{"header-match-timeout", []string{"deployment/frontend", "http://reviews.shop.svc.cluster.local/", "-H", "x-version: v2"}, "timeout 2s"},
 		{"denied-by-deny-rule", []string{"frontend", "http://reviews/admin/users", "-X", "DELETE"}, "denied by Deny rule shop/no-admin/rules/0"},
-		{"caller-left-out", []string{"ratings", "http://reviews/"}, "the server's sidecar refuses plaintext (Strict mTLS)"},
+		{"caller-left-out", []string{"ratings", "http://reviews/"}, "body         access denied by Trellis: AccessPolicy shop/"},
 		{"pod-ip", []string{"frontend", "http://10.244.0.4:8080/"}, "cluster      podip|10.244.0.4:8080"},
 		{"external", []string{"frontend", "http://api.payments.example.com/pay"}, "outbound|80||api.payments.example.com"},
 	}

@@ -59,6 +59,9 @@ type MeshReconciler struct {
 	// lastGood keeps each route's and BackendPolicy's last valid
 	// generation in force while a newer one is invalid.
 	lastGood model.LastGood
+	// trustDomain is the trust domain in force since a MeshConfig first
+	// named one (model.Input.ServingTrustDomain); in memory only.
+	trustDomain string
 
 	mu                 sync.Mutex
 	translatorProblems []model.Problem
@@ -201,7 +204,11 @@ func (r *MeshReconciler) Reconcile(ctx context.Context, req reconcile.Request) (
 	if err != nil {
 		return reconcile.Result{}, err
 	}
+	in.ServingTrustDomain = r.trustDomain
 	mesh, problems := r.lastGood.Build(in)
+	if r.trustDomain == "" && in.MeshConfig != nil {
+		r.trustDomain = mesh.Config.TrustDomain
+	}
 	if req != statusKey {
 		r.Pusher.Update(mesh)
 	}

@@ -45,6 +45,12 @@ type Input struct {
 	Namespaces      []string
 	ServiceAccounts []string
 	IdentitiesKnown bool
+	// ServingTrustDomain is the trust domain the running mesh's
+	// certificates and SAN checks use (the controller's record); empty
+	// before there is one. A MeshConfig naming another one is refused
+	// with a problem and this one stays in force: a change at once would
+	// fail every mTLS connection.
+	ServingTrustDomain string
 	// PodCIDRs are the ranges pod IPs come from (the Nodes' spec.podCIDRs,
 	// or the controller's --pod-cidrs): sidecars resolve calls to a pod IP
 	// in them on demand (see Mesh.PodCIDRs).
@@ -115,6 +121,16 @@ func Build(in Input) (*Mesh, []Problem) {
 		m.Config = Defaults(in.MeshConfig.Spec)
 	} else {
 		m.Config = Defaults(meshv1alpha1.MeshConfigSpec{})
+	}
+	if td := in.ServingTrustDomain; td != "" && m.Config.TrustDomain != td {
+		problems = append(problems, Problem{
+			Object: Ref{Kind: "MeshConfig", Name: meshv1alpha1.MeshConfigName}, Field: "spec.trustDomain",
+			Reason: meshv1alpha1.ReasonTrustDomainChangeRefused, Condition: meshv1alpha1.ConditionAccepted,
+			Message: fmt.Sprintf("trustDomain %q is not the mesh's trust domain %q, which every workload certificate and SAN check uses: "+
+				"a change at once would fail every mTLS connection, so %q stays in force (the rest of this MeshConfig applies). "+
+				"Write trustDomain %q; Trellis does not yet migrate a running mesh to another trust domain", m.Config.TrustDomain, td, td, td),
+		})
+		m.Config.TrustDomain = td
 	}
 	m.Settings = settings(m.Config)
 

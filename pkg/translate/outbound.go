@@ -119,6 +119,7 @@ func (t *translator) outboundListener() *listenerv3.Listener {
 			h.RouteSpecifier = &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: &routev3.RouteConfiguration{Name: name, VirtualHosts: []*routev3.VirtualHost{{
 				Name: name, Domains: []string{"*"},
 				Routes: []*routev3.Route{{
+					Name:  "denied",
 					Match: &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
 					Action: &routev3.Route_DirectResponse{DirectResponse: &routev3.DirectResponseAction{Status: 403, Body: &corev3.DataSource{
 						Specifier: &corev3.DataSource_InlineString{InlineString: t.denialMessage(svc, port.Port) + "\n"},

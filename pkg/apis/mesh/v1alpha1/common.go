@@ -29,6 +29,10 @@ const (
 	// ReasonRejectedByProxy: proxies rejected (NACKed) configuration that
 	// comes from the object and keep running what they had before.
 	ReasonRejectedByProxy = "RejectedByProxy"
+	// ReasonTrustDomainChangeRefused: a MeshConfig names another trust
+	// domain than the one the mesh's certificates and SAN checks use; the
+	// old one stays in force.
+	ReasonTrustDomainChangeRefused = "TrustDomainChangeRefused"
 )
 
 // Duration is a time span in Go's notation restricted to hours, minutes,
