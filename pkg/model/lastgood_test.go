@@ -149,3 +149,49 @@ func TestLastGoodIsBuildWhenNothingIsBroken(t *testing.T) {
 		t.Errorf("Build %q %v, LastGood.Build %q %v", routedTo(m1), p1, routedTo(m2), p2)
 	}
 }
+
+// TestShadowedRouteIsReported: a newer route every match of which an older
+// route on the same parent has (a second catch-all) is Accepted=False
+// naming the older one and not attached; one with a match of its own, or
+// on every port while the older one is on one port, is attached.
+func TestShadowedRouteIsReported(t *testing.T) {
+	at := func(name string, created int64, port *gwv1.PortNumber, header string) *gwv1.HTTPRoute {
+		r := lastGoodRoute(name, 1, "reviews-v2")
+		r.Name, r.CreationTimestamp = name, metav1.Unix(created, 0)
+		r.Spec.ParentRefs[0].Port = port
+		if header != "" {
+			r.Spec.Rules[0].Matches = []gwv1.HTTPRouteMatch{{Headers: []gwv1.HTTPHeaderMatch{{Name: gwv1.HTTPHeaderName(header), Value: "1"}}}}
+		}
+		return r
+	}
+	m, ps := model.Build(lastGoodInput([]string{"reviews", "reviews-v2"},
+		at("first", 100, nil, ""),
+		at("second", 200, nil, ""),
+		at("canary", 300, nil, "X-Canary"),
+		at("canary-again", 400, new(gwv1.PortNumber(9080)), "x-canary"),
+	))
+	var attached []string
+	for _, r := range m.Service("shop", "reviews").ProducerRoutes {
+		attached = append(attached, r.Name)
+	}
+	if got := strings.Join(attached, ","); got != "first,canary" {
+		t.Errorf("attached %s, want first,canary", got)
+	}
+	var conflicted []string
+	for _, p := range problemsOf(ps, "HTTPRoute") {
+		if p.Reason != meshv1alpha1.ReasonConflicted || p.Condition != meshv1alpha1.ConditionAccepted {
+			t.Errorf("unexpected problem %v", p)
+		}
+		conflicted = append(conflicted, p.Object.Name+": "+p.Message)
+	}
+	if len(conflicted) != 2 || !strings.HasPrefix(conflicted[0], "second: every match of this route is already a match of the older HTTPRoute shop/first") ||
+		!strings.HasPrefix(conflicted[1], "canary-again: every match of this route is already a match of the older HTTPRoute shop/canary") {
+		t.Errorf("problems %q", conflicted)
+	}
+
+	// The older route on one port does not shadow a newer one on every port.
+	m, ps = model.Build(lastGoodInput([]string{"reviews", "reviews-v2"}, at("first", 100, new(gwv1.PortNumber(9080)), ""), at("second", 200, nil, "")))
+	if n := len(m.Service("shop", "reviews").ProducerRoutes); n != 2 || len(ps) != 0 {
+		t.Errorf("%d routes attached, problems %v", n, ps)
+	}
+}

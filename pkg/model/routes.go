@@ -2,6 +2,7 @@ package model
 
 import (
 	"cmp"
+	"encoding/json"
 	"fmt"
 	"regexp"
 	"slices"
@@ -96,9 +97,13 @@ func (m *Mesh) attachRoutes(httpRoutes []*gwv1.HTTPRoute, grpcRoutes []*gwv1.GRP
 		var ps []Problem
 		svc.ProducerRoutes, ps = kindConflicts(svc, svc.ProducerRoutes)
 		problems = append(problems, ps...)
+		svc.ProducerRoutes, ps = shadowedRoutes(svc, svc.ProducerRoutes)
+		problems = append(problems, ps...)
 		for ns := range svc.ConsumerRoutes {
 			slices.SortFunc(svc.ConsumerRoutes[ns], order)
 			svc.ConsumerRoutes[ns], ps = kindConflicts(svc, svc.ConsumerRoutes[ns])
+			problems = append(problems, ps...)
+			svc.ConsumerRoutes[ns], ps = shadowedRoutes(svc, svc.ConsumerRoutes[ns])
 			problems = append(problems, ps...)
 		}
 	}
@@ -142,6 +147,76 @@ func kindConflicts(svc *Service, routes []*Route) ([]*Route, []Problem) {
 			Message: fmt.Sprintf("%s %s/%s is attached to %s already; Gateway API accepts only one of an HTTPRoute and a GRPCRoute on a parent (the older): move one to another port or Service, or merge them", winner.Kind, winner.Namespace, winner.Name, on)})
 	}
 	return kept, problems
+}
+
+// shadowedRoutes finds routes every match of which an older route on the
+// same parent has already (Gateway API: among equal matches the oldest
+// route wins): such a route would receive no request, e.g. a second
+// catch-all. It gets Accepted=False naming the winner and is not attached
+// (traffic is the same either way; it takes over once the winner goes).
+// Routes come sorted oldest first.
+func shadowedRoutes(svc *Service, routes []*Route) ([]*Route, []Problem) {
+	var kept []*Route
+	var problems []Problem
+	type claim struct {
+		port  int32
+		route *Route
+	}
+	claims := map[string][]claim{}
+	for _, r := range routes {
+		var winner *Route
+		shadowed := len(r.Rules) > 0
+		var keys []string
+		for _, rule := range r.Rules {
+			for _, mt := range rule.Matches {
+				key := matchKey(mt)
+				keys = append(keys, key)
+				var by *Route
+				for _, c := range claims[key] {
+					if c.port == 0 || c.port == r.Port {
+						by = c.route
+						break
+					}
+				}
+				if by == nil {
+					shadowed = false
+				} else if winner == nil {
+					winner = by
+				}
+			}
+		}
+		if !shadowed || winner == nil {
+			kept = append(kept, r)
+			for _, k := range keys {
+				claims[k] = append(claims[k], claim{r.Port, r})
+			}
+			continue
+		}
+		on := "Service " + svc.Namespace + "/" + svc.Name
+		if r.Port != 0 {
+			on += fmt.Sprintf(" port %d", r.Port)
+		}
+		problems = append(problems, Problem{Object: r.Ref(), Field: fmt.Sprintf("spec.parentRefs[%d]", r.Parent), Reason: meshv1alpha1.ReasonConflicted, Condition: meshv1alpha1.ConditionAccepted,
+			Message: fmt.Sprintf("every match of this route is already a match of the older %s %s/%s on %s, which wins (Gateway API: the oldest route among equal matches), so this route would receive no request; make its matches more specific, or merge the two", winner.Kind, winner.Namespace, winner.Name, on)})
+	}
+	return kept, problems
+}
+
+// matchKey identifies a match up to the order of its header and query
+// conditions.
+func matchKey(mt RouteMatch) string {
+	mt.Headers = slices.Clone(mt.Headers)
+	mt.QueryParams = slices.Clone(mt.QueryParams)
+	byName := func(a, b ValueMatch) int {
+		return cmp.Or(cmp.Compare(a.Name, b.Name), cmp.Compare(a.Type, b.Type), cmp.Compare(a.Value, b.Value))
+	}
+	for i := range mt.Headers {
+		mt.Headers[i].Name = strings.ToLower(mt.Headers[i].Name)
+	}
+	slices.SortFunc(mt.Headers, byName)
+	slices.SortFunc(mt.QueryParams, byName)
+	b, _ := json.Marshal(mt)
+	return string(b)
 }
 
 var matchField = regexp.MustCompile(`^spec\.rules\[\d+\]\.matches`)
