@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"strconv"
+	"strings"
 )
 
 // Well-known names shared with the bootstrap (pkg/inject), the CA (SDS) and
@@ -57,10 +58,14 @@ func InboundClusterName(port int32) string {
 	return "inbound|" + strconv.Itoa(int(port)) + "||"
 }
 
-// DeniedChainName names the outbound filter chain that answers 403 for a
-// Service port the proxy may not call.
-func DeniedChainName(host string, port int32) string {
-	return "denied|" + strconv.Itoa(int(port)) + "||" + host
+// DeniedChainName names the outbound filter chain that answers 403 for the
+// Service ports (port) the proxy may not call because of the Allow
+// policies (namespace/name; none: defaultAccess Deny).
+func DeniedChainName(port int32, policies []string) string {
+	if len(policies) == 0 {
+		return "denied|" + strconv.Itoa(int(port)) + "|defaultAccess"
+	}
+	return "denied|" + strconv.Itoa(int(port)) + "|" + strings.Join(policies, ",")
 }
 
 // OutboundRouteName is the RDS name of the HTTP ExternalServices on a port

@@ -97,42 +97,63 @@ func (t *translator) outboundListener() *listenerv3.Listener {
 	}
 
 	// Services scoping leaves out: an HTTP call to one is answered 403
-	// by the caller's own sidecar, naming the policy, instead of being
-	// passed through to a server that resets it. No cluster, no endpoints.
+	// by the caller's own sidecar, naming the policies, instead of being
+	// passed through to a server that resets it. No cluster, no endpoints;
+	// one chain per port and set of Allow policies (a namespace's Services
+	// usually share one), so a scoped proxy's listener stays small.
+	type denial struct {
+		port     int32
+		policies []string
+		pfxs     []netip.Prefix
+	}
+	var denials []*denial
+	byGroup := map[string]*denial{}
 	for _, svc := range t.deniedServices() {
 		if svc.Headless() {
 			continue
 		}
-		var pfxs []netip.Prefix
-		for _, ip := range svc.ClusterIPs {
-			if p, err := hostPrefix(ip); err == nil {
-				pfxs = append(pfxs, p)
-			}
-		}
+		policies := allowPolicies(svc)
 		for i := range svc.Ports {
 			port := &svc.Ports[i]
-			if len(pfxs) == 0 || !port.Protocol.IsHTTP() {
+			if !port.Protocol.IsHTTP() {
 				continue
 			}
-			name := DeniedChainName(svc.Hostname(), port.Port)
-			h := t.baseHCM(name, false)
-			h.RouteSpecifier = &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: &routev3.RouteConfiguration{Name: name, VirtualHosts: []*routev3.VirtualHost{{
-				Name: name, Domains: []string{"*"},
-				Routes: []*routev3.Route{{
-					Name:  "denied",
-					Match: &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
-					Action: &routev3.Route_DirectResponse{DirectResponse: &routev3.DirectResponseAction{Status: 403, Body: &corev3.DataSource{
-						Specifier: &corev3.DataSource_InlineString{InlineString: t.denialMessage(svc, port.Port) + "\n"},
-					}}},
-				}},
-			}}}}
-			h.HttpFilters = buildHTTPFilters(httpFilterInput{})
-			add(model.Ref{Kind: "Service", Namespace: svc.Namespace, Name: svc.Name}, &listenerv3.FilterChain{
-				Name:             name,
-				FilterChainMatch: &listenerv3.FilterChainMatch{PrefixRanges: cidrs(pfxs...), DestinationPort: wrapperspb.UInt32(uint32(port.Port))},
-				Filters:          []*listenerv3.Filter{hcmFilter(h)},
-			})
+			key := DeniedChainName(port.Port, policies)
+			d := byGroup[key]
+			if d == nil {
+				d = &denial{port: port.Port, policies: policies}
+				byGroup[key] = d
+				denials = append(denials, d)
+			}
+			for _, ip := range svc.ClusterIPs {
+				if p, err := hostPrefix(ip); err == nil {
+					d.pfxs = append(d.pfxs, p)
+				}
+			}
 		}
+	}
+	for _, d := range denials {
+		if len(d.pfxs) == 0 {
+			continue
+		}
+		name := DeniedChainName(d.port, d.policies)
+		h := t.baseHCM(name, false)
+		h.RouteSpecifier = &hcmv3.HttpConnectionManager_RouteConfig{RouteConfig: &routev3.RouteConfiguration{Name: name, VirtualHosts: []*routev3.VirtualHost{{
+			Name: name, Domains: []string{"*"},
+			Routes: []*routev3.Route{{
+				Name:  "denied",
+				Match: &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
+				Action: &routev3.Route_DirectResponse{DirectResponse: &routev3.DirectResponseAction{Status: 403, Body: &corev3.DataSource{
+					Specifier: &corev3.DataSource_InlineString{InlineString: t.denialMessage(d.policies, d.port) + "\n"},
+				}}},
+			}},
+		}}}}
+		h.HttpFilters = buildHTTPFilters(httpFilterInput{})
+		chains = append(chains, &listenerv3.FilterChain{
+			Name:             name,
+			FilterChainMatch: &listenerv3.FilterChainMatch{PrefixRanges: cidrs(d.pfxs...), DestinationPort: wrapperspb.UInt32(uint32(d.port))},
+			Filters:          []*listenerv3.Filter{hcmFilter(h)},
+		})
 	}
 
 	needTLSInspector := false
@@ -288,23 +309,29 @@ func (t *translator) deniedServices() []*model.Service {
 	return out
 }
 
-// denialMessage says why the proxy may not call the Service's port: which
-// Allow AccessPolicies leave it out, or the mesh's defaultAccess.
-func (t *translator) denialMessage(svc *model.Service, port int32) string {
+// allowPolicies are the Allow AccessPolicies on the Service, as
+// namespace/name.
+func allowPolicies(svc *model.Service) []string {
 	var allow []string
 	for _, ap := range svc.AccessPolicies {
 		if !ap.Deny {
 			allow = append(allow, ap.Namespace+"/"+ap.Name)
 		}
 	}
+	return allow
+}
+
+// denialMessage says why the proxy may not call a Service on the port:
+// which Allow AccessPolicies leave it out, or the mesh's defaultAccess.
+func (t *translator) denialMessage(allow []string, port int32) string {
 	who := t.mesh.SPIFFEID(t.proxy.Namespace, t.proxy.ServiceAccount)
-	if len(allow) == 0 {
-		return fmt.Sprintf("access denied by Trellis: MeshConfig defaultAccess is Deny and no Allow AccessPolicy lets %s call %s:%d", who, svc.Hostname(), port)
+	switch len(allow) {
+	case 0:
+		return fmt.Sprintf("access denied by Trellis: MeshConfig defaultAccess is Deny and no Allow AccessPolicy lets %s call this Service on port %d", who, port)
+	case 1:
+		return fmt.Sprintf("access denied by Trellis: AccessPolicy %s allows calls to this Service on port %d only from the identities it lists, and %s is not one of them", allow[0], port, who)
 	}
-	if len(allow) == 1 {
-		return fmt.Sprintf("access denied by Trellis: AccessPolicy %s allows calls to %s:%d only from the identities it lists, and %s is not one of them", allow[0], svc.Hostname(), port, who)
-	}
-	return fmt.Sprintf("access denied by Trellis: AccessPolicies %s allow calls to %s:%d only from the identities they list, and %s is not one of them", strings.Join(allow, ", "), svc.Hostname(), port, who)
+	return fmt.Sprintf("access denied by Trellis: AccessPolicies %s allow calls to this Service on port %d only from the identities they list, and %s is not one of them", strings.Join(allow, ", "), port, who)
 }
 
 func (t *translator) mayCall(svc *model.Service) bool {

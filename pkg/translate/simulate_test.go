@@ -197,7 +197,7 @@ func TestDefaultAccessDeny(t *testing.T) {
 	// The frontend is not given reviews' cluster or endpoints: its own
 	// sidecar answers 403 saying why, without a connection to the server.
 	r := send(t, s, p["shop/frontend-1"], get("/"))
-	if r.Chain != translate.DeniedChainName("reviews.shop.svc.cluster.local", 9080) || r.Outcome != simulate.Responded || r.Status != 403 || len(r.Clusters) != 0 {
+	if r.Chain != translate.DeniedChainName(9080, nil) || r.Outcome != simulate.Responded || r.Status != 403 || len(r.Clusters) != 0 {
 		t.Errorf("chain %q: %s %d via %v, want 403 from the denial chain", r.Chain, r.Outcome, r.Status, r.Clusters)
 	}
 	for _, c := range p["shop/frontend-1"].Resources.Clusters {
