@@ -59,17 +59,36 @@ func ProxylessGRPC(mesh *model.Mesh, w *model.Workload) (*Resources, []model.Pro
 		routes:    map[string]*routev3.RouteConfiguration{},
 	}
 	res := &Resources{}
-	for _, svc := range t.visibleServices() {
+	// A Service scoping leaves out still resolves, so that a call to it
+	// fails at once with PERMISSION_DENIED (gRPC's fault filter, before
+	// any connection) instead of waiting for a listener that never comes;
+	// its route names DeniedCluster, empty, so the client gets no cluster
+	// or endpoints of the Service.
+	denied := &faultv3.HTTPFault{Abort: &faultv3.FaultAbort{
+		Percentage: percent(100), ErrorType: &faultv3.FaultAbort_GrpcStatus{GrpcStatus: 7}, // PERMISSION_DENIED
+	}}
+	for _, svc := range t.mesh.Services {
 		if svc.Headless() {
 			continue
 		}
+		allowed := t.mayCall(svc)
 		for i := range svc.Ports {
 			sp := &svc.Ports[i]
 			if !sp.Protocol.IsHTTP() {
 				continue
 			}
 			name := fmt.Sprintf("%s:%d", svc.Hostname(), sp.Port)
-			routes := grpcRoutes(t.serviceRoutes(svc, sp))
+			fault := clientFault(svc)
+			var routes []*routev3.Route
+			if allowed {
+				routes = grpcRoutes(t.serviceRoutes(svc, sp))
+			} else {
+				fault = denied
+				routes = []*routev3.Route{{
+					Match:  &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
+					Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: t.deniedCluster()}}},
+				}}
+			}
 			t.routes[name] = &routev3.RouteConfiguration{Name: name, VirtualHosts: []*routev3.VirtualHost{{
 				Name: name, Domains: []string{name, svc.Hostname()}, Routes: routes,
 			}}}
@@ -77,43 +96,11 @@ func ProxylessGRPC(mesh *model.Mesh, w *model.Workload) (*Resources, []model.Pro
 				StatPrefix:     name,
 				RouteSpecifier: &hcmv3.HttpConnectionManager_Rds{Rds: &hcmv3.Rds{RouteConfigName: name, ConfigSource: adsConfigSource()}},
 			}
-			h.HttpFilters = buildHTTPFilters(httpFilterInput{fault: clientFault(svc)})
+			h.HttpFilters = buildHTTPFilters(httpFilterInput{fault: fault})
 			res.Listeners = append(res.Listeners, &listenerv3.Listener{
 				Name:        name,
 				ApiListener: &listenerv3.ApiListener{ApiListener: mustAny(h)},
 			})
-		}
-	}
-	// A Service scoping leaves out still resolves, so that a call to it
-	// fails at once with PERMISSION_DENIED (gRPC's fault filter, before
-	// any connection) instead of waiting for a listener that never comes;
-	// its route names DeniedCluster, empty, so the client gets no cluster
-	// or endpoints of the Service.
-	for _, svc := range t.deniedServices() {
-		if svc.Headless() {
-			continue
-		}
-		for i := range svc.Ports {
-			sp := &svc.Ports[i]
-			if !sp.Protocol.IsHTTP() {
-				continue
-			}
-			name := fmt.Sprintf("%s:%d", svc.Hostname(), sp.Port)
-			t.routes[name] = &routev3.RouteConfiguration{Name: name, VirtualHosts: []*routev3.VirtualHost{{
-				Name: name, Domains: []string{name, svc.Hostname()},
-				Routes: []*routev3.Route{{
-					Match:  &routev3.RouteMatch{PathSpecifier: &routev3.RouteMatch_Prefix{Prefix: "/"}},
-					Action: &routev3.Route_Route{Route: &routev3.RouteAction{ClusterSpecifier: &routev3.RouteAction_Cluster{Cluster: t.deniedCluster()}}},
-				}},
-			}}}
-			h := &hcmv3.HttpConnectionManager{
-				StatPrefix:     name,
-				RouteSpecifier: &hcmv3.HttpConnectionManager_Rds{Rds: &hcmv3.Rds{RouteConfigName: name, ConfigSource: adsConfigSource()}},
-			}
-			h.HttpFilters = buildHTTPFilters(httpFilterInput{fault: &faultv3.HTTPFault{Abort: &faultv3.FaultAbort{
-				Percentage: percent(100), ErrorType: &faultv3.FaultAbort_GrpcStatus{GrpcStatus: 7}, // PERMISSION_DENIED
-			}}})
-			res.Listeners = append(res.Listeners, &listenerv3.Listener{Name: name, ApiListener: &listenerv3.ApiListener{ApiListener: mustAny(h)}})
 		}
 	}
 	for _, ip := range t.inboundPorts() {
