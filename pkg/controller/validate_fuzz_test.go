@@ -7,10 +7,8 @@ import (
 	"testing"
 
 	admissionv1 "k8s.io/api/admission/v1"
-	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
-	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
@@ -22,14 +20,9 @@ import (
 // and never answers 500; what it cannot decode is a 400, and what it denies
 // is a 403 whose message names the field at fault.
 func FuzzValidator(f *testing.F) {
-	ns := env.Namespace(f, nil)
-	create(f,
-		&corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "reviews"}, Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: 80}}}},
-		&meshv1alpha1.BackendPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "first"}, Spec: meshv1alpha1.BackendPolicySpec{
-			TargetRefs: []meshv1alpha1.PolicyTargetReference{{Name: "reviews"}}, Timeout: ptr.To(meshv1alpha1.Duration("5s"))}},
-		&meshv1alpha1.ExternalService{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "api"}, Spec: meshv1alpha1.ExternalServiceSpec{
-			Hosts: []string{"api.example.com"}, Ports: []meshv1alpha1.ExternalPort{{Number: 443, Protocol: "TLS"}}}},
-	)
+	// The ExternalService is created in another namespace: hosts conflict mesh-wide.
+	ns, v := validatorFixture(f, &meshv1alpha1.ExternalService{ObjectMeta: metav1.ObjectMeta{Namespace: env.Namespace(f, nil), Name: "api"}, Spec: meshv1alpha1.ExternalServiceSpec{
+		Hosts: []string{"api.example.com"}, Ports: []meshv1alpha1.ExternalPort{{Number: 443, Protocol: "TLS"}}}})
 	kinds := []string{"BackendPolicy", "AccessPolicy", "ExternalService", "HTTPRoute", "GRPCRoute", "Pod"}
 	for _, seed := range []struct {
 		kind uint8
@@ -45,7 +38,6 @@ func FuzzValidator(f *testing.F) {
 	} {
 		f.Add(seed.kind, []byte(seed.body))
 	}
-	v := &Validator{Client: env.Client, Decoder: admission.NewDecoder(env.Scheme)}
 	f.Fuzz(func(t *testing.T, kind uint8, raw []byte) {
 		k := kinds[int(kind)%len(kinds)]
 		resp := v.Handle(context.Background(), admission.Request{AdmissionRequest: admissionv1.AdmissionRequest{

@@ -11,11 +11,25 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/utils/ptr"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
 
 	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
 )
+
+// validatorFixture is a new namespace with Service reviews and BackendPolicy
+// first on it, and a Validator reading the apiserver.
+func validatorFixture(t testing.TB, more ...client.Object) (string, *Validator) {
+	t.Helper()
+	ns := env.Namespace(t, nil)
+	create(t, append([]client.Object{
+		&corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "reviews"}, Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: 80}}}},
+		&meshv1alpha1.BackendPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "first"}, Spec: meshv1alpha1.BackendPolicySpec{
+			TargetRefs: []meshv1alpha1.PolicyTargetReference{{Name: "reviews"}}, Timeout: ptr.To(meshv1alpha1.Duration("5s"))}},
+	}, more...)...)
+	return ns, &Validator{Client: env.Client, Decoder: admission.NewDecoder(env.Scheme)}
+}
 
 func admissionRequest(t *testing.T, kind string, obj runtime.Object) admission.Request {
 	t.Helper()
@@ -33,13 +47,7 @@ func admissionRequest(t *testing.T, kind string, obj runtime.Object) admission.R
 // denied naming the first, a target that does not exist is admitted with
 // a warning, a mis-grouped Service parentRef gets the GAMMA warning.
 func TestValidatorAgainstTheAPIServer(t *testing.T) {
-	ns := env.Namespace(t, nil)
-	create(t,
-		&corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "reviews"}, Spec: corev1.ServiceSpec{Ports: []corev1.ServicePort{{Port: 80}}}},
-		&meshv1alpha1.BackendPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "first"}, Spec: meshv1alpha1.BackendPolicySpec{
-			TargetRefs: []meshv1alpha1.PolicyTargetReference{{Name: "reviews"}}, Timeout: ptr.To(meshv1alpha1.Duration("5s"))}},
-	)
-	v := &Validator{Client: env.Client, Decoder: admission.NewDecoder(env.Scheme)}
+	ns, v := validatorFixture(t)
 	ctx := context.Background()
 
 	second := &meshv1alpha1.BackendPolicy{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "second"}, Spec: meshv1alpha1.BackendPolicySpec{
