@@ -88,9 +88,8 @@ func (l *LastGood) Build(in Input) (*Mesh, []Problem) {
 			m, final = m2, ps2
 			break
 		}
-		if len(held) == 0 {
-			final = problems // every held object fell back: the first build stands
-		}
+		// Some fell back: build again with the rest (with none, the
+		// first build stands).
 	}
 	if len(held) > 0 {
 		out := final[:0:0]
@@ -107,7 +106,7 @@ func (l *LastGood) Build(in Input) (*Mesh, []Problem) {
 		}
 		final = out
 	}
-	l.remember(in, brokenObjects(problems))
+	l.remember(in, broken)
 	return m, final
 }
 

@@ -71,12 +71,7 @@ func (t *translator) outboundListener() *listenerv3.Listener {
 				}
 				continue
 			}
-			var pfxs []netip.Prefix
-			for _, ip := range svc.ClusterIPs {
-				if p, err := hostPrefix(ip); err == nil {
-					pfxs = append(pfxs, p)
-				}
-			}
+			pfxs := clusterIPPrefixes(svc)
 			if len(pfxs) == 0 {
 				continue
 			}
@@ -125,11 +120,7 @@ func (t *translator) outboundListener() *listenerv3.Listener {
 				byGroup[key] = d
 				denials = append(denials, d)
 			}
-			for _, ip := range svc.ClusterIPs {
-				if p, err := hostPrefix(ip); err == nil {
-					d.pfxs = append(d.pfxs, p)
-				}
-			}
+			d.pfxs = append(d.pfxs, clusterIPPrefixes(svc)...)
 		}
 	}
 	for _, d := range denials {
@@ -285,25 +276,37 @@ func cidrs(ps ...netip.Prefix) []*corev3.CidrRange {
 // or, with defaultAccess Deny, a Service no Allow rule opens to it. Leaving
 // them out is safe: the server side would deny the request anyway.
 func (t *translator) visibleServices() []*model.Service {
-	if t.visible != nil {
-		return t.visible
-	}
-	out := []*model.Service{}
-	for _, svc := range t.mesh.Services {
-		if t.mayCall(svc) {
-			out = append(out, svc)
-		}
-	}
-	t.visible = out
-	return out
+	t.scope()
+	return t.visible
 }
 
 // deniedServices are the Services visibleServices leaves out.
 func (t *translator) deniedServices() []*model.Service {
-	var out []*model.Service
+	t.scope()
+	return t.denied
+}
+
+// scope splits the mesh's Services into visible and denied, once.
+func (t *translator) scope() {
+	if t.visible != nil {
+		return
+	}
+	t.visible = []*model.Service{}
 	for _, svc := range t.mesh.Services {
-		if !t.mayCall(svc) {
-			out = append(out, svc)
+		if t.mayCall(svc) {
+			t.visible = append(t.visible, svc)
+		} else {
+			t.denied = append(t.denied, svc)
+		}
+	}
+}
+
+// clusterIPPrefixes are the Service's cluster IPs as host prefixes.
+func clusterIPPrefixes(svc *model.Service) []netip.Prefix {
+	var out []netip.Prefix
+	for _, ip := range svc.ClusterIPs {
+		if p, err := hostPrefix(ip); err == nil {
+			out = append(out, p)
 		}
 	}
 	return out

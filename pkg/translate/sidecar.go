@@ -36,7 +36,9 @@ type translator struct {
 	clusters  map[string]*clusterv3.Cluster
 	endpoints map[string]*endpointv3.ClusterLoadAssignment
 	routes    map[string]*routev3.RouteConfiguration
-	visible   []*model.Service // memo of visibleServices
+	// visible and denied are the memo of scope (visibleServices,
+	// deniedServices).
+	visible, denied []*model.Service
 	// proxyless shapes clusters for gRPC's xDS client (see ProxylessGRPC).
 	proxyless bool
 }
