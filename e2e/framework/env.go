@@ -9,14 +9,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	admissionv1 "k8s.io/api/admissionregistration/v1"
@@ -26,11 +24,11 @@ import (
 	"github.com/trellis-mesh/trellis/internal/envoy"
 	"github.com/trellis-mesh/trellis/internal/localcluster"
 	"github.com/trellis-mesh/trellis/internal/testenv"
-
-	"github.com/trellis-mesh/trellis/internal/spawn"
 )
 
-// Ports of the control plane on the test bridge and the host.
+// Ports of the control plane on the test bridge and the host: the xDS and
+// webhook Services' (service.go) and replica 0's health and metrics ports
+// (replica i's are 100·i higher).
 const (
 	XDSPort     = 15012
 	WebhookPort = 19443
@@ -64,10 +62,9 @@ type Env struct {
 	dns        *dnsServer
 	cancel     context.CancelFunc
 	kubeletErr chan error
+	services   *services
 	mu         sync.Mutex
-	controller *exec.Cmd
-	ctrlDone   chan struct{}
-	ctrlLog    *os.File
+	replicas   [Replicas]*replica
 }
 
 // Options configure Start.
@@ -150,6 +147,9 @@ func Start(ctx context.Context, opts Options) (_ *Env, err error) {
 	}
 	if e.net, err = newNetwork(); err != nil {
 		return nil, fmt.Errorf("pod network: %w", err)
+	}
+	if e.services, err = newServices(); err != nil {
+		return nil, fmt.Errorf("the controller's Services: %w", err)
 	}
 	// Gateway API's experimental channel (a superset of the standard one),
 	// so that experimental route fields (HTTPRoute retry) are exercised.
@@ -260,106 +260,12 @@ func (e *Env) waitForCABundle(ctx context.Context) error {
 	return errors.New("the controller did not fill in the injection webhook's caBundle")
 }
 
-// StartController starts trellis-controller and waits until it is ready.
-func (e *Env) StartController(ctx context.Context) error {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	log, err := os.OpenFile(filepath.Join(e.Dir, "trellis-controller.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		return err
-	}
-	// The chart's arguments and ServiceAccount: a permission the chart lacks
-	// fails the scenarios. Listeners move to this host's addresses; leader
-	// election is off so that a restarted controller need not wait for the
-	// old Lease to expire.
-	cfg := e.Cluster.Env.Config
-	token, err := chartinstall.ServiceAccountToken(ctx, cfg, ControllerNamespace, chartinstall.ServiceAccount, 12*time.Hour)
-	if err != nil {
-		log.Close()
-		return err
-	}
-	kubeconfig := filepath.Join(e.Dir, "trellis-controller.kubeconfig")
-	if err := chartinstall.TokenKubeconfig(cfg, token, kubeconfig); err != nil {
-		log.Close()
-		return err
-	}
-	args, err := chartinstall.ControllerArgs(ctx, cfg, ControllerNamespace, map[string]string{
-		"--kubeconfig":           kubeconfig,
-		"--leader-elect":         "false",
-		"--metrics-bind-address": fmt.Sprintf("%s:%d", GatewayIP, MetricsPort),
-		// The chart's secure metrics endpoint (and debug API): trellisctl
-		// reaches it with the admin kubeconfig's client certificate.
-		"--metrics-secure":            "true",
-		"--health-probe-bind-address": fmt.Sprintf("127.0.0.1:%d", HealthPort),
-		"--xds-address":               fmt.Sprintf("%s:%d", GatewayIP, XDSPort),
-		"--xds-dns-names":             GatewayIP,
-		"--xds-service-host":          GatewayIP,
-		"--xds-service-port":          fmt.Sprint(XDSPort),
-		"--webhook-bind-address":      fmt.Sprintf("127.0.0.1:%d", WebhookPort),
-		"--webhook-dns-names":         "127.0.0.1",
-		"--xds-root-ca-out":           filepath.Join(e.Dir, "root-ca.pem"),
-		// TestCertificateRotation goes through a root rotation's phases
-		// in under a minute.
-		"--root-rotation-overlap":        "15s",
-		"--root-rotation-check-interval": "2s",
-	})
-	if err != nil {
-		log.Close()
-		return err
-	}
-	cmd := exec.Command(e.Bins["trellis-controller"], args...)
-	cmd.Env = append(os.Environ(), "POD_NAMESPACE="+ControllerNamespace)
-	cmd.Stdout, cmd.Stderr = log, log
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := spawn.Start(cmd); err != nil {
-		log.Close()
-		return err
-	}
-	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(done) }()
-	e.controller, e.ctrlDone, e.ctrlLog = cmd, done, log
-	deadline := time.Now().Add(time.Minute)
-	for time.Now().Before(deadline) {
-		select {
-		case <-done:
-			return fmt.Errorf("trellis-controller exited; see %s", log.Name())
-		default:
-		}
-		if resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/readyz", HealthPort)); err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-	return fmt.Errorf("trellis-controller not ready after a minute; see %s", log.Name())
-}
-
-// StopController stops trellis-controller (SIGTERM, SIGKILL after 10 s).
-func (e *Env) StopController() {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if e.controller == nil {
-		return
-	}
-	_ = e.controller.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-e.ctrlDone:
-	case <-time.After(10 * time.Second):
-		_ = e.controller.Process.Kill()
-		<-e.ctrlDone
-	}
-	e.ctrlLog.Close()
-	e.controller = nil
-}
-
 // AddHost makes the cluster DNS answer name with addr (a test host outside
 // the mesh, e.g. for egress).
 func (e *Env) AddHost(name string, addr netip.Addr) { e.dns.add(name, addr) }
 
-// ControllerLog is the path of the controller's log.
-func (e *Env) ControllerLog() string { return filepath.Join(e.Dir, "trellis-controller.log") }
+// ControllerLog is the path of replica 0's log.
+func (e *Env) ControllerLog() string { return e.ReplicaLog(0) }
 
 // Stop tears everything down: pods, their namespaces and the bridge, the
 // controller, the Kubernetes processes.
@@ -374,6 +280,9 @@ func (e *Env) Stop() {
 	}
 	if e.Cluster != nil {
 		_ = e.Cluster.Stop()
+	}
+	if e.services != nil {
+		cleanupServices()
 	}
 	if e.net != nil {
 		e.net.close()

@@ -61,36 +61,43 @@ func supervise(ctx context.Context, b backoff, start func() (<-chan struct{}, fu
 	}
 }
 
-// KeepControllerRunning restarts trellis-controller whenever it exits
-// without StopController (killed, crashed), with the kubelet's back-off,
-// until ctx is done: `make demo` behaves as a Deployment would.
+// KeepControllerRunning keeps replica 0 running (KeepReplicaRunning):
+// `make demo` behaves as a Deployment would.
 func (e *Env) KeepControllerRunning(ctx context.Context, logf func(string, ...any)) {
-	first := true
+	e.KeepReplicaRunning(ctx, 0, logf)
+}
+
+// KeepReplicaRunning restarts replica i whenever it exits without
+// StopReplica (killed, crashed, lost its Lease), with the kubelet's
+// back-off, until ctx is done. Replica i is started first if it is not
+// running.
+func (e *Env) KeepReplicaRunning(ctx context.Context, i int, logf func(string, ...any)) {
 	supervise(ctx, backoff{restartBackoffInitial, restartBackoffMax, restartBackoffReset}, func() (<-chan struct{}, func() string, error) {
-		if !first {
-			if err := e.StartController(ctx); err != nil {
+		if !e.Running(i) {
+			if err := e.StartReplica(ctx, i); err != nil {
 				return nil, nil, err
 			}
 		}
-		first = false
 		e.mu.Lock()
-		cmd, done := e.controller, e.ctrlDone
+		r := e.replicas[i]
 		e.mu.Unlock()
-		if cmd == nil {
-			return nil, nil, fmt.Errorf("trellis-controller is not running")
+		if r == nil {
+			return nil, nil, fmt.Errorf("trellis-controller replica %d is not running", i)
 		}
-		return done, func() string {
+		return r.done, func() string {
 			e.mu.Lock()
 			defer e.mu.Unlock()
-			if e.controller == cmd { // not stopped by StopController
-				e.ctrlLog.Close()
-				e.controller = nil
+			if e.replicas[i] == r { // not stopped by StopReplica or KillReplica
+				r.log.Close()
+				e.replicas[i] = nil
 			}
-			st := cmd.ProcessState
+			st := r.cmd.ProcessState
 			if ws, ok := st.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
 				return "killed by " + ws.Signal().String()
 			}
 			return st.String()
 		}, nil
-	}, func(format string, args ...any) { logf("trellis-controller "+format, args...) })
+	}, func(format string, args ...any) {
+		logf(fmt.Sprintf("trellis-controller replica %d ", i)+format, args...)
+	})
 }

@@ -42,15 +42,23 @@ type Options struct {
 	ProbeAddr               string
 	LeaderElect             bool
 	LeaderElectionNamespace string
-	Namespace               string
-	XDSAddr                 string
-	XDSDNSNames             []string
-	Debounce, MaxDelay      time.Duration
-	MaxConnectionAge        time.Duration
-	ConnectionRate          float64
-	Audience                string
-	VerifyPeerIP            bool
-	TokenReviewTTL          time.Duration
+	// LeaseDuration, RenewDeadline and RetryPeriod time leader election
+	// (client-go's meanings): a killed leader's successor writes status
+	// within about LeaseDuration + RetryPeriod. The leader releases the
+	// Lease when it stops gracefully, so a rolling restart does not wait.
+	LeaseDuration, RenewDeadline, RetryPeriod time.Duration
+	// LeaderIdentity names this replica in the Lease (default: env
+	// POD_NAME, else the host name with a random suffix).
+	LeaderIdentity string
+	Namespace                                 string
+	XDSAddr                                   string
+	XDSDNSNames                               []string
+	Debounce, MaxDelay                        time.Duration
+	MaxConnectionAge                          time.Duration
+	ConnectionRate                            float64
+	Audience                                  string
+	VerifyPeerIP                              bool
+	TokenReviewTTL                            time.Duration
 	// Authority signs workload and serving certificates. Nil: the root in
 	// the Secret trellis-ca of Namespace (loaded, or created by the first
 	// replica), with root rotation; set: that authority, no rotation (tests).
@@ -92,6 +100,7 @@ type Options struct {
 func Defaults() Options {
 	return Options{
 		MetricsAddr: "127.0.0.1:8443", MetricsSecure: true, ProbeAddr: "127.0.0.1:8081", LeaderElect: true,
+		LeaseDuration: 15 * time.Second, RenewDeadline: 10 * time.Second, RetryPeriod: 2 * time.Second,
 		Namespace: "trellis-system", XDSAddr: "127.0.0.1:15012",
 		Debounce: 100 * time.Millisecond, MaxDelay: 10 * time.Second, MaxConnectionAge: 30 * time.Minute,
 		ConnectionRate: 100, Audience: "trellis", VerifyPeerIP: true, TokenReviewTTL: 5 * time.Minute,
@@ -132,6 +141,7 @@ type ControlPlane struct {
 	direct client.Client
 	// wakeRootCA makes the trust-bundle reconciler republish at once.
 	wakeRootCA chan event.GenericEvent
+	leader     leadership
 }
 
 // MetricsDNSNames are the names of the metrics endpoint's certificate:

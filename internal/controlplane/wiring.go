@@ -119,15 +119,15 @@ func (cp *ControlPlane) wireManager(cfg *rest.Config) error {
 		metricsOpts.FilterProvider, metricsOpts.TLSOpts, clientCAs = metricsAuth(ccas), []func(*tls.Config){cp.metricsTLS}, runClientCA(ccas)
 	}
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
-		Scheme:                  cp.scheme,
-		Metrics:                 metricsOpts,
-		HealthProbeBindAddress:  o.ProbeAddr,
-		LeaderElection:          o.LeaderElect,
-		LeaderElectionID:        "trellis-controller.mesh.trellis.dev",
-		LeaderElectionNamespace: cmp.Or(o.LeaderElectionNamespace, o.Namespace),
-		Logger:                  o.Log,
-		Controller:              config.Controller{SkipNameValidation: &o.SkipControllerNameValidation},
-		WebhookServer:           webhook.NewServer(cp.webhookOptions(o)),
+		Scheme:                 cp.scheme,
+		Metrics:                metricsOpts,
+		HealthProbeBindAddress: o.ProbeAddr,
+		// Leader election is the control plane's own (leader.go): a lost
+		// Lease must not stop the replica.
+		LeaderElection: false,
+		Logger:         o.Log,
+		Controller:     config.Controller{SkipNameValidation: &o.SkipControllerNameValidation},
+		WebhookServer:  webhook.NewServer(cp.webhookOptions(o)),
 		// The only ConfigMaps watched are the trust bundles (a deleted
 		// one is recreated at once); the controller may list and watch
 		// ConfigMaps by that name only (RBAC resourceNames + field selector).
@@ -141,6 +141,15 @@ func (cp *ControlPlane) wireManager(cfg *rest.Config) error {
 		return fmt.Errorf("manager: %w", err)
 	}
 	cp.Manager = mgr
+	if o.LeaderElect {
+		run, err := cp.campaign(cfg)
+		if err != nil {
+			return err
+		}
+		if err := add(mgr, everyReplica(run)); err != nil {
+			return err
+		}
+	}
 	if clientCAs != nil {
 		return mgr.Add(clientCAs)
 	}
@@ -239,7 +248,7 @@ func (cp *ControlPlane) wireCA() error {
 	if o.WebhookCertDir == "" {
 		cp.webhookBundle = &controller.WebhookBundle{Client: cp.direct, Name: o.WebhookConfiguration, ValidatingName: o.ValidatingConfiguration, Bundle: cp.rotating.BundlePEM}
 		// The leader keeps the caBundle current; it also runs after each change.
-		if err := add(cp.Manager, manager.RunnableFunc(cp.every(cp.webhookBundle.Sync, "sync the webhook caBundle"))); err != nil {
+		if err := cp.leaderTask(cp.every(cp.webhookBundle.Sync, "sync the webhook caBundle")); err != nil {
 			return err
 		}
 	}
@@ -251,10 +260,10 @@ func (cp *ControlPlane) wireCA() error {
 		Recorder: cp.Manager.GetEventRecorderFor("trellis-controller"), Current: cp.Authority,
 		OnChange: cp.rootChanged,
 	}
-	return add(cp.Manager,
-		everyReplica(cp.every(rr.Sync, "apply root rotation")),
-		manager.RunnableFunc(cp.every(rr.Step, "advance root rotation")),
-	)
+	if err := add(cp.Manager, everyReplica(cp.every(rr.Sync, "apply root rotation"))); err != nil {
+		return err
+	}
+	return cp.leaderTask(cp.every(rr.Step, "advance root rotation"))
 }
 
 // rootChanged follows a change of signer or trust bundle: new serving
@@ -283,21 +292,22 @@ func (cp *ControlPlane) wireReconcilers() error {
 		Client:   mgr.GetClient(),
 		Pusher:   cp.Pusher,
 		PodCIDRs: o.PodCIDRs,
-		IsLeader: func() bool {
-			if !o.LeaderElect {
-				return true
-			}
-			select {
-			case <-mgr.Elected():
-				return true
-			default:
-				return false
-			}
-		},
+		IsLeader: cp.IsLeader,
 	}
 	cp.Pusher.OnProblems = cp.Reconciler.SetTranslatorProblems
 	cp.Server.OnRejections = cp.Reconciler.SetRejections
 	if err := cp.Reconciler.SetupWithManager(mgr); err != nil {
+		return err
+	}
+	// A newly elected leader writes status and trust bundles at once (a
+	// follower's model is current; its writes were skipped).
+	if err := cp.onElected(func() {
+		cp.Reconciler.WakeStatus()
+		select {
+		case cp.wakeRootCA <- event.GenericEvent{Object: &corev1.Namespace{}}:
+		default:
+		}
+	}); err != nil {
 		return err
 	}
 	return (&controller.RootCAReconciler{
@@ -305,6 +315,7 @@ func (cp *ControlPlane) wireReconcilers() error {
 		Client:    mgr.GetClient(),
 		Reader:    mgr.GetAPIReader(),
 		Wake:      cp.wakeRootCA,
+		IsLeader:  cp.IsLeader,
 		// The xDS serving certificate is signed by the built-in root; with
 		// cert-manager the issuer's CA is added for workloads.
 		Bundle: func(ctx context.Context) ([]byte, error) {

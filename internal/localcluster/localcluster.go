@@ -13,12 +13,14 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/util/yaml"
+	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
@@ -37,6 +39,8 @@ type Cluster struct {
 	Kubectl string
 
 	kcm *exec.Cmd
+	// restarted are kube-apiservers started again by KillAPIServer.
+	restarted []*exec.Cmd
 }
 
 // Options configure Start.
@@ -201,10 +205,109 @@ func (c *Cluster) Stop() error {
 			<-done
 		}
 	}
+	for _, cmd := range c.restarted {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+	}
 	if c.Env != nil {
 		if err := c.Env.Stop(); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// child finds the process of this one's children whose command is name
+// (envtest starts etcd and kube-apiserver and keeps their handles to
+// itself).
+func child(name string) (int, error) {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return 0, err
+	}
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid …; comm may hold spaces, not ')'.
+		s := string(b)
+		open, close := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
+		if open < 0 || close < open {
+			continue
+		}
+		f := strings.Fields(s[close+1:])
+		if s[open+1:close] == name && len(f) > 1 && f[1] == strconv.Itoa(os.Getpid()) && f[0] != "Z" {
+			return pid, nil
+		}
+	}
+	return 0, fmt.Errorf("no %s process started by this one", name)
+}
+
+// PauseEtcd stops etcd (SIGSTOP: connections stay open, nothing answers,
+// as with a hung disk or a partitioned member) until resume is called.
+func (c *Cluster) PauseEtcd() (resume func() error, err error) {
+	pid, err := child("etcd")
+	if err != nil {
+		return nil, err
+	}
+	if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+		return nil, err
+	}
+	return func() error { return syscall.Kill(pid, syscall.SIGCONT) }, nil
+}
+
+// KillAPIServer kills kube-apiserver (SIGKILL); restart starts it again
+// with the same command line, certificates and port (clients keep their
+// configuration) and waits until it is ready. Stop stops the restarted one.
+func (c *Cluster) KillAPIServer() (restart func(ctx context.Context) error, err error) {
+	pid, err := child("kube-apiserver")
+	if err != nil {
+		return nil, err
+	}
+	argv, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+	if err != nil {
+		return nil, err
+	}
+	args := strings.Split(strings.TrimRight(string(argv), "\x00"), "\x00")
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		return nil, err
+	}
+	return func(ctx context.Context) error {
+		// envtest reaps the old process; the port is free once it is gone.
+		for {
+			if _, err := os.Stat(fmt.Sprintf("/proc/%d", pid)); err != nil {
+				break
+			}
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-time.After(50 * time.Millisecond):
+			}
+		}
+		cmd := exec.Command(args[0], args[1:]...)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+		if err := spawn.Start(cmd); err != nil {
+			return fmt.Errorf("restart kube-apiserver: %w", err)
+		}
+		c.restarted = append(c.restarted, cmd)
+		go func() { _ = cmd.Wait() }()
+		cs, err := kubernetes.NewForConfig(c.Env.Config)
+		if err != nil {
+			return err
+		}
+		for {
+			if b, err := cs.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(ctx); err == nil && string(b) == "ok" {
+				return nil
+			}
+			select {
+			case <-ctx.Done():
+				return fmt.Errorf("kube-apiserver not ready after its restart: %w", ctx.Err())
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+	}, nil
 }

@@ -120,9 +120,14 @@ func (r *MeshReconciler) setProblems(into *[]model.Problem, ps []model.Problem) 
 	same := slices.Equal(*into, ps)
 	*into = ps
 	r.mu.Unlock()
-	if same {
-		return
+	if !same {
+		r.WakeStatus()
 	}
+}
+
+// WakeStatus schedules a status update (a replica just elected leader
+// writes what it knows at once, not at the next change).
+func (r *MeshReconciler) WakeStatus() {
 	select {
 	case r.wake <- event.GenericEvent{Object: &corev1.Namespace{}}:
 	default:

@@ -7,9 +7,11 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
@@ -30,7 +32,7 @@ const (
 // RootCAReconciler keeps the trellis-root-ca ConfigMap in every namespace
 // labelled trellis.dev/inject=enabled, and in the control plane's own
 // (trellisctl verifies the metrics endpoint's certificate with it). It runs
-// on the leader only. The controller may read, list and watch only
+// on the leader only (IsLeader). The controller may read, list and watch only
 // ConfigMaps of that name.
 type RootCAReconciler struct {
 	// Namespace is the control plane's own namespace ("": none).
@@ -41,8 +43,11 @@ type RootCAReconciler struct {
 	// Bundle returns the current trust bundle (PEM).
 	Bundle func(ctx context.Context) ([]byte, error)
 	// Wake, when set, re-publishes the bundle in every meshed namespace
-	// (send after the bundle changed).
+	// (send after the bundle changed, or on becoming leader).
 	Wake chan event.GenericEvent
+	// IsLeader, when set, says whether this replica writes (the
+	// controller runs on every replica; only the leader writes).
+	IsLeader func() bool
 }
 
 // +kubebuilder:rbac:groups="",resources=namespaces,verbs=get;list;watch
@@ -51,6 +56,9 @@ type RootCAReconciler struct {
 
 // Reconcile ensures the ConfigMap of one namespace.
 func (r *RootCAReconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
+	if r.IsLeader != nil && !r.IsLeader() {
+		return reconcile.Result{}, nil
+	}
 	var ns corev1.Namespace
 	if err := r.Client.Get(ctx, client.ObjectKey{Name: req.Name}, &ns); err != nil {
 		return reconcile.Result{}, client.IgnoreNotFound(err)
@@ -94,6 +102,7 @@ func (r *RootCAReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	})
 	b := ctrl.NewControllerManagedBy(mgr).
 		Named("rootca").
+		WithOptions(controller.Options{NeedLeaderElection: ptr.To(r.IsLeader == nil)}).
 		For(&corev1.Namespace{}, builder.WithPredicates(labelled)).
 		Watches(&corev1.ConfigMap{}, handler.EnqueueRequestsFromMapFunc(func(_ context.Context, o client.Object) []reconcile.Request {
 			if o.GetName() != RootCAConfigMap {
