@@ -56,7 +56,11 @@ func TestMain(m *testing.M) {
 	env.Stop()
 	// The controller ran with the Helm chart's ServiceAccount: anything it
 	// was refused is a gap in the chart's RBAC.
-	if b, err := os.ReadFile(env.ControllerLog()); err == nil {
+	for i := range framework.Replicas {
+		b, err := os.ReadFile(env.ReplicaLog(i))
+		if err != nil {
+			continue
+		}
 		for _, l := range strings.Split(string(b), "\n") {
 			if strings.Contains(l, "forbidden") {
 				fmt.Printf("FAIL: the controller was refused something under the chart's RBAC: %s\n", l)

@@ -1,10 +1,8 @@
 package framework
 
 import (
-	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -12,7 +10,11 @@ import (
 	"syscall"
 	"time"
 
+	coordinationv1 "k8s.io/api/coordination/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
 	"github.com/trellis-mesh/trellis/internal/chartinstall"
+	"github.com/trellis-mesh/trellis/internal/controlplane"
 	"github.com/trellis-mesh/trellis/internal/spawn"
 )
 
@@ -67,11 +69,6 @@ func (e *Env) StartReplica(ctx context.Context, i int) error {
 	if err != nil {
 		return err
 	}
-	st, err := log.Stat()
-	if err != nil {
-		log.Close()
-		return err
-	}
 	// The chart's arguments and ServiceAccount: a permission the chart lacks
 	// fails the scenarios. Listeners move to this host's addresses, each
 	// replica on its own ports behind the Services.
@@ -113,7 +110,7 @@ func (e *Env) StartReplica(ctx context.Context, i int) error {
 		return err
 	}
 	cmd := exec.Command(e.Bins["trellis-controller"], args...)
-	cmd.Env = append(os.Environ(), "POD_NAMESPACE="+ControllerNamespace)
+	cmd.Env = append(os.Environ(), "POD_NAMESPACE="+ControllerNamespace, "POD_NAME="+ReplicaName(i))
 	cmd.Stdout, cmd.Stderr = log, log
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	if err := spawn.Start(cmd); err != nil {
@@ -128,7 +125,7 @@ func (e *Env) StartReplica(ctx context.Context, i int) error {
 		_ = e.services.setReady(i, false)
 		close(done)
 	}()
-	e.replicas[i] = &replica{cmd: cmd, done: done, log: log, logStart: st.Size()}
+	e.replicas[i] = &replica{cmd: cmd, done: done, log: log}
 	deadline := time.Now().Add(time.Minute)
 	for time.Now().Before(deadline) {
 		select {
@@ -200,23 +197,20 @@ func (e *Env) Running(i int) bool {
 // ReadyReplicas lists the replicas the Services send new connections to.
 func (e *Env) ReadyReplicas() []int { return e.services.Ready() }
 
-// IsLeader says whether replica i runs and, in this run, acquired the
-// leader election Lease (a replica that loses it exits).
-func (e *Env) IsLeader(i int) bool {
-	e.mu.Lock()
-	r := e.replicas[i]
-	e.mu.Unlock()
-	if r == nil {
-		return false
+// ReplicaName is replica i's pod name, its identity in the Lease.
+func ReplicaName(i int) string { return fmt.Sprintf("trellis-controller-%d", i) }
+
+// Leader is the running replica that holds the leader election Lease
+// (-1: none does).
+func (e *Env) Leader(ctx context.Context) int {
+	var l coordinationv1.Lease
+	if err := e.Cluster.Client().Get(ctx, client.ObjectKey{Namespace: ControllerNamespace, Name: controlplane.LeaseName}, &l); err != nil {
+		return -1
 	}
-	f, err := os.Open(e.ReplicaLog(i))
-	if err != nil {
-		return false
+	for i := range Replicas {
+		if l.Spec.HolderIdentity != nil && *l.Spec.HolderIdentity == ReplicaName(i) && e.Running(i) {
+			return i
+		}
 	}
-	defer f.Close()
-	if _, err := f.Seek(r.logStart, io.SeekStart); err != nil {
-		return false
-	}
-	b, _ := io.ReadAll(f)
-	return bytes.Contains(b, []byte("successfully acquired lease"))
+	return -1
 }
