@@ -61,6 +61,7 @@ func TestMain(m *testing.M) {
 		if err != nil {
 			continue
 		}
+		b = withoutBlindSpots(i, b)
 		for _, l := range strings.Split(string(b), "\n") {
 			if strings.Contains(l, "forbidden") {
 				fmt.Printf("FAIL: the controller was refused something under the chart's RBAC: %s\n", l)
@@ -72,6 +73,42 @@ func TestMain(m *testing.M) {
 		_ = os.RemoveAll(dir)
 	}
 	os.Exit(code)
+}
+
+// blindSpots are the parts of the replicas' logs written while the
+// apiserver restarted (TestFaultAPIServerDown): until its RBAC caches
+// sync it refuses everyone, so "forbidden" there says nothing of the chart.
+var (
+	blindSpotsMu sync.Mutex
+	blindSpots   []blindSpot
+)
+
+type blindSpot struct {
+	replica  int
+	from, to int64
+}
+
+func withoutBlindSpots(replica int, b []byte) []byte {
+	blindSpotsMu.Lock()
+	defer blindSpotsMu.Unlock()
+	for _, s := range blindSpots {
+		if s.replica == replica && s.from < int64(len(b)) {
+			to := min(s.to, int64(len(b)))
+			b = append(b[:s.from:s.from], append(make([]byte, to-s.from), b[to:]...)...)
+		}
+	}
+	return b
+}
+
+// logSizes are the replicas' log sizes now.
+func logSizes() [framework.Replicas]int64 {
+	var out [framework.Replicas]int64
+	for i := range out {
+		if st, err := os.Stat(env.ReplicaLog(i)); err == nil {
+			out[i] = st.Size()
+		}
+	}
+	return out
 }
 
 func requireEnv(t *testing.T) {

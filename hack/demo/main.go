@@ -106,11 +106,15 @@ func run() error {
                bin/trellisctl describe request --live --kubeconfig %[1]s -n demo FRONTEND_POD http://reviews/
                bin/trellisctl describe service reviews --live --kubeconfig %[1]s -n demo
                bin/trellisctl check --kubeconfig %[1]s --controller-address %[7]s:%[5]d
-               (check says the controller Deployment has 0 ready replicas and no leader Lease: the
-               demo runs the controller as a local process with leader election off)
+               (check says the controller Deployment has 0 ready replicas: the demo runs the
+               controller as a local process, one replica, holding the leader Lease)
   trellis-controller log: %[4]s
                (kill it, e.g. pkill -f bin/e2e/trellis-controller: the demo starts it again, as a
-               Deployment would, with the kubelet's back-off: at once, then 10 s, 20 s, … 5 min)
+               Deployment would, with the kubelet's back-off: at once, then 10 s, 20 s, … 5 min.
+               While it is down, running proxies keep their configuration and traffic flows, but
+               new pods in the demo namespace are refused: the injection webhook's failurePolicy
+               is Fail, so no pod escapes the mesh; webhooks.injection.failurePolicy=Ignore starts
+               them without a sidecar instead. docs/reliability.md "High availability")
   Helm:        make bin/helm && bin/helm --kubeconfig %[1]s -n trellis-system upgrade trellis charts/trellis --reuse-values --set controller.logLevel=debug
                (the release is the chart's; the controller runs as a local process with the
                Deployment's arguments, read again when it restarts: kill it to apply an upgrade)

@@ -77,7 +77,11 @@ func (r *RootCAReconciler) Reconcile(ctx context.Context, req reconcile.Request)
 			ObjectMeta: metav1.ObjectMeta{Namespace: ns.Name, Name: RootCAConfigMap, Labels: map[string]string{"app.kubernetes.io/managed-by": "trellis"}},
 			Data:       map[string]string{RootCAKey: string(bundle)},
 		}
-		return reconcile.Result{}, client.IgnoreAlreadyExists(r.Client.Create(ctx, &cm))
+		err := r.Client.Create(ctx, &cm)
+		if apierrors.HasStatusCause(err, corev1.NamespaceTerminatingCause) {
+			return reconcile.Result{}, nil // deleted since the cache saw it
+		}
+		return reconcile.Result{}, client.IgnoreAlreadyExists(err)
 	}
 	if err != nil {
 		return reconcile.Result{}, err
