@@ -16,11 +16,14 @@ import (
 	"google.golang.org/protobuf/proto"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/clock"
 	clocktesting "k8s.io/utils/clock/testing"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/trellis-mesh/trellis/internal/controlplane"
+	meshv1alpha1 "github.com/trellis-mesh/trellis/pkg/apis/mesh/v1alpha1"
 	"github.com/trellis-mesh/trellis/pkg/ca"
 )
 
@@ -34,7 +37,7 @@ func TestRootSecretIsCreatedOnceByConcurrentReplicas(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			a, err := ca.LoadOrCreate(context.Background(), env.Client, ns, ca.RootSecretName, "cluster.local", clk)
+			a, err := ca.LoadOrCreate(context.Background(), env.Client, ns, ca.RootSecretName, "cluster.local", clk, nil)
 			if err != nil {
 				t.Error(err)
 				return
@@ -49,7 +52,7 @@ func TestRootSecretIsCreatedOnceByConcurrentReplicas(t *testing.T) {
 		}
 	}
 	// A restart loads the same root.
-	again, err := ca.LoadOrCreate(context.Background(), env.Client, ns, ca.RootSecretName, "cluster.local", clk)
+	again, err := ca.LoadOrCreate(context.Background(), env.Client, ns, ca.RootSecretName, "cluster.local", clk, nil)
 	if err != nil || !again.Root().Equal(roots[0].Root()) {
 		t.Fatalf("restart: %v", err)
 	}
@@ -218,5 +221,80 @@ func TestCAHealsDeletedObjects(t *testing.T) {
 			}
 		}
 		return false
+	})
+}
+
+// TestCARootMissingAtStartIsLoud: the control plane starts with no
+// trellis-ca Secret while its namespace's trust bundle names a root (the
+// Secret was lost while no replica ran). A new root has to be minted — the
+// old key is gone — but never silently: the new Secret carries the replaced
+// root's fingerprint, MeshConfig says Programmed=False CARootMissing with
+// what to do, and a Warning Event is recorded; once the operator removes
+// the annotation, MeshConfig is Programmed again.
+func TestCARootMissingAtStartIsLoud(t *testing.T) {
+	ns := env.Namespace(t, nil)
+	old, err := ca.NewSelfSigned("cluster.local", time.Hour, clock.RealClock{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := env.Client.Create(context.Background(), &corev1.ConfigMap{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "trellis-root-ca"}, Data: map[string]string{"root-cert.pem": string(old.RootPEM())}}); err != nil {
+		t.Fatal(err)
+	}
+	mc := &meshv1alpha1.MeshConfig{ObjectMeta: metav1.ObjectMeta{Name: meshv1alpha1.MeshConfigName}}
+	if err := env.Client.Create(context.Background(), mc); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = env.Client.Delete(context.Background(), mc) })
+	p := startPlane(t, nil, func(o *controlplane.Options) { o.Namespace, o.RootRotationTick = ns, 100*time.Millisecond })
+
+	var s corev1.Secret
+	if err := env.Client.Get(context.Background(), client.ObjectKey{Namespace: ns, Name: ca.RootSecretName}, &s); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.Annotations[controlplane.ReplacedRootAnnotation]; !strings.Contains(got, "sha256:"+ca.Fingerprint(old)) {
+		t.Errorf("the new root Secret's %s: %q, want the replaced root's fingerprint", controlplane.ReplacedRootAnnotation, got)
+	}
+	programmed := func() *metav1.Condition {
+		var got meshv1alpha1.MeshConfig
+		if err := env.Client.Get(context.Background(), client.ObjectKey{Name: meshv1alpha1.MeshConfigName}, &got); err != nil {
+			return nil
+		}
+		return meta.FindStatusCondition(got.Status.Conditions, meshv1alpha1.ConditionProgrammed)
+	}
+	until := func(what string, ok func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(wait)
+		for !ok() {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: not after %s (Programmed %+v)", what, wait, programmed())
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	until("MeshConfig Programmed=False CARootMissing", func() bool {
+		c := programmed()
+		return c != nil && c.Status == metav1.ConditionFalse && c.Reason == meshv1alpha1.ReasonCARootMissing &&
+			strings.Contains(c.Message, ca.Fingerprint(old)) && strings.Contains(c.Message, "rollout restart") && strings.Contains(c.Message, ca.Fingerprint(p.Authority))
+	})
+	t.Logf("MeshConfig: %s", programmed().Message)
+	until("a CARootMissing Warning Event on the Secret", func() bool {
+		var events corev1.EventList
+		if env.Client.List(context.Background(), &events, client.InNamespace(ns)) != nil {
+			return false
+		}
+		for _, e := range events.Items {
+			if e.Reason == meshv1alpha1.ReasonCARootMissing && e.Type == corev1.EventTypeWarning && e.InvolvedObject.Name == ca.RootSecretName {
+				return true
+			}
+		}
+		return false
+	})
+	delete(s.Annotations, controlplane.ReplacedRootAnnotation)
+	if err := env.Client.Update(context.Background(), &s); err != nil {
+		t.Fatal(err)
+	}
+	until("MeshConfig Programmed again", func() bool {
+		c := programmed()
+		return c != nil && c.Status == metav1.ConditionTrue
 	})
 }

@@ -49,16 +49,16 @@ type Options struct {
 	LeaseDuration, RenewDeadline, RetryPeriod time.Duration
 	// LeaderIdentity names this replica in the Lease (default: env
 	// POD_NAME, else the host name with a random suffix).
-	LeaderIdentity string
-	Namespace                                 string
-	XDSAddr                                   string
-	XDSDNSNames                               []string
-	Debounce, MaxDelay                        time.Duration
-	MaxConnectionAge                          time.Duration
-	ConnectionRate                            float64
-	Audience                                  string
-	VerifyPeerIP                              bool
-	TokenReviewTTL                            time.Duration
+	LeaderIdentity     string
+	Namespace          string
+	XDSAddr            string
+	XDSDNSNames        []string
+	Debounce, MaxDelay time.Duration
+	MaxConnectionAge   time.Duration
+	ConnectionRate     float64
+	Audience           string
+	VerifyPeerIP       bool
+	TokenReviewTTL     time.Duration
 	// Authority signs workload and serving certificates. Nil: the root in
 	// the Secret trellis-ca of Namespace (loaded, or created by the first
 	// replica), with root rotation; set: that authority, no rotation (tests).

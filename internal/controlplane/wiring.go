@@ -193,7 +193,7 @@ func (cp *ControlPlane) wireCA() error {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
 		var err error
-		if cp.Authority, err = ca.LoadOrCreate(ctx, cp.direct, o.Namespace, ca.RootSecretName, "cluster.local", o.Clock); err != nil {
+		if cp.Authority, err = ca.LoadOrCreate(ctx, cp.direct, o.Namespace, ca.RootSecretName, "cluster.local", o.Clock, cp.replacedRootAnnotations(ctx)); err != nil {
 			return err
 		}
 	}
@@ -260,7 +260,8 @@ func (cp *ControlPlane) wireCA() error {
 		Recorder: cp.Manager.GetEventRecorderFor("trellis-controller"), Current: cp.Authority,
 		OnChange: cp.rootChanged,
 	}
-	if err := add(cp.Manager, everyReplica(cp.every(rr.Sync, "apply root rotation"))); err != nil {
+	replaced := &rootReplaced{cp: cp}
+	if err := add(cp.Manager, everyReplica(cp.every(rr.Sync, "apply root rotation")), everyReplica(cp.every(replaced.check, "check the root Secret"))); err != nil {
 		return err
 	}
 	return cp.leaderTask(cp.every(rr.Step, "advance root rotation"))

@@ -84,7 +84,7 @@ func Load(certPEM, keyPEM []byte, clk clock.PassiveClock) (*Authority, error) {
 // creating it on first start. Two replicas starting together both try to
 // create it; the apiserver accepts one and the other reads the winner's, so
 // every replica signs with the same root.
-func LoadOrCreate(ctx context.Context, c client.Client, namespace, name, trustDomain string, clk clock.PassiveClock) (*Authority, error) {
+func LoadOrCreate(ctx context.Context, c client.Client, namespace, name, trustDomain string, clk clock.PassiveClock, annotations map[string]string) (*Authority, error) {
 	key := client.ObjectKey{Namespace: namespace, Name: name}
 	for attempt := 0; attempt < 3; attempt++ {
 		var s corev1.Secret
@@ -108,7 +108,7 @@ func LoadOrCreate(ctx context.Context, c client.Client, namespace, name, trustDo
 			return nil, err
 		}
 		s = corev1.Secret{
-			ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name, Labels: map[string]string{"app.kubernetes.io/managed-by": "trellis"}},
+			ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name, Labels: map[string]string{"app.kubernetes.io/managed-by": "trellis"}, Annotations: annotations},
 			Type:       corev1.SecretTypeTLS,
 			Data:       data,
 		}

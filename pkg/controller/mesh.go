@@ -68,6 +68,8 @@ type MeshReconciler struct {
 	// rejections are the objects whose configuration proxies connected
 	// to this replica reject (SetRejections).
 	rejections []model.Problem
+	// caProblems are the certificate authority's (SetCAProblems).
+	caProblems []model.Problem
 	// loggedProblems are the problems already logged (each once, when it
 	// appears; again only after it went away and came back).
 	loggedProblems map[string]bool
@@ -114,6 +116,10 @@ func (r *MeshReconciler) SetTranslatorProblems(ps []model.Problem) {
 // and schedules a status update. Only the proxies of this replica count:
 // with several replicas, the leader reports those connected to it.
 func (r *MeshReconciler) SetRejections(ps []model.Problem) { r.setProblems(&r.rejections, ps) }
+
+// SetCAProblems records what the certificate authority reports on objects
+// (CARootMissing on MeshConfig) and schedules a status update.
+func (r *MeshReconciler) SetCAProblems(ps []model.Problem) { r.setProblems(&r.caProblems, ps) }
 
 func (r *MeshReconciler) setProblems(into *[]model.Problem, ps []model.Problem) {
 	r.mu.Lock()
@@ -224,6 +230,7 @@ func (r *MeshReconciler) Reconcile(ctx context.Context, req reconcile.Request) (
 	r.mu.Lock()
 	problems = append(problems, r.translatorProblems...)
 	problems = append(problems, r.rejections...)
+	problems = append(problems, r.caProblems...)
 	r.mu.Unlock()
 	return reconcile.Result{}, r.writeStatus(ctx, in, problems)
 }

@@ -33,6 +33,10 @@ const (
 	// domain than the one the mesh's certificates and SAN checks use; the
 	// old one stays in force.
 	ReasonTrustDomainChangeRefused = "TrustDomainChangeRefused"
+	// ReasonCARootMissing (Programmed=False on MeshConfig): the built-in
+	// CA's root Secret was missing when no replica held the root, and a new
+	// root replaced the one workloads trust (see the message for what to do).
+	ReasonCARootMissing = "CARootMissing"
 )
 
 // Duration is a time span in Go's notation restricted to hours, minutes,
