@@ -56,6 +56,7 @@ func run() error {
 	fs.DurationVar(&o.MaxDelay, "xds-debounce-max", o.MaxDelay, "Longest a change waits for a push round while changes keep coming.")
 	fs.DurationVar(&o.MaxConnectionAge, "xds-max-connection-age", o.MaxConnectionAge, "Proxies reconnect after this long, to spread across replicas.")
 	fs.Float64Var(&o.ConnectionRate, "xds-connection-rate", o.ConnectionRate, "New xDS connections accepted per second (burst: the same number).")
+	fs.IntVar(&o.MaxStreams, "xds-max-streams", o.MaxStreams, "Most ADS streams one replica serves (0: no cap); more are refused with RESOURCE_EXHAUSTED and retried, through the Service, on another replica.")
 	fs.StringVar(&o.Audience, "xds-token-audience", o.Audience, "Audience proxies' projected ServiceAccount tokens must carry.")
 	fs.BoolVar(&o.VerifyPeerIP, "xds-verify-peer-ip", o.VerifyPeerIP, "Require the connection to come from the IP of the pod named in the node id.")
 	fs.DurationVar(&o.TokenReviewTTL, "xds-tokenreview-cache-ttl", o.TokenReviewTTL, "Longest a successful TokenReview is reused (never past the token's expiry).")

@@ -56,9 +56,11 @@ type Options struct {
 	Debounce, MaxDelay time.Duration
 	MaxConnectionAge   time.Duration
 	ConnectionRate     float64
-	Audience           string
-	VerifyPeerIP       bool
-	TokenReviewTTL     time.Duration
+	// MaxStreams caps the ADS streams one replica serves (0: no cap).
+	MaxStreams     int
+	Audience       string
+	VerifyPeerIP   bool
+	TokenReviewTTL time.Duration
 	// Authority signs workload and serving certificates. Nil: the root in
 	// the Secret trellis-ca of Namespace (loaded, or created by the first
 	// replica), with root rotation; set: that authority, no rotation (tests).
@@ -103,7 +105,7 @@ func Defaults() Options {
 		LeaseDuration: 15 * time.Second, RenewDeadline: 10 * time.Second, RetryPeriod: 2 * time.Second,
 		Namespace: "trellis-system", XDSAddr: "127.0.0.1:15012",
 		Debounce: 100 * time.Millisecond, MaxDelay: 10 * time.Second, MaxConnectionAge: 30 * time.Minute,
-		ConnectionRate: 100, Audience: "trellis", VerifyPeerIP: true, TokenReviewTTL: 5 * time.Minute,
+		ConnectionRate: 100, MaxStreams: 20000, Audience: "trellis", VerifyPeerIP: true, TokenReviewTTL: 5 * time.Minute,
 		RootRotationOverlap: time.Hour, RootRotationTick: 10 * time.Second,
 		WebhookHost: "127.0.0.1", WebhookPort: 9443, WebhookConfiguration: "trellis-injection", ValidatingConfiguration: "trellis-validation",
 		InitImage: "ghcr.io/trellis-mesh/trellis-init:dev", XDSServicePort: 15012,

@@ -101,6 +101,8 @@ type plane struct {
 	// responses counts cache responses per node id and type URL.
 	mu        sync.Mutex
 	responses map[string]map[string]int
+	// bytes is the largest response per node id and type URL.
+	bytes map[string]map[string]int
 }
 
 func startPlane(t testing.TB, authority *ca.Authority, mods ...func(*controlplane.Options)) *plane {
@@ -126,14 +128,15 @@ func startPlane(t testing.TB, authority *ca.Authority, mods ...func(*controlplan
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := &plane{ControlPlane: cp, responses: map[string]map[string]int{}}
-	cp.Cache.OnRespond = func(node, typeURL string, _, _ int) {
+	p := &plane{ControlPlane: cp, responses: map[string]map[string]int{}, bytes: map[string]map[string]int{}}
+	cp.Cache.OnRespond = func(node, typeURL string, _, size int) {
 		p.mu.Lock()
 		defer p.mu.Unlock()
 		if p.responses[node] == nil {
-			p.responses[node] = map[string]int{}
+			p.responses[node], p.bytes[node] = map[string]int{}, map[string]int{}
 		}
 		p.responses[node][typeURL]++
+		p.bytes[node][typeURL] = max(p.bytes[node][typeURL], size)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -162,6 +165,12 @@ func (p *plane) count(node, typeURL string) int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return p.responses[node][typeURL]
+}
+
+func (p *plane) maxBytes(node, typeURL string) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.bytes[node][typeURL]
 }
 
 func (p *plane) rounds() float64 { return testutil.ToFloat64(p.Metrics.Rounds) }

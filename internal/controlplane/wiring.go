@@ -175,6 +175,7 @@ func (cp *ControlPlane) wireXDSServer(cfg *rest.Config) error {
 		OnCache:      func(r string) { cp.Metrics.TokenReviewCache.WithLabelValues(r).Inc() },
 	}
 	cp.Server = xds.NewServer(cp.Cache, auth, cp.Pusher, cp.Metrics, o.Log.WithName("xds"), o.Clock)
+	cp.Server.MaxStreams = o.MaxStreams
 	return add(cp.Manager, everyReplica(cp.Pusher.Run), everyReplica(cp.serveXDS))
 }
 

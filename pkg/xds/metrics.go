@@ -39,7 +39,7 @@ func NewMetrics() *Metrics {
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)}),
 		TranslateErrors:  prometheus.NewCounter(prometheus.CounterOpts{Name: "trellis_translate_rejected_total", Help: "Translation results that failed validation and were not served."}),
 		TokenReviewCache: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "trellis_xds_tokenreview_cache_total", Help: "Token reviews answered from the cache (hit) or the apiserver (miss)."}, []string{"result"}),
-		AuthFailures:     prometheus.NewCounterVec(prometheus.CounterOpts{Name: "trellis_xds_auth_failures_total", Help: "Rejected xDS streams, by gRPC code."}, []string{"code"}),
+		AuthFailures:     prometheus.NewCounterVec(prometheus.CounterOpts{Name: "trellis_xds_auth_failures_total", Help: "Rejected xDS streams, by gRPC code (ResourceExhausted: the replica's stream cap)."}, []string{"code"}),
 		OnDemandClusters: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "trellis_xds_ondemand_resolutions_total", Help: "On-demand cluster names (pod IPs) resolved, once per name and push round, by whether the cluster exists."}, []string{"found"}),
 	}
 }

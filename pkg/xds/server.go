@@ -91,6 +91,10 @@ type Server struct {
 	// one, the objects behind the configuration proxies connected to this
 	// replica reject: a Programmed problem per object (RejectedByProxy).
 	OnRejections func([]model.Problem)
+	// MaxStreams caps the open ADS streams of this replica (0: no cap);
+	// one more is refused with RESOURCE_EXHAUSTED, and the proxy's retry
+	// may reach another replica through the Service.
+	MaxStreams int
 
 	mu sync.Mutex
 	// streams by id; go-control-plane numbers state-of-the-world and delta
@@ -198,6 +202,10 @@ func peerIP(ctx context.Context) string {
 func (s *Server) open(ctx context.Context, id int64, delta bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.MaxStreams > 0 && len(s.streams) >= s.MaxStreams {
+		s.Metrics.AuthFailures.WithLabelValues(codes.ResourceExhausted.String()).Inc()
+		return status.Errorf(codes.ResourceExhausted, "this control plane replica serves its limit of %d xDS streams (--xds-max-streams); retry: another replica may have room", s.MaxStreams)
+	}
 	s.streams[id] = &streamState{ctx: ctx, token: bearer(ctx), peerIP: peerIP(ctx), delta: delta, sentAt: map[string]time.Time{}}
 	return nil
 }
