@@ -215,6 +215,11 @@ func (r *MeshReconciler) Reconcile(ctx context.Context, req reconcile.Request) (
 	if err != nil {
 		return reconcile.Result{}, err
 	}
+	if r.trustDomain == "" && in.MeshConfig != nil {
+		// A restarted controller: the trust domain in force is recorded
+		// in MeshConfig's status (a re-created MeshConfig carries it on).
+		r.trustDomain = in.MeshConfig.Status.TrustDomain
+	}
 	in.ServingTrustDomain = r.trustDomain
 	mesh, problems := r.lastGood.Build(in)
 	if r.trustDomain == "" && in.MeshConfig != nil {

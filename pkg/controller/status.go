@@ -101,9 +101,9 @@ func (r *MeshReconciler) writeStatus(ctx context.Context, in model.Input, proble
 			errs = append(errs, fmt.Errorf("update status of %T %s/%s: %w", obj, obj.GetNamespace(), obj.GetName(), err))
 		}
 	}
-	policy := func(obj client.Object, kind string, st *meshv1alpha1.Status) {
+	policy := func(obj client.Object, kind string, st *meshv1alpha1.Status, changed bool) {
 		ps := problemsFor(problems, kind, obj.GetNamespace(), obj.GetName())
-		changed := setConditions(&st.Conditions, conditions(ps, obj.GetGeneration()))
+		changed = setConditions(&st.Conditions, conditions(ps, obj.GetGeneration())) || changed
 		if st.ObservedGeneration != obj.GetGeneration() {
 			st.ObservedGeneration, changed = obj.GetGeneration(), true
 		}
@@ -112,16 +112,20 @@ func (r *MeshReconciler) writeStatus(ctx context.Context, in model.Input, proble
 		}
 	}
 	if mc := in.MeshConfig; mc != nil {
-		policy(mc, "MeshConfig", &mc.Status.Status)
+		td := r.trustDomain != "" && mc.Status.TrustDomain != r.trustDomain
+		if td {
+			mc.Status.TrustDomain = r.trustDomain
+		}
+		policy(mc, "MeshConfig", &mc.Status.Status, td)
 	}
 	for _, o := range in.AccessPolicies {
-		policy(o, "AccessPolicy", &o.Status.Status)
+		policy(o, "AccessPolicy", &o.Status.Status, false)
 	}
 	for _, o := range in.BackendPolicies {
-		policy(o, "BackendPolicy", &o.Status.Status)
+		policy(o, "BackendPolicy", &o.Status.Status, false)
 	}
 	for _, o := range in.ExternalServices {
-		policy(o, "ExternalService", &o.Status.Status)
+		policy(o, "ExternalService", &o.Status.Status, false)
 	}
 	for _, o := range in.HTTPRoutes {
 		if routeStatus(&o.Status.RouteStatus, o.Spec.ParentRefs, o.Namespace, o.Generation, problemsFor(problems, "HTTPRoute", o.Namespace, o.Name)) {

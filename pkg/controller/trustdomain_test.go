@@ -59,4 +59,18 @@ func TestTrustDomainChangeIsRefused(t *testing.T) {
 		t.Errorf("MeshConfig Accepted: %+v", c)
 	}
 	t.Logf("MeshConfig status: %s %s: %s", c.Status, c.Reason, c.Message)
+	if mc.Status.TrustDomain != "cluster.local" {
+		t.Errorf("MeshConfig status.trustDomain %q, want the one in force, cluster.local", mc.Status.TrustDomain)
+	}
+
+	// A restarted controller (no memory) reads the trust domain in force
+	// from the status: still refused.
+	p2 := &recordingPusher{}
+	r2 := &MeshReconciler{Client: env.Client, Pusher: p2, IsLeader: func() bool { return true }}
+	if _, err := r2.Reconcile(ctx, meshKey); err != nil {
+		t.Fatal(err)
+	}
+	if td := p2.last().Config.TrustDomain; td != "cluster.local" {
+		t.Errorf("after a controller restart the trust domain became %q (want cluster.local kept)", td)
+	}
 }

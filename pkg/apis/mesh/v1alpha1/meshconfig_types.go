@@ -241,6 +241,12 @@ type Tracing struct {
 // MeshConfigStatus is the observed state of the mesh configuration.
 type MeshConfigStatus struct {
 	Status `json:",inline"`
+	// TrustDomain is the trust domain in force: the mesh's certificates and
+	// SAN checks use it. A MeshConfig re-created with another is refused
+	// (Accepted=False TrustDomainChangeRefused) and this stays; a
+	// restarted controller reads it from here.
+	// +optional
+	TrustDomain string `json:"trustDomain,omitempty"`
 	// RootRotation reports the built-in CA's root rotation, started by
 	// creating the Secret trellis-ca-next in the control plane's namespace.
 	// +optional
