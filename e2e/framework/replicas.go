@@ -151,8 +151,11 @@ func (e *Env) StopController() {
 	}
 }
 
-// StopReplica stops replica i as a Deployment's scale-down would: out of
-// the Services first, then SIGTERM, SIGKILL after 10 s.
+// StopReplica stops replica i: SIGTERM, SIGKILL after 10 s; it leaves the
+// Services when it has exited. (Taking it out of the rules before its
+// connections closed lost their FINs here: clients kept half-open
+// connections to a process that was gone — Envoy's ADS stream, the
+// apiserver's keep-alive webhook connection — and never reconnected.)
 func (e *Env) StopReplica(i int) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
@@ -160,7 +163,6 @@ func (e *Env) StopReplica(i int) {
 	if r == nil {
 		return
 	}
-	_ = e.services.setReady(i, false)
 	_ = r.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-r.done:

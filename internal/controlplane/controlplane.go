@@ -160,13 +160,10 @@ const servingLifetime = 90 * 24 * time.Hour
 // certificate directory is configured.
 func (cp *ControlPlane) webhookOptions(o Options) webhook.Options {
 	wo := webhook.Options{Host: o.WebhookHost, Port: o.WebhookPort, CertDir: o.WebhookCertDir}
-	// HTTP/1.1 only: each call on its own connection (oneCallPerConnection),
-	// and no HTTP/2 rapid-reset exposure (CVE-2023-44487).
-	wo.TLSOpts = []func(*tls.Config){func(c *tls.Config) { c.NextProtos = []string{"http/1.1"} }}
 	if o.WebhookCertDir == "" {
-		wo.TLSOpts = append(wo.TLSOpts, func(c *tls.Config) {
+		wo.TLSOpts = []func(*tls.Config){func(c *tls.Config) {
 			c.GetCertificate = cp.webhookCert.GetCertificate
-		})
+		}}
 	}
 	return wo
 }

@@ -339,29 +339,16 @@ func (cp *ControlPlane) wireReconcilers() error {
 func (cp *ControlPlane) wireWebhooks() error {
 	o, srv := cp.opts, cp.Manager.GetWebhookServer()
 	xdsHost := cmp.Or(o.XDSServiceHost, "trellis-xds."+o.Namespace+".svc")
-	srv.Register(controller.ValidatePath, oneCallPerConnection(&webhook.Admission{Handler: &controller.Validator{
+	srv.Register(controller.ValidatePath, &webhook.Admission{Handler: &controller.Validator{
 		Client: cp.Manager.GetClient(), Decoder: admission.NewDecoder(cp.scheme),
-	}}))
-	srv.Register(inject.WebhookPath, oneCallPerConnection(&webhook.Admission{Handler: &inject.Webhook{
+	}})
+	srv.Register(inject.WebhookPath, &webhook.Admission{Handler: &inject.Webhook{
 		Decoder: admission.NewDecoder(cp.scheme),
 		Config: func() inject.Config {
 			return inject.Config{Mesh: cp.mesh().Config, InitImage: o.InitImage, XDSHost: xdsHost, XDSPort: o.XDSServicePort}
 		},
-	}}))
+	}})
 	return nil
-}
-
-// oneCallPerConnection closes each webhook connection after its answer
-// (HTTP/1.1 only: webhookOptions turns HTTP/2 off). The apiserver retries
-// a webhook call only for GETs: a keep-alive connection to a replica that
-// has since stopped fails the next pod creation with "connection reset by
-// peer" (seen in the e2e after every controller restart). Admission calls
-// are few; a handshake each costs about a millisecond.
-func oneCallPerConnection(h http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("Connection", "close")
-		h.ServeHTTP(w, r)
-	})
 }
 
 // wireHealth: /healthz answers while the process runs; /readyz once the
