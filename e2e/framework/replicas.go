@@ -196,9 +196,6 @@ func (e *Env) Running(i int) bool {
 	return e.replicas[i] != nil
 }
 
-// ReadyReplicas lists the replicas the Services send new connections to.
-func (e *Env) ReadyReplicas() []int { return e.services.Ready() }
-
 // ReplicaName is replica i's pod name, its identity in the Lease.
 func ReplicaName(i int) string { return fmt.Sprintf("trellis-controller-%d", i) }
 

@@ -101,10 +101,3 @@ func (s *services) setReady(i int, ready bool) error {
 	}
 	return nil
 }
-
-// Ready lists the replicas the Services send new connections to.
-func (s *services) Ready() []int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return slices.Clone(s.ready)
-}
