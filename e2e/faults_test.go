@@ -82,6 +82,7 @@ func TestFaultBadRouteEditsUnderTraffic(t *testing.T) {
 	}, only("v1"))
 
 	tr := startHTTPTraffic(t, ns, "client", 15*time.Second, "--url", "http://web/api/items", "--qps", "50", "--concurrency", "4", "--timeout", "5s")
+	trafficStart := time.Now()
 	time.Sleep(2 * time.Second)
 	start := time.Now()
 	gen := editRoute(t, ns, "web", gwv1.HTTPRouteRule{BackendRefs: []gwv1.HTTPBackendRef{httpBackend("web-v3", 1)}})
@@ -91,6 +92,7 @@ func TestFaultBadRouteEditsUnderTraffic(t *testing.T) {
 		t.Errorf("generation %d: ResolvedRefs %+v", gen, c)
 	}
 	time.Sleep(3 * time.Second)
+	secondEdit := time.Now()
 	gen = editRoute(t, ns, "web",
 		gwv1.HTTPRouteRule{Matches: []gwv1.HTTPRouteMatch{{Path: &gwv1.HTTPPathMatch{Type: ptr.To(gwv1.PathMatchRegularExpression), Value: ptr.To("/api/(?!admin).*")}}}, BackendRefs: []gwv1.HTTPBackendRef{httpBackend("web-v2", 1)}},
 		gwv1.HTTPRouteRule{BackendRefs: []gwv1.HTTPBackendRef{httpBackend("web-v1", 1)}})
@@ -104,6 +106,15 @@ func TestFaultBadRouteEditsUnderTraffic(t *testing.T) {
 	t.Logf("two invalid edits under 50 req/s: %v over %d requests", v, len(rs))
 	if v["200 v1"] != len(rs) || len(rs) < 300 {
 		t.Errorf("requests not answered by web-v1 with 200 while the invalid generations were refused: %v (%s)", v, firstHTTPError(rs, 200))
+		// When, against the edits, and what the client's sidecar received.
+		t.Logf("traffic started %v before the first edit; second edit %v after the first", start.Sub(trafficStart).Round(time.Millisecond), secondEdit.Sub(start).Round(time.Millisecond))
+		for _, r := range rs {
+			if r.Code != 200 || r.Version != "v1" {
+				t.Logf("request %d (~%.2f s into the traffic at 50/s): %d %s %s", r.I, float64(r.I)/50, r.Code, r.Version, r.Error+r.Raw)
+			}
+		}
+		b, err := env.Kubelet.EnvoyAdmin(ctxT(t), ns, "client", "/stats?filter=(rds|lds|cds|eds)\\..*(update_success|update_rejected|update_attempt|version)")
+		t.Logf("client sidecar xDS stats (%v):\n%s", err, b)
 	}
 
 	gen = editRoute(t, ns, "web", gwv1.HTTPRouteRule{BackendRefs: []gwv1.HTTPBackendRef{httpBackend("web-v2", 1)}})

@@ -1056,14 +1056,44 @@ func (r *podRun) shutdown() {
 		}
 	}
 	r.mu.Unlock()
+	r.preStop(regular, deadline)
 	r.terminate(regular, deadline)
 	for _, name := range sidecars {
-		r.terminate([]string{name}, deadline.Add(5*time.Second))
+		sidecarDeadline := deadline.Add(5 * time.Second)
+		r.preStop([]string{name}, sidecarDeadline)
+		r.terminate([]string{name}, sidecarDeadline)
 	}
 	r.terminate(others, time.Now())
 	if r.netns != "" {
 		r.k.net.delPod(r.netns)
 		r.k.net.release(r.addr)
+	}
+}
+
+// preStop runs the named containers' preStop hooks, in parallel, until
+// they end or deadline passes. Only the sleep action is run (the one the
+// injector uses); the kubelet's other actions are not implemented here.
+func (r *podRun) preStop(names []string, deadline time.Time) {
+	var longest time.Duration
+	for _, c := range slices.Concat(r.pod.Spec.Containers, r.pod.Spec.InitContainers) {
+		if !slices.Contains(names, c.Name) || c.Lifecycle == nil || c.Lifecycle.PreStop == nil || c.Lifecycle.PreStop.Sleep == nil {
+			continue
+		}
+		r.mu.Lock()
+		p := r.procs[c.Name]
+		r.mu.Unlock()
+		if p == nil {
+			continue
+		}
+		select {
+		case <-p.done: // the hook is not run for a container that has exited
+			continue
+		default:
+		}
+		longest = max(longest, time.Duration(c.Lifecycle.PreStop.Sleep.Seconds)*time.Second)
+	}
+	if wait := min(longest, time.Until(deadline)); wait > 0 {
+		time.Sleep(wait)
 	}
 }
 

@@ -43,6 +43,15 @@ const (
 	AnnotationExclIn   = model.AnnotationExcludeInboundPorts
 	AnnotationExclOut  = "trellis.dev/exclude-outbound-ports"
 	AnnotationExclCIDR = "trellis.dev/exclude-outbound-cidrs"
+	// AnnotationDrainSeconds sets how long the proxy keeps serving after
+	// the application has exited (its preStop sleep), 0 to 300 seconds;
+	// default DrainSeconds.
+	AnnotationDrainSeconds = "trellis.dev/proxy-drain-seconds"
+	// DrainSeconds is the proxy's default drain: long enough for the EDS
+	// removal of a terminating pod to reach every client (well under a
+	// second when the control plane is healthy), short enough not to hold
+	// a Job's completion long.
+	DrainSeconds = 5
 	// AnnotationNativeSidecar "false" injects the proxy as a regular
 	// container for clusters without native sidecars (Kubernetes < 1.29).
 	AnnotationNativeSidecar = "trellis.dev/native-sidecar"
@@ -54,7 +63,7 @@ const (
 // used because the stock Envoy image has no HTTP client.
 const waitForProxy = `for i in $(seq 1 600); do if exec 3<>/dev/tcp/127.0.0.1/15021; then printf 'GET /ready HTTP/1.0\r\n\r\n' >&3; read -r line <&3; exec 3>&-; case "$line" in *" 200 "*) exit 0;; esac; fi; sleep 0.2; done; exit 1`
 
-var known = []string{AnnotationStatus, model.AnnotationProbes, AnnotationRewriteProbes, AnnotationProxy, AnnotationCPU, AnnotationMemory, AnnotationLogLevel, AnnotationExclIn, AnnotationExclOut, AnnotationExclCIDR, AnnotationNativeSidecar}
+var known = []string{AnnotationStatus, model.AnnotationProbes, AnnotationRewriteProbes, AnnotationProxy, AnnotationCPU, AnnotationMemory, AnnotationLogLevel, AnnotationDrainSeconds, AnnotationExclIn, AnnotationExclOut, AnnotationExclCIDR, AnnotationNativeSidecar}
 
 // Config is what injection needs besides the pod.
 type Config struct {
@@ -177,6 +186,21 @@ func injectEnvoy(p *corev1.Pod, cfg Config, mc meshv1alpha1.MeshConfigSpec) ([]s
 			warnings = append(warnings, fmt.Sprintf("%s=%q is not an Envoy log level and is ignored", AnnotationLogLevel, v))
 		}
 	}
+	drain := int64(DrainSeconds)
+	if v, ok := p.Annotations[AnnotationDrainSeconds]; ok {
+		if n, err := strconv.ParseInt(v, 10, 64); err == nil && n >= 0 && n <= 300 {
+			drain = n
+		} else {
+			warnings = append(warnings, fmt.Sprintf("%s=%q is not a number of seconds from 0 to 300 and is ignored (the proxy drains for %d s)", AnnotationDrainSeconds, v, DrainSeconds))
+		}
+	}
+	// The apiserver refuses a preStop sleep longer than the grace period.
+	if g := ptr.Deref(p.Spec.TerminationGracePeriodSeconds, 30); drain > g {
+		if _, asked := p.Annotations[AnnotationDrainSeconds]; asked {
+			warnings = append(warnings, fmt.Sprintf("%s=%d is longer than terminationGracePeriodSeconds (%d); the proxy drains for %d s", AnnotationDrainSeconds, drain, g, max(g, 0)))
+		}
+		drain = max(g, 0)
+	}
 	initArgs := []string{}
 	for _, a := range []struct{ ann, flag string }{{AnnotationExclIn, "--exclude-inbound-ports"}, {AnnotationExclOut, "--exclude-outbound-ports"}} {
 		if v, ok := p.Annotations[a.ann]; ok {
@@ -220,6 +244,14 @@ func injectEnvoy(p *corev1.Pod, cfg Config, mc meshv1alpha1.MeshConfigSpec) ([]s
 		RestartPolicy: ptr.To(corev1.ContainerRestartPolicyAlways),
 		Args:          []string{"--config-yaml", bootstrap, "--log-level", logLevel, "--drain-time-s", "5", "--concurrency", "2"},
 		Env:           downward(),
+		// Envoy exits at once on SIGTERM, cutting the requests in flight on
+		// its connections; clients whose EDS removal of this pod has not
+		// arrived yet would still send some. The sleep keeps it serving
+		// after the application has exited (a native sidecar is stopped
+		// after the application; its preStop runs first): what arrives
+		// then is answered 503 with NotDeliveredHeader and retried on
+		// another endpoint, and by the end no client sends here any more
+		// (set below).
 		Ports: []corev1.ContainerPort{
 			{Name: "trellis-stats", ContainerPort: 15020, Protocol: corev1.ProtocolTCP},
 			{Name: "trellis-ready", ContainerPort: 15021, Protocol: corev1.ProtocolTCP},
@@ -234,6 +266,9 @@ func injectEnvoy(p *corev1.Pod, cfg Config, mc meshv1alpha1.MeshConfigSpec) ([]s
 			Capabilities: &corev1.Capabilities{Drop: []corev1.Capability{"ALL"}},
 		},
 	}
+	if drain > 0 {
+		proxy.Lifecycle = &corev1.Lifecycle{PreStop: &corev1.LifecycleHandler{Sleep: &corev1.SleepAction{Seconds: drain}}}
+	}
 	// trellis-init first (it must run before anything opens a socket), then
 	// the proxy, then the pod's own init containers, which already go
 	// through the proxy.
@@ -243,7 +278,10 @@ func injectEnvoy(p *corev1.Pod, cfg Config, mc meshv1alpha1.MeshConfigSpec) ([]s
 		// the application containers back until the proxy is ready. Jobs
 		// do not complete with it (the proxy never exits on its own).
 		proxy.RestartPolicy = nil
-		proxy.Lifecycle = &corev1.Lifecycle{PostStart: &corev1.LifecycleHandler{Exec: &corev1.ExecAction{Command: []string{"bash", "-c", waitForProxy}}}}
+		if proxy.Lifecycle == nil {
+			proxy.Lifecycle = &corev1.Lifecycle{}
+		}
+		proxy.Lifecycle.PostStart = &corev1.LifecycleHandler{Exec: &corev1.ExecAction{Command: []string{"bash", "-c", waitForProxy}}}
 		p.Spec.InitContainers = append([]corev1.Container{initC}, p.Spec.InitContainers...)
 		p.Spec.Containers = append([]corev1.Container{proxy}, p.Spec.Containers...)
 		return warnings, true
