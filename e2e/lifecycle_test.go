@@ -71,6 +71,18 @@ func (tr *traffic) results(t *testing.T) []result {
 	return parse(t, b)
 }
 
+// waitServing waits until the traffic has had a successful call: its
+// channel has resolved over xDS (the first resolution can take seconds
+// on a loaded machine, and a scenario that breaks the control plane before
+// then measures nothing).
+func (tr *traffic) waitServing(t *testing.T) {
+	t.Helper()
+	eventually(t, "the traffic's first successful call", func() (bool, string) {
+		rs := tr.results(t)
+		return slices.ContainsFunc(rs, result.ok), fmt.Sprintf("%d calls, none succeeded: %s", len(rs), firstError(rs))
+	})
+}
+
 func (tr *traffic) stop(t *testing.T) []result {
 	_ = tr.cmd.Process.Signal(syscall.SIGTERM)
 	_ = tr.cmd.Wait()
@@ -168,6 +180,7 @@ func TestControllerRestart(t *testing.T) {
 	envoyFresh := startHTTPTraffic(t, hns, "client", 12*time.Second, "--url", "http://"+clusterIP(t, hns, "web")+"/", "--qps", "20", "--new-conn", "--timeout", "5s")
 	steady := startTraffic(t, ns, "client", target(ns, "echo"), "--interval=20ms", "--timeout=5s")
 	fresh := startTraffic(t, ns, "client-2", target(ns, "echo"), "--interval=50ms", "--reconnect", "--timeout=5s")
+	steady.waitServing(t)
 	time.Sleep(2 * time.Second)
 	env.StopController()
 	time.Sleep(3 * time.Second)
