@@ -214,9 +214,21 @@ func (k *Kubelet) terminate(r *podRun, p *corev1.Pod) {
 	delete(k.pods, p.UID)
 	k.mu.Unlock()
 	r.stop()
-	err := k.Client.Delete(context.Background(), p, client.GracePeriodSeconds(0), client.Preconditions{UID: &p.UID})
-	if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
-		k.Logf("delete %s/%s: %v", p.Namespace, p.Name, err)
+	// Retried while the apiserver is away (the fault scenarios kill it):
+	// a Pod object left behind keeps its IP in the mesh model after the
+	// address went to another pod.
+	for attempt := 0; ; attempt++ {
+		err := k.Client.Delete(context.Background(), p, client.GracePeriodSeconds(0), client.Preconditions{UID: &p.UID})
+		if err == nil || apierrors.IsNotFound(err) || apierrors.IsConflict(err) {
+			return
+		}
+		if attempt%10 == 0 {
+			k.Logf("delete %s/%s: %v (retrying)", p.Namespace, p.Name, err)
+		}
+		if attempt >= 240 {
+			return
+		}
+		time.Sleep(500 * time.Millisecond)
 	}
 }
 
