@@ -226,6 +226,7 @@ func (k *Kubelet) terminate(r *podRun, p *corev1.Pod) {
 			k.Logf("delete %s/%s: %v (retrying)", p.Namespace, p.Name, err)
 		}
 		if attempt >= 240 {
+			k.Logf("delete %s/%s: giving up after 2m: %v", p.Namespace, p.Name, err)
 			return
 		}
 		time.Sleep(500 * time.Millisecond)

@@ -152,7 +152,9 @@ func Build(in Input) (*Mesh, []Problem) {
 	})
 	for _, w := range m.Workloads {
 		for _, ip := range w.IPs {
-			m.workloadsByIP[ip] = w
+			if old := m.workloadsByIP[ip]; old == nil || ipClaimWins(w, old) {
+				m.workloadsByIP[ip] = w
+			}
 		}
 	}
 
@@ -197,6 +199,18 @@ func podCIDRs(in []string) []netip.Prefix {
 	return slices.Compact(out)
 }
 
+// ipClaimWins reports whether w, later in the sorted workloads, takes an
+// IP that old also reports. A pod being deleted loses to one that is not:
+// its sandbox, and with it the address, can be gone before its object is
+// (the kubelet deletes the object last, and cannot while the apiserver is
+// away). Between two live claims the newer pod wins.
+func ipClaimWins(w, old *Workload) bool {
+	if w.Terminating != old.Terminating {
+		return !w.Terminating
+	}
+	return !w.created.Before(old.created)
+}
+
 func workloadFromPod(p *corev1.Pod) *Workload {
 	if p.Spec.HostNetwork || p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed {
 		return nil
@@ -208,6 +222,8 @@ func workloadFromPod(p *corev1.Pod) *Workload {
 		Labels:         p.Labels,
 		Mode:           ProxyMode(p.Annotations[AnnotationProxy]),
 		ContainerPorts: map[string]int32{},
+		Terminating:    p.DeletionTimestamp != nil,
+		created:        p.CreationTimestamp.Time,
 	}
 	if w.Mode != ProxySidecar && w.Mode != ProxyGRPC {
 		w.Mode = ProxyNone

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"strings"
+	"time"
 
 	"k8s.io/apimachinery/pkg/util/intstr"
 	gwv1 "sigs.k8s.io/gateway-api/apis/v1"
@@ -143,8 +144,9 @@ func (m *Mesh) Workload(namespace, name string) *Workload {
 }
 
 // WorkloadByIP returns the workload (pod) with the IP, or nil. When two
-// pods report one IP (a terminated pod not yet gone) the later one by
-// namespace and name wins.
+// pods report one IP (a deleted pod whose object outlived its sandbox, so
+// its address went to a new pod) the one not being deleted wins, then the
+// newer, then the later by namespace and name.
 func (m *Mesh) WorkloadByIP(ip string) *Workload {
 	return m.workloadsByIP[ip]
 }
@@ -249,4 +251,8 @@ type Workload struct {
 	// Probes the sidecar answers on the kubelet's behalf, by path on the
 	// stats port (see AnnotationProbes).
 	Probes map[string]AppProbe `json:"probes,omitempty"`
+	// Terminating: the pod is being deleted (it may still be draining).
+	Terminating bool `json:"terminating,omitempty"`
+
+	created time.Time // the pod's creationTimestamp, to settle IP reuse
 }

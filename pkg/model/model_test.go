@@ -3,6 +3,7 @@ package model_test
 import (
 	"slices"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -124,6 +125,38 @@ func TestTracingSamplingZeroIsKept(t *testing.T) {
 		m, _ := model.Build(model.Input{MeshConfig: mc})
 		if got := m.Settings.Tracing.SamplingPercent; got != tt.want {
 			t.Errorf("samplingPercent %v: model has %d; want %d", tt.set, got, tt.want)
+		}
+	}
+}
+
+// TestReusedPodIP: a deleted pod whose object outlived its sandbox keeps
+// reporting an IP the network gave to a new pod; the new pod owns it,
+// whatever the names' order. Between two live pods the newer wins.
+func TestReusedPodIP(t *testing.T) {
+	t0 := metav1.Now()
+	pod := func(name string, created metav1.Time, deleted bool, mode string) *corev1.Pod {
+		p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: name, CreationTimestamp: created,
+			Annotations: map[string]string{model.AnnotationProxy: mode}},
+			Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "10.0.0.9"}}
+		if deleted {
+			p.DeletionTimestamp = &t0
+		}
+		return p
+	}
+	later := metav1.NewTime(t0.Add(time.Minute))
+	for _, tt := range []struct {
+		name string
+		pods []*corev1.Pod
+		want string
+	}{
+		{"deleted pod sorts last", []*corev1.Pod{pod("a-new", later, false, "none"), pod("z-old", t0, true, "sidecar")}, "a-new"},
+		{"deleted pod sorts first", []*corev1.Pod{pod("z-new", t0, false, "none"), pod("a-old", later, true, "sidecar")}, "z-new"},
+		{"two live pods: newer wins", []*corev1.Pod{pod("z-old", t0, false, "sidecar"), pod("a-new", later, false, "none")}, "a-new"},
+	} {
+		m, _ := model.Build(model.Input{Pods: tt.pods})
+		w := m.WorkloadByIP("10.0.0.9")
+		if w == nil || w.Name != tt.want {
+			t.Errorf("%s: 10.0.0.9 is %+v; want pod %s", tt.name, w, tt.want)
 		}
 	}
 }
