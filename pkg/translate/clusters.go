@@ -238,7 +238,7 @@ func (t *translator) loadAssignment(name string, svc *model.Service, port *model
 			}
 		}
 	}
-	failover := svc.Policy != nil && svc.Policy.Outlier != nil && t.proxy.Zone != ""
+	failover := failoverZone(svc, t.proxy) != ""
 	byZone := map[string][]*endpointv3.LbEndpoint{}
 	for _, e := range use {
 		lbe := &endpointv3.LbEndpoint{
@@ -273,6 +273,15 @@ func (t *translator) loadAssignment(name string, svc *model.Service, port *model
 		cla.Endpoints = append(cla.Endpoints, l)
 	}
 	return cla
+}
+
+// failoverZone is the proxy's zone when the Service's endpoints are
+// prioritised by it (outlier detection on, the proxy in a zone), else "".
+func failoverZone(svc *model.Service, proxy *model.Workload) string {
+	if svc.Policy != nil && svc.Policy.Outlier != nil {
+		return proxy.Zone
+	}
+	return ""
 }
 
 // externalCluster adds the cluster of an ExternalService host port.

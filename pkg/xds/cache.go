@@ -195,6 +195,51 @@ func (c *Cache) SetClass(key string, class Class) {
 	}
 }
 
+// UpdateResources replaces (or adds) resources of one type in a class,
+// copy on write, and answers the open watches of that type of its nodes:
+// an update that touches a few resources costs what it touches, not a
+// whole SetClass. It reports false when the class is not held.
+func (c *Cache) UpdateResources(key, typeURL string, rs map[string]*Resource) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	class, ok := c.classes[key]
+	if !ok {
+		return false
+	}
+	typed := maps.Clone(class[typeURL])
+	if typed == nil {
+		typed = map[string]*Resource{}
+	}
+	maps.Copy(typed, rs)
+	next := maps.Clone(class)
+	next[typeURL] = typed
+	c.classes[key] = next
+	v := maps.Clone(c.versions[key])
+	if v == nil {
+		v = map[string]string{}
+	}
+	v[typeURL] = next.typeVersion(typeURL)
+	c.versions[key] = v
+	var ws []*watch
+	for w := range c.watches {
+		if c.nodes[w.nodeID] == key && w.typeURL() == typeURL {
+			ws = append(ws, w)
+		}
+	}
+	for _, w := range ws {
+		c.tryRespond(w)
+	}
+	return true
+}
+
+// Class returns a class's resources (read only: the maps are shared).
+func (c *Cache) Class(key string) (Class, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	class, ok := c.classes[key]
+	return class, ok
+}
+
 // pushOrder ranks a type for SetClass's responses.
 func pushOrder(typeURL string) int {
 	switch typeURL {

@@ -20,6 +20,7 @@ type Metrics struct {
 	TokenReviewCache *prometheus.CounterVec
 	AuthFailures     *prometheus.CounterVec
 	OnDemandClusters *prometheus.CounterVec
+	ClassUpdates     *prometheus.CounterVec
 }
 
 // NewMetrics creates the metrics.
@@ -41,10 +42,11 @@ func NewMetrics() *Metrics {
 		TokenReviewCache: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "trellis_xds_tokenreview_cache_total", Help: "Token reviews answered from the cache (hit) or the apiserver (miss)."}, []string{"result"}),
 		AuthFailures:     prometheus.NewCounterVec(prometheus.CounterOpts{Name: "trellis_xds_auth_failures_total", Help: "Rejected xDS streams, by gRPC code (ResourceExhausted: the replica's stream cap)."}, []string{"code"}),
 		OnDemandClusters: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "trellis_xds_ondemand_resolutions_total", Help: "On-demand cluster names (pod IPs) resolved, once per name and push round, by whether the cluster exists."}, []string{"found"}),
+		ClassUpdates:     prometheus.NewCounterVec(prometheus.CounterOpts{Name: "trellis_xds_class_updates_total", Help: "Proxy classes brought up to date in a push round, by how: translated in full, or only their changed ClusterLoadAssignments recomputed (a change of endpoints only)."}, []string{"kind"}),
 	}
 }
 
 // Collectors lists the metrics for registration.
 func (m *Metrics) Collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.ConnectedProxies, m.Rounds, m.Pushes, m.PushedResources, m.PushedBytes, m.NACKs, m.Convergence, m.Debounce, m.Translate, m.TranslateErrors, m.TokenReviewCache, m.AuthFailures, m.OnDemandClusters}
+	return []prometheus.Collector{m.ConnectedProxies, m.Rounds, m.Pushes, m.PushedResources, m.PushedBytes, m.NACKs, m.Convergence, m.Debounce, m.Translate, m.TranslateErrors, m.TokenReviewCache, m.AuthFailures, m.OnDemandClusters, m.ClassUpdates}
 }

@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"fmt"
+	"maps"
 	"runtime"
 	"slices"
 	"strconv"
@@ -11,6 +12,7 @@ import (
 	"sync"
 	"time"
 
+	endpointv3 "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	"github.com/envoyproxy/go-control-plane/pkg/resource/v3"
 	"github.com/go-logr/logr"
 	"golang.org/x/sync/errgroup"
@@ -59,6 +61,8 @@ type Pusher struct {
 	classes   map[string]*classInfo
 	trigger   chan struct{}
 	kick      chan struct{}
+	// fullRoundsOnly turns the endpoint-only path off (benchmarks compare).
+	fullRoundsOnly bool
 }
 
 type nodeInfo struct {
@@ -70,6 +74,11 @@ type nodeInfo struct {
 
 type classInfo struct {
 	roundStart time.Time
+	// mesh is the model the class's served result was computed from and
+	// problems the translator found in it: a round whose model differs
+	// from it in endpoints only recomputes just those.
+	mesh     *model.Mesh
+	problems []model.Problem
 }
 
 // NewPusher returns a pusher with istiod's default timings.
@@ -328,12 +337,19 @@ type classJob struct {
 	key   string
 	w     *model.Workload
 	nodes []string
+	// current is the class's state when its result was computed from the
+	// last round's model (nil otherwise).
+	current *classInfo
 }
 
 // round computes the classes of all connected proxies from the latest model.
+// When the model differs from the last round's in endpoints only, a class
+// computed from that model gets just its changed ClusterLoadAssignments,
+// computed once per variant for every class and marshalled once; other
+// classes are translated in full.
 func (p *Pusher) round(ctx context.Context) {
 	p.mu.Lock()
-	mesh, start := p.mesh, p.firstEvent
+	mesh, start, prev := p.mesh, p.firstEvent, p.pushed
 	p.firstEvent = time.Time{}
 	if mesh == nil {
 		p.mu.Unlock()
@@ -352,6 +368,9 @@ func (p *Pusher) round(ctx context.Context) {
 		}
 		if jobs[key] == nil {
 			jobs[key] = &classJob{key: key, w: w}
+			if c := p.classes[key]; c != nil && prev != nil && c.mesh == prev {
+				jobs[key].current = c
+			}
 		}
 		jobs[key].nodes = append(jobs[key].nodes, nodeID)
 	}
@@ -359,11 +378,21 @@ func (p *Pusher) round(ctx context.Context) {
 	if !start.IsZero() {
 		p.Metrics.Debounce.Observe(p.Clock.Since(start).Seconds())
 	}
+	var eps *endpointRound
+	if changed, ok := model.EndpointChanges(prev, mesh); ok && !p.fullRoundsOnly {
+		if u, ok := translate.NewEndpointUpdate(prev, mesh, changed); ok {
+			eps = &endpointRound{update: u, marshalled: map[*endpointv3.ClusterLoadAssignment]*Resource{}}
+		}
+	}
 
 	type result struct {
 		class    Class
 		problems []model.Problem
 		err      error
+		// endpoints, for a class updated in place: its changed
+		// ClusterLoadAssignments (possibly none).
+		endpoints map[string]*Resource
+		inPlace   bool
 	}
 	results := make(map[string]*result, len(jobs))
 	var rmu sync.Mutex
@@ -375,17 +404,23 @@ func (p *Pusher) round(ctx context.Context) {
 	g.SetLimit(limit)
 	for _, j := range jobs {
 		g.Go(func() error {
-			t0 := p.Clock.Now()
-			res, problems := translate.ForWorkload(mesh, j.w)
-			r := &result{problems: problems}
-			if err := res.Validate(); err != nil {
-				r.err = fmt.Errorf("invalid resources: %w", err)
-			} else if err := translate.CheckReferences(res); err != nil {
-				r.err = fmt.Errorf("dangling references: %w", err)
+			var r *result
+			if held, ok := p.Cache.Class(j.key); ok && eps != nil && j.current != nil {
+				r = &result{problems: j.current.problems, inPlace: true}
+				r.endpoints, r.err = eps.forClass(j.w, held[resource.EndpointType])
 			} else {
-				r.class, r.err = ClassFrom(res)
+				t0 := p.Clock.Now()
+				res, problems := translate.ForWorkload(mesh, j.w)
+				r = &result{problems: problems}
+				if err := res.Validate(); err != nil {
+					r.err = fmt.Errorf("invalid resources: %w", err)
+				} else if err := translate.CheckReferences(res); err != nil {
+					r.err = fmt.Errorf("dangling references: %w", err)
+				} else {
+					r.class, r.err = ClassFrom(res)
+				}
+				p.Metrics.Translate.Observe(p.Clock.Since(t0).Seconds())
 			}
-			p.Metrics.Translate.Observe(p.Clock.Since(t0).Seconds())
 			rmu.Lock()
 			results[j.key] = r
 			rmu.Unlock()
@@ -398,7 +433,7 @@ func (p *Pusher) round(ctx context.Context) {
 	// resources changed with this round's model.
 	p.Cache.SetOnDemand(p.onDemand(mesh))
 	var problems []model.Problem
-	served := map[string]bool{}
+	served := map[string]*classInfo{}
 	for key, r := range results {
 		problems = append(problems, r.problems...)
 		if r.err != nil {
@@ -407,13 +442,22 @@ func (p *Pusher) round(ctx context.Context) {
 			p.Log.Error(r.err, "translation result rejected; proxies keep their last good configuration", "class", key)
 			continue
 		}
-		p.Cache.SetClass(key, r.class)
-		served[key] = true
+		info := &classInfo{roundStart: start, mesh: mesh, problems: r.problems}
+		switch {
+		case !r.inPlace:
+			p.Cache.SetClass(key, r.class)
+			p.Metrics.ClassUpdates.WithLabelValues("full").Inc()
+		case len(r.endpoints) > 0:
+			p.Cache.UpdateResources(key, resource.EndpointType, r.endpoints)
+			p.Metrics.ClassUpdates.WithLabelValues("endpoints").Inc()
+		default:
+			// Nothing it holds changed: its result is current as it is.
+			info.roundStart = jobs[key].current.roundStart
+		}
+		served[key] = info
 	}
 	p.mu.Lock()
-	for key := range served {
-		p.classes[key] = &classInfo{roundStart: start}
-	}
+	maps.Copy(p.classes, served)
 	var bind [][2]string
 	for nodeID, key := range rebind {
 		n := p.nodes[nodeID]
@@ -449,6 +493,41 @@ func (p *Pusher) round(ctx context.Context) {
 		p.OnProblems(problems)
 	}
 	p.Metrics.Rounds.Inc()
+}
+
+// endpointRound is a round's endpoint-only update: each changed
+// ClusterLoadAssignment is validated and marshalled once, whatever number
+// of classes holds it.
+type endpointRound struct {
+	update     *translate.EndpointUpdate
+	mu         sync.Mutex
+	marshalled map[*endpointv3.ClusterLoadAssignment]*Resource
+}
+
+// forClass returns the class's changed ClusterLoadAssignments: those whose
+// content differs from what it holds.
+func (e *endpointRound) forClass(w *model.Workload, held map[string]*Resource) (map[string]*Resource, error) {
+	out := map[string]*Resource{}
+	for _, cla := range e.update.For(w, func(name string) bool { _, ok := held[name]; return ok }) {
+		e.mu.Lock()
+		r, ok := e.marshalled[cla]
+		if !ok {
+			err := cla.ValidateAll()
+			if err == nil {
+				r, err = NewResource(cla.ClusterName, cla)
+			}
+			if err != nil {
+				e.mu.Unlock()
+				return nil, fmt.Errorf("invalid ClusterLoadAssignment %s: %w", cla.ClusterName, err)
+			}
+			e.marshalled[cla] = r
+		}
+		e.mu.Unlock()
+		if held[r.Name].Version != r.Version {
+			out[r.Name] = r
+		}
+	}
+	return out, nil
 }
 
 // onDemand resolves the on-demand names proxies subscribe to (pod-IP
