@@ -38,11 +38,15 @@ func run() error {
 	o.XDSAddr = net.JoinHostPort(host, "15012")
 	o.ProbeAddr = net.JoinHostPort(host, "8081")
 	webhookAddr := net.JoinHostPort(host, strconv.Itoa(o.WebhookPort))
+	kubeQPS, kubeBurst := float64(50), 100
 	var dnsNames, rootCAOut string
 	fs := flag.CommandLine
 	fs.StringVar(&o.MetricsAddr, "metrics-bind-address", o.MetricsAddr, "Address of the metrics endpoint (Prometheus metrics and the debug API); \"0\" disables it, \":8443\" is every interface.")
 	fs.BoolVar(&o.MetricsSecure, "metrics-secure", o.MetricsSecure, "Serve metrics over HTTPS with Kubernetes authentication and authorization (TokenReview and SubjectAccessReview).")
 	fs.StringVar(&o.ProbeAddr, "health-probe-bind-address", o.ProbeAddr, "Address of the /healthz and /readyz endpoints (default: env POD_IP or loopback).")
+	fs.StringVar(&o.PprofAddr, "pprof-bind-address", "0", "Address of Go's net/http/pprof profiles (plain HTTP, no authentication: keep it on loopback, e.g. 127.0.0.1:6060, and reach it with kubectl port-forward); \"0\" disables it.")
+	fs.Float64Var(&kubeQPS, "kube-api-qps", kubeQPS, "Requests per second the controller's Kubernetes client may send (reads come from informer caches; this bounds status writes, TokenReviews and SubjectAccessReviews).")
+	fs.IntVar(&kubeBurst, "kube-api-burst", kubeBurst, "Burst of the Kubernetes client above --kube-api-qps.")
 	fs.BoolVar(&o.LeaderElect, "leader-elect", o.LeaderElect, "Elect a leader among replicas; only the leader writes status. Every replica serves xDS.")
 	fs.StringVar(&o.LeaderElectionNamespace, "leader-election-namespace", "", "Namespace of the leader election Lease (default: --namespace).")
 	fs.DurationVar(&o.LeaseDuration, "leader-election-lease-duration", o.LeaseDuration, "How long followers wait after the leader's last renewal before taking the Lease: a killed leader's successor writes status within about this plus the retry period.")
@@ -116,6 +120,10 @@ func run() error {
 	if err != nil {
 		return fmt.Errorf("kubeconfig: %w", err)
 	}
+	if kubeQPS <= 0 || kubeBurst < 1 {
+		return fmt.Errorf("--kube-api-qps and --kube-api-burst must be positive (got %v and %d)", kubeQPS, kubeBurst)
+	}
+	cfg.QPS, cfg.Burst = float32(kubeQPS), kubeBurst
 	cp, err := controlplane.New(cfg, o)
 	if err != nil {
 		return err

@@ -38,8 +38,10 @@ type Options struct {
 	MetricsSecure bool
 	// MetricsDNSNames are the metrics serving certificate's names (default
 	// MetricsDNSNames(Namespace)).
-	MetricsDNSNames         []string
-	ProbeAddr               string
+	MetricsDNSNames []string
+	ProbeAddr       string
+	// PprofAddr serves net/http/pprof ("" or "0": off).
+	PprofAddr               string
 	LeaderElect             bool
 	LeaderElectionNamespace string
 	// LeaseDuration, RenewDeadline and RetryPeriod time leader election

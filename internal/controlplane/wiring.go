@@ -122,6 +122,7 @@ func (cp *ControlPlane) wireManager(cfg *rest.Config) error {
 		Scheme:                 cp.scheme,
 		Metrics:                metricsOpts,
 		HealthProbeBindAddress: o.ProbeAddr,
+		PprofBindAddress:       cmp.Or(o.PprofAddr, "0"),
 		// Leader election is the control plane's own (leader.go): a lost
 		// Lease must not stop the replica.
 		LeaderElection: false,
