@@ -15,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -62,17 +63,19 @@ type loadProxy struct {
 	Delta bool   `json:"delta"`
 }
 
-// connectLoad creates n client pods (one ServiceAccount: one shared class)
-// and connects them from the xdsload process, half state of the world and
-// half delta, each with its own pod-bound token and source IP.
-func connectLoad(t testing.TB, p *plane, ns string, n int) *pushLoad {
-	return connectProxies(t, p, ns, createLoadPods(t, p, ns, n))
-}
-
-// createLoadPods creates the pods and their tokens and waits until the
-// model holds them.
-func createLoadPods(t testing.TB, p *plane, ns string, n int) []loadProxy {
+// createLoadPods creates n client pods and their pod-bound tokens (half
+// of them to connect over state of the world, half delta) and waits until
+// the model holds them. With classes > 1 pod i runs as ServiceAccount
+// client-<i mod classes>: that many proxy classes.
+func createLoadPods(t testing.TB, p *plane, ns string, n, classes int) []loadProxy {
 	proxies := make([]loadProxy, n)
+	sa := func(int) string { return "client" }
+	if classes > 1 {
+		for k := range classes {
+			create(t, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: fmt.Sprintf("client-%d", k)}})
+		}
+		sa = func(i int) string { return fmt.Sprintf("client-%d", i%classes) }
+	}
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, 16)
 	for i := range n {
@@ -81,9 +84,9 @@ func createLoadPods(t testing.TB, p *plane, ns string, n int) []loadProxy {
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			pod := testgen.Pod(ns, fmt.Sprintf("client-%d", i), testgen.WithServiceAccount("client"), testgen.WithIP(fmt.Sprintf("127.1.%d.%d", i/250, i%250+1)))
+			pod := testgen.Pod(ns, fmt.Sprintf("client-%d", i), testgen.WithServiceAccount(sa(i)), testgen.WithIP(fmt.Sprintf("127.1.%d.%d", i/250, i%250+1)))
 			create(t, pod)
-			proxies[i] = loadProxy{Node: nodeID(pod), Token: token(t, pod, "client"), IP: pod.Status.PodIP, Delta: i%2 == 1}
+			proxies[i] = loadProxy{Node: nodeID(pod), Token: token(t, pod, sa(i)), IP: pod.Status.PodIP, Delta: i%2 == 1}
 		}()
 	}
 	wg.Wait()
@@ -187,7 +190,7 @@ func heapInuse() uint64 {
 // TestPushBenchmarkTwin is the size-2 twin of BenchmarkPush.
 func TestPushBenchmarkTwin(t *testing.T) {
 	p, ns := setupPushServices(t, 3)
-	l := connectLoad(t, p, ns, 2)
+	l := connectProxies(t, p, ns, createLoadPods(t, p, ns, 2, 2))
 	lat, responses, _ := l.change(t, 2)
 	if len(lat) != 2 {
 		t.Fatalf("%d proxies reported", len(lat))
@@ -199,16 +202,20 @@ func TestPushBenchmarkTwin(t *testing.T) {
 
 // BenchmarkPush connects 1,000 proxies and measures, for an endpoint change
 // of a Service they all use, each proxy's delay until it holds the new
-// endpoints (p50, p99), the responses and bytes the change caused, and the
-// controller's memory per connected proxy (RSS and Go heap+stacks) — the
-// pods themselves are in the baseline, so this is what a connection costs.
+// endpoints (p50, p99), the responses and bytes the change caused, the
+// CPU this process (the controller and its informers; the apiserver and
+// the proxies run elsewhere) spent per change, and the controller's memory
+// per connected proxy (RSS and Go heap+stacks) — the pods themselves are
+// in the baseline, so this is what a connection costs. Sizes: one class
+// and 100 Services, and 100 classes (ServiceAccounts) and 1,000 Services.
 func BenchmarkPush(b *testing.B) {
-	for _, n := range []int{1000} {
-		b.Run(fmt.Sprintf("proxies=%d", n), func(b *testing.B) {
-			p, ns := setupPushServices(b, 100)
+	for _, size := range []struct{ proxies, classes, services int }{{1000, 1, 100}, {1000, 100, 1000}} {
+		b.Run(fmt.Sprintf("proxies=%d/classes=%d/services=%d", size.proxies, size.classes, size.services), func(b *testing.B) {
+			n := size.proxies
+			p, ns := setupPushServices(b, size.services)
 			// The pods exist (in the informer cache and the model) before
 			// the baseline: what is measured is the cost of a connection.
-			proxies := createLoadPods(b, p, ns, n)
+			proxies := createLoadPods(b, p, ns, n, size.classes)
 			heap0, rss0 := heapInuse(), rssBytes()
 			l := connectProxies(b, p, ns, proxies)
 			heap1, rss1 := heapInuse(), rssBytes()
@@ -222,20 +229,30 @@ func BenchmarkPush(b *testing.B) {
 			var responses, bytes int
 			_, r0, b0 := l.change(b, 2)
 			endpoints := 2
+			cpu0 := processCPU()
 			for b.Loop() {
 				endpoints++
 				lat, r, by := l.change(b, endpoints)
 				all = append(all, lat...)
 				responses, bytes = r, by
 			}
+			cpu := processCPU() - cpu0
 			slices.Sort(all)
 			changes := float64(endpoints - 2)
 			b.ReportMetric(all[len(all)/2], "p50-ms")
 			b.ReportMetric(all[len(all)*99/100], "p99-ms")
+			b.ReportMetric(cpu.Seconds()/changes, "cpu-s/change")
 			b.ReportMetric(float64(responses-r0)/changes, "responses/change")
 			b.ReportMetric(float64(bytes-b0)/changes, "bytes/change")
 			b.ReportMetric(float64(rss1-rss0)/float64(n)/1024, "KB-RSS/proxy")
 			b.ReportMetric(float64(heap1-heap0)/float64(n)/1024, "KB-heap/proxy")
 		})
 	}
+}
+
+// processCPU is the user and system CPU time this process used so far.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

@@ -3,6 +3,7 @@ package xds
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"syscall"
 	"testing"
 	"time"
@@ -55,6 +56,14 @@ func endpointChangeSetup(tb testing.TB, services, classes int, full bool) (p *Pu
 	return p, a, b
 }
 
+// heapInUse is the Go heap in use after a collection.
+func heapInUse() uint64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapInuse
+}
+
 func cpuTime() time.Duration {
 	var ru syscall.Rusage
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
@@ -74,7 +83,9 @@ func BenchmarkEndpointChange(b *testing.B) {
 			}
 			path := map[bool]string{false: "endpoints-only", true: "full"}[full]
 			b.Run(fmt.Sprintf("services=%d/classes=%d/%s", size.services, size.classes, path), func(b *testing.B) {
+				heap0 := heapInUse()
 				p, m1, m2 := endpointChangeSetup(b, size.services, size.classes, full)
+				b.ReportMetric(float64(heapInUse()-heap0)/(1<<20), "MB-heap-after-setup")
 				cpu0 := cpuTime()
 				n := 0
 				for b.Loop() {

@@ -434,6 +434,7 @@ func (p *Pusher) round(ctx context.Context) {
 	p.Cache.SetOnDemand(p.onDemand(mesh))
 	var problems []model.Problem
 	served := map[string]*classInfo{}
+	intern := map[[3]string]*Resource{}
 	for key, r := range results {
 		problems = append(problems, r.problems...)
 		if r.err != nil {
@@ -445,6 +446,19 @@ func (p *Pusher) round(ctx context.Context) {
 		info := &classInfo{roundStart: start, mesh: mesh, problems: r.problems}
 		switch {
 		case !r.inPlace:
+			// Classes share the resources that come out the same (a
+			// Service's cluster is the same bytes for most classes that see
+			// it): one copy in memory.
+			for typeURL, rs := range r.class {
+				for name, res := range rs {
+					k := [3]string{typeURL, name, res.Version}
+					if x, ok := intern[k]; ok {
+						rs[name] = x
+					} else {
+						intern[k] = res
+					}
+				}
+			}
 			p.Cache.SetClass(key, r.class)
 			p.Metrics.ClassUpdates.WithLabelValues("full").Inc()
 		case len(r.endpoints) > 0:
