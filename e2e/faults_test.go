@@ -21,8 +21,14 @@ import (
 // condition for generation gen and returns it.
 func routeCondition(t *testing.T, ns, name string, gen int64, cond string) metav1.Condition {
 	t.Helper()
+	return routeConditionWithin(t, time.Minute, ns, name, gen, cond)
+}
+
+// routeConditionWithin is routeCondition with another limit.
+func routeConditionWithin(t *testing.T, limit time.Duration, ns, name string, gen int64, cond string) metav1.Condition {
+	t.Helper()
 	var found metav1.Condition
-	eventually(t, fmt.Sprintf("HTTPRoute %s %s for generation %d", name, cond, gen), func() (bool, string) {
+	eventuallyWithin(t, limit, fmt.Sprintf("HTTPRoute %s %s for generation %d", name, cond, gen), func() (bool, string) {
 		var r gwv1.HTTPRoute
 		if err := env.Cluster.Client().Get(ctxT(t), client.ObjectKey{Namespace: ns, Name: name}, &r); err != nil {
 			return false, err.Error()

@@ -17,9 +17,15 @@ import (
 // eventually retries check every 300 ms for up to a minute.
 func eventually(t *testing.T, what string, check func() (bool, string)) time.Duration {
 	t.Helper()
+	return eventuallyWithin(t, time.Minute, what, check)
+}
+
+// eventuallyWithin is eventually with another limit.
+func eventuallyWithin(t *testing.T, limit time.Duration, what string, check func() (bool, string)) time.Duration {
+	t.Helper()
 	start := time.Now()
 	last := ""
-	for time.Since(start) < time.Minute {
+	for time.Since(start) < limit {
 		ok, msg := check()
 		if ok {
 			return time.Since(start)
@@ -27,7 +33,7 @@ func eventually(t *testing.T, what string, check func() (bool, string)) time.Dur
 		last = msg
 		time.Sleep(300 * time.Millisecond)
 	}
-	t.Fatalf("%s: not after a minute; last: %s", what, last)
+	t.Fatalf("%s: not after %v; last: %s", what, limit, last)
 	return 0
 }
 
