@@ -18,8 +18,8 @@ import (
 // same message is returned to every class that holds it. Safe for
 // concurrent use.
 type EndpointUpdate struct {
-	mesh    *model.Mesh
-	changed []*model.Service
+	prev, mesh *model.Mesh
+	changed    []*model.Service
 
 	mu   sync.Mutex
 	memo map[string]*endpointv3.ClusterLoadAssignment
@@ -42,7 +42,32 @@ func NewEndpointUpdate(prev, next *model.Mesh, changed []*model.Service) (*Endpo
 			}
 		}
 	}
-	return &EndpointUpdate{mesh: next, changed: changed, memo: map[string]*endpointv3.ClusterLoadAssignment{}}, true
+	return &EndpointUpdate{prev: prev, mesh: next, changed: changed, memo: map[string]*endpointv3.ClusterLoadAssignment{}}, true
+}
+
+// KeepsClass reports whether w's ClassKey is the same in both models: it
+// is unless a changed Service of w's namespace lists w among its old or new
+// endpoints (the ports a pod serves are part of its class).
+func (u *EndpointUpdate) KeepsClass(w *model.Workload) bool {
+	lists := func(eps map[int32][]model.Endpoint) bool {
+		for _, es := range eps {
+			for _, e := range es {
+				if e.Pod == w.Name || slices.Contains(w.IPs, e.IP) {
+					return true
+				}
+			}
+		}
+		return false
+	}
+	for _, s := range u.changed {
+		if s.Namespace != w.Namespace {
+			continue
+		}
+		if lists(s.Endpoints) || lists(u.prev.Service(s.Namespace, s.Name).Endpoints) {
+			return false
+		}
+	}
+	return true
 }
 
 // For returns the changed ClusterLoadAssignments of proxy w's class, among

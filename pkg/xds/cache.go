@@ -5,6 +5,8 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"errors"
+	"fmt"
+	"hash/fnv"
 	"maps"
 	"slices"
 	"sync"
@@ -43,19 +45,31 @@ func NewResource(name string, m proto.Message) (*Resource, error) {
 // Class is the result for one class of proxies: resources by type URL and name.
 type Class map[string]map[string]*Resource
 
-// typeVersion is the version of a whole type: a hash of names and versions.
-func (c Class) typeVersion(typeURL string) string {
-	rs := c[typeURL]
-	names := slices.Sorted(maps.Keys(rs))
-	h := sha256.New()
-	for _, n := range names {
-		h.Write([]byte(n))
-		h.Write([]byte{0})
-		h.Write([]byte(rs[n].Version))
-		h.Write([]byte{0})
+// typeSum is the version of a whole type: the XOR of a hash of each
+// resource's name and version. It does not depend on order, so a change
+// of some resources updates it in what they cost (resourceSum out, in),
+// not in a sort and hash of the whole type.
+func (c Class) typeSum(typeURL string) uint64 {
+	var sum uint64
+	for n, r := range c[typeURL] {
+		sum ^= resourceSum(n, r.Version)
 	}
-	return hex.EncodeToString(h.Sum(nil)[:8])
+	return sum
 }
+
+// resourceSum is one resource's share of its type's version (FNV-1a:
+// every replica computes the same, so a proxy that reconnects elsewhere
+// is recognised as up to date).
+func resourceSum(name, version string) uint64 {
+	h := fnv.New64a()
+	h.Write([]byte(name))
+	h.Write([]byte{0})
+	h.Write([]byte(version))
+	return h.Sum64()
+}
+
+// versionString is a type version as the xDS version_info.
+func versionString(sum uint64) string { return fmt.Sprintf("%016x", sum) }
 
 // Cache implements go-control-plane's cache.Cache. Nodes are bound to a
 // class key (by the authenticator, from the verified node id); classes are
@@ -65,9 +79,10 @@ func (c Class) typeVersion(typeURL string) string {
 type Cache struct {
 	mu      sync.Mutex
 	classes map[string]Class
-	// versions caches each class's type versions (computed once in SetClass,
-	// not for every response to every proxy of the class).
-	versions map[string]map[string]string
+	// versions caches each class's type versions (computed once in SetClass
+	// and updated by UpdateResources, not for every response to every
+	// proxy of the class).
+	versions map[string]map[string]uint64
 	nodes    map[string]string // node id -> class key
 	// perNode holds resources only one node may see (its own certificate
 	// and key over SDS), served on top of its class.
@@ -84,7 +99,7 @@ type Cache struct {
 
 // NewCache returns an empty cache.
 func NewCache() *Cache {
-	return &Cache{classes: map[string]Class{}, versions: map[string]map[string]string{}, nodes: map[string]string{}, perNode: map[string]Class{}, watches: map[*watch]struct{}{}}
+	return &Cache{classes: map[string]Class{}, versions: map[string]map[string]uint64{}, nodes: map[string]string{}, perNode: map[string]Class{}, watches: map[*watch]struct{}{}}
 }
 
 type watch struct {
@@ -175,9 +190,9 @@ func (c *Cache) SetClass(key string, class Class) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.classes[key] = class
-	v := make(map[string]string, len(class))
+	v := make(map[string]uint64, len(class))
 	for typeURL := range class {
-		v[typeURL] = class.typeVersion(typeURL)
+		v[typeURL] = class.typeSum(typeURL)
 	}
 	c.versions[key] = v
 	var ws []*watch
@@ -195,8 +210,8 @@ func (c *Cache) SetClass(key string, class Class) {
 	}
 }
 
-// UpdateResources replaces (or adds) resources of one type in a class,
-// copy on write, and answers the open watches of that type of its nodes:
+// UpdateResources replaces (or adds) resources of one type in a class
+// and answers the open watches of that type of its nodes:
 // an update that touches a few resources costs what it touches, not a
 // whole SetClass. It reports false when the class is not held.
 func (c *Cache) UpdateResources(key, typeURL string, rs map[string]*Resource) bool {
@@ -206,20 +221,25 @@ func (c *Cache) UpdateResources(key, typeURL string, rs map[string]*Resource) bo
 	if !ok {
 		return false
 	}
-	typed := maps.Clone(class[typeURL])
+	// In place: every reader of class maps holds the lock or gets copies
+	// (NodeView, Class).
+	typed := class[typeURL]
 	if typed == nil {
 		typed = map[string]*Resource{}
+		class[typeURL] = typed
 	}
-	maps.Copy(typed, rs)
-	next := maps.Clone(class)
-	next[typeURL] = typed
-	c.classes[key] = next
-	v := maps.Clone(c.versions[key])
-	if v == nil {
-		v = map[string]string{}
+	if c.versions[key] == nil {
+		c.versions[key] = map[string]uint64{}
 	}
-	v[typeURL] = next.typeVersion(typeURL)
-	c.versions[key] = v
+	sum := c.versions[key][typeURL]
+	for name, r := range rs {
+		if old, ok := typed[name]; ok {
+			sum ^= resourceSum(name, old.Version)
+		}
+		sum ^= resourceSum(name, r.Version)
+		typed[name] = r
+	}
+	c.versions[key][typeURL] = sum
 	var ws []*watch
 	for w := range c.watches {
 		if c.nodes[w.nodeID] == key && w.typeURL() == typeURL {
@@ -232,12 +252,41 @@ func (c *Cache) UpdateResources(key, typeURL string, rs map[string]*Resource) bo
 	return true
 }
 
-// Class returns a class's resources (read only: the maps are shared).
+// Class returns a copy of a class's resources (the resources themselves
+// are shared: read only).
 func (c *Cache) Class(key string) (Class, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	class, ok := c.classes[key]
-	return class, ok
+	return class.copy(), ok
+}
+
+// Resource returns one resource of a class.
+func (c *Cache) Resource(key, typeURL, name string) (*Resource, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	r, ok := c.classes[key][typeURL][name]
+	return r, ok
+}
+
+// HasClass reports whether the class is held.
+func (c *Cache) HasClass(key string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, ok := c.classes[key]
+	return ok
+}
+
+// copy copies the maps of a class, not the resources.
+func (c Class) copy() Class {
+	if c == nil {
+		return nil
+	}
+	out := make(Class, len(c))
+	for typeURL, rs := range c {
+		out[typeURL] = maps.Clone(rs)
+	}
+	return out
 }
 
 // pushOrder ranks a type for SetClass's responses.
@@ -329,9 +378,9 @@ func (c *Cache) tryRespond(w *watch) bool {
 	}
 	version := func(typeURL string) string {
 		if v, ok := c.versions[key][typeURL]; ok && c.perNode[w.nodeID][typeURL] == nil {
-			return v
+			return versionString(v)
 		}
-		return class.typeVersion(typeURL)
+		return versionString(class.typeSum(typeURL))
 	}
 	class = c.withOwn(class, w.nodeID)
 	if w.sotw != nil {
@@ -360,7 +409,8 @@ func (c *Cache) withOwn(class Class, nodeID string) Class {
 
 // NodeView is what the cache serves a node: the class key it is bound to
 // and the class's resources with the node's own on top (on-demand ones it
-// subscribed to are not included). The maps are shared: read only.
+// subscribed to are not included). The maps are copies; the resources are
+// shared: read only.
 func (c *Cache) NodeView(nodeID string) (key string, view Class, ok bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -368,7 +418,7 @@ func (c *Cache) NodeView(nodeID string) (key string, view Class, ok bool) {
 	if !bound {
 		return "", nil, false
 	}
-	return key, c.withOwn(c.classes[key], nodeID), true
+	return key, c.withOwn(c.classes[key].copy(), nodeID), true
 }
 
 // wanted are the class's resources of the watch's type its subscription

@@ -3,7 +3,9 @@ package xds
 import (
 	"context"
 	"fmt"
+	"os"
 	"runtime"
+	"runtime/pprof"
 	"syscall"
 	"testing"
 	"time"
@@ -86,6 +88,13 @@ func BenchmarkEndpointChange(b *testing.B) {
 				heap0 := heapInUse()
 				p, m1, m2 := endpointChangeSetup(b, size.services, size.classes, full)
 				b.ReportMetric(float64(heapInUse()-heap0)/(1<<20), "MB-heap-after-setup")
+				// TRELLIS_CPU_PROFILE=file profiles the changes (not the setup).
+				if path := os.Getenv("TRELLIS_CPU_PROFILE"); path != "" {
+					if f, err := os.Create(path); err == nil {
+						_ = pprof.StartCPUProfile(f)
+						defer func() { pprof.StopCPUProfile(); f.Close() }()
+					}
+				}
 				cpu0 := cpuTime()
 				n := 0
 				for b.Loop() {

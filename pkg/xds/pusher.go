@@ -66,10 +66,12 @@ type Pusher struct {
 }
 
 type nodeInfo struct {
-	ident    *Identity
-	class    string
-	identity string
-	notAfter time.Time
+	ident *Identity
+	// class is the key the node is bound to; lastKey the one the last
+	// round computed for it (they differ while that class has no result).
+	class, lastKey string
+	identity       string
+	notAfter       time.Time
 }
 
 type classInfo struct {
@@ -355,6 +357,12 @@ func (p *Pusher) round(ctx context.Context) {
 		p.mu.Unlock()
 		return
 	}
+	var eps *endpointRound
+	if changed, ok := model.EndpointChanges(prev, mesh); ok && !p.fullRoundsOnly {
+		if u, ok := translate.NewEndpointUpdate(prev, mesh, changed); ok {
+			eps = &endpointRound{update: u, marshalled: map[*endpointv3.ClusterLoadAssignment]*Resource{}}
+		}
+	}
 	jobs := map[string]*classJob{}
 	rebind := map[string]string{}
 	for nodeID, n := range p.nodes {
@@ -362,7 +370,11 @@ func (p *Pusher) round(ctx context.Context) {
 		if w == nil {
 			continue // not in the model (yet): keep serving its last class
 		}
-		key := translate.ClassKey(mesh, w)
+		key := n.lastKey
+		if key == "" || eps == nil || !eps.update.KeepsClass(w) {
+			key = translate.ClassKey(mesh, w)
+		}
+		n.lastKey = key
 		if key != n.class {
 			rebind[nodeID] = key
 		}
@@ -377,12 +389,6 @@ func (p *Pusher) round(ctx context.Context) {
 	p.mu.Unlock()
 	if !start.IsZero() {
 		p.Metrics.Debounce.Observe(p.Clock.Since(start).Seconds())
-	}
-	var eps *endpointRound
-	if changed, ok := model.EndpointChanges(prev, mesh); ok && !p.fullRoundsOnly {
-		if u, ok := translate.NewEndpointUpdate(prev, mesh, changed); ok {
-			eps = &endpointRound{update: u, marshalled: map[*endpointv3.ClusterLoadAssignment]*Resource{}}
-		}
 	}
 
 	type result struct {
@@ -405,9 +411,9 @@ func (p *Pusher) round(ctx context.Context) {
 	for _, j := range jobs {
 		g.Go(func() error {
 			var r *result
-			if held, ok := p.Cache.Class(j.key); ok && eps != nil && j.current != nil {
+			if eps != nil && j.current != nil && p.Cache.HasClass(j.key) {
 				r = &result{problems: j.current.problems, inPlace: true}
-				r.endpoints, r.err = eps.forClass(j.w, held[resource.EndpointType])
+				r.endpoints, r.err = eps.forClass(j.w, func(name string) (*Resource, bool) { return p.Cache.Resource(j.key, resource.EndpointType, name) })
 			} else {
 				t0 := p.Clock.Now()
 				res, problems := translate.ForWorkload(mesh, j.w)
@@ -520,9 +526,9 @@ type endpointRound struct {
 
 // forClass returns the class's changed ClusterLoadAssignments: those whose
 // content differs from what it holds.
-func (e *endpointRound) forClass(w *model.Workload, held map[string]*Resource) (map[string]*Resource, error) {
+func (e *endpointRound) forClass(w *model.Workload, held func(name string) (*Resource, bool)) (map[string]*Resource, error) {
 	out := map[string]*Resource{}
-	for _, cla := range e.update.For(w, func(name string) bool { _, ok := held[name]; return ok }) {
+	for _, cla := range e.update.For(w, func(name string) bool { _, ok := held(name); return ok }) {
 		e.mu.Lock()
 		r, ok := e.marshalled[cla]
 		if !ok {
@@ -537,7 +543,7 @@ func (e *endpointRound) forClass(w *model.Workload, held map[string]*Resource) (
 			e.marshalled[cla] = r
 		}
 		e.mu.Unlock()
-		if held[r.Name].Version != r.Version {
+		if h, _ := held(r.Name); h == nil || h.Version != r.Version {
 			out[r.Name] = r
 		}
 	}
