@@ -247,9 +247,62 @@ func (c *Cache) UpdateResources(key, typeURL string, rs map[string]*Resource) bo
 		}
 	}
 	for _, w := range ws {
-		c.tryRespond(w)
+		if cachev3.ResourceRequiresFullStateInSotw(typeURL) || c.perNode[w.nodeID][typeURL] != nil {
+			c.tryRespond(w)
+		} else {
+			c.respondUpdated(w, versionString(sum), rs)
+		}
 	}
 	return true
+}
+
+// respondUpdated answers an open watch after UpdateResources changed rs,
+// in what rs costs rather than what the watch subscribes to. An open watch
+// had nothing to receive when it was last checked, and every change since
+// answered it (it would not be open), so only rs can be news to it. Only
+// for types that are not full-state in SotW (no on-demand names, no
+// removals: UpdateResources only adds and replaces).
+func (c *Cache) respondUpdated(w *watch, version string, rs map[string]*Resource) {
+	known := w.sub.ReturnedResources()
+	subscribed := w.sub.SubscribedResources()
+	wildcard := w.sub.IsWildcard()
+	var changed []*Resource
+	for name, r := range rs {
+		if _, ok := subscribed[name]; (ok || wildcard) && known[name] != r.Version {
+			changed = append(changed, r)
+		}
+	}
+	if len(changed) == 0 {
+		return
+	}
+	slices.SortFunc(changed, func(a, b *Resource) int { return compareStrings(a.Name, b.Name) })
+	returned := maps.Clone(known)
+	if returned == nil {
+		returned = map[string]string{}
+	}
+	bytes := 0
+	for _, r := range changed {
+		returned[r.Name] = r.Version
+		bytes += r.Size
+	}
+	typeURL := w.typeURL()
+	if w.sotw != nil {
+		resp := &discovery.DiscoveryResponse{VersionInfo: version, TypeUrl: typeURL}
+		for _, r := range changed {
+			resp.Resources = append(resp.Resources, r.Any)
+		}
+		w.ch <- &sotwResponse{req: w.sotw, resp: resp, returned: returned}
+	} else {
+		resp := &discovery.DeltaDiscoveryResponse{SystemVersionInfo: version, TypeUrl: typeURL}
+		for _, r := range changed {
+			resp.Resources = append(resp.Resources, &discovery.Resource{Name: r.Name, Version: r.Version, Resource: r.Any})
+		}
+		w.dch <- &deltaResponse{req: w.delta, resp: resp, next: returned}
+	}
+	if c.OnRespond != nil {
+		c.OnRespond(w.nodeID, typeURL, len(changed), bytes)
+	}
+	delete(c.watches, w)
 }
 
 // Class returns a copy of a class's resources (the resources themselves
@@ -430,7 +483,7 @@ func (c *Cache) wanted(class Class, typeURL string, sub cachev3.Subscription) (w
 	if sub.IsWildcard() && len(names) == 0 {
 		return all, nil
 	}
-	out := map[string]*Resource{}
+	out := make(map[string]*Resource, len(names))
 	if sub.IsWildcard() {
 		maps.Copy(out, all)
 	}
@@ -451,6 +504,40 @@ func (c *Cache) wanted(class Class, typeURL string, sub cachev3.Subscription) (w
 	return out, missing
 }
 
+// upToDate reports, without allocating, whether a subscription holds
+// exactly the class's resources it asks for — the common case of the watch
+// a proxy's ACK opens, checked for every proxy after every push. It
+// answers false when it cannot tell cheaply (a wildcard with names added,
+// a name the class does not hold: on-demand or missing); the caller then
+// computes the full answer.
+func upToDate(all map[string]*Resource, sub cachev3.Subscription) bool {
+	known := sub.ReturnedResources()
+	names := sub.SubscribedResources()
+	if sub.IsWildcard() {
+		if len(names) > 0 || len(known) != len(all) {
+			return false
+		}
+		for n, r := range all {
+			if known[n] != r.Version {
+				return false
+			}
+		}
+		return true
+	}
+	for n := range names {
+		r, ok := all[n]
+		if !ok || known[n] != r.Version {
+			return false
+		}
+	}
+	for n := range known {
+		if _, ok := names[n]; !ok {
+			return false
+		}
+	}
+	return true
+}
+
 // respondSotw answers a state-of-the-world watch. Listeners and clusters
 // are full-state: any change re-sends all of them. Other types send only the
 // changed resources (the xDS protocol lets the server omit unchanged ones).
@@ -459,6 +546,9 @@ func (c *Cache) wanted(class Class, typeURL string, sub cachev3.Subscription) (w
 // not repeated until the content changes (no push loop).
 func (c *Cache) respondSotw(w *watch, class Class, typeVersion func(string) string) bool {
 	typeURL := w.sotw.GetTypeUrl()
+	if !(w.sotw.GetResponseNonce() == "" && cachev3.ResourceRequiresFullStateInSotw(typeURL)) && upToDate(class[typeURL], w.sub) {
+		return false
+	}
 	want, _ := c.wanted(class, typeURL, w.sub)
 	known := w.sub.ReturnedResources()
 	version := typeVersion(typeURL)
@@ -495,7 +585,7 @@ func (c *Cache) respondSotw(w *watch, class Class, typeVersion func(string) stri
 	}
 	slices.SortFunc(send, func(a, b *Resource) int { return compareStrings(a.Name, b.Name) })
 	resp := &discovery.DiscoveryResponse{VersionInfo: version, TypeUrl: typeURL}
-	returned := map[string]string{}
+	returned := make(map[string]string, len(want))
 	if !cachev3.ResourceRequiresFullStateInSotw(typeURL) && !removed {
 		maps.Copy(returned, known)
 	}
@@ -520,6 +610,9 @@ func (c *Cache) respondSotw(w *watch, class Class, typeVersion func(string) stri
 // differs from what the client holds and the names it holds that are gone.
 func (c *Cache) respondDelta(w *watch, class Class, typeVersion func(string) string) bool {
 	typeURL := w.delta.GetTypeUrl()
+	if !(w.delta.GetResponseNonce() == "" && cachev3.ResourceRequiresFullStateInSotw(typeURL) && w.sub.IsWildcard()) && upToDate(class[typeURL], w.sub) {
+		return false
+	}
 	want, missing := c.wanted(class, typeURL, w.sub)
 	known := w.sub.ReturnedResources()
 	var changed []*Resource
@@ -549,7 +642,7 @@ func (c *Cache) respondDelta(w *watch, class Class, typeVersion func(string) str
 	}
 	slices.SortFunc(changed, func(a, b *Resource) int { return compareStrings(a.Name, b.Name) })
 	slices.Sort(removed)
-	next := map[string]string{}
+	next := make(map[string]string, len(want))
 	for n, r := range want {
 		next[n] = r.Version
 	}
