@@ -125,7 +125,9 @@ func TestREADMEFlagsTable(t *testing.T) {
 		n, want := strings.TrimPrefix(names[0], "--"), flags[strings.TrimPrefix(names[0], "--")]
 		got := defaults[0]
 		if d, err := time.ParseDuration(got); err == nil {
-			got = d.String()
+			if w, err := time.ParseDuration(want); err == nil {
+				got, want = d.String(), w.String()
+			}
 		}
 		if want != "" && got != want {
 			t.Errorf("README says --%s defaults to %q, --help says %q", n, defaults[0], want)
