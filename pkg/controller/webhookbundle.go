@@ -5,7 +5,7 @@ import (
 	"context"
 
 	admissionv1 "k8s.io/api/admissionregistration/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/client-go/util/retry"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 )
 
@@ -25,47 +25,52 @@ type WebhookBundle struct {
 // +kubebuilder:rbac:groups=admissionregistration.k8s.io,resources=mutatingwebhookconfigurations,resourceNames=trellis-injection,verbs=get;update
 // +kubebuilder:rbac:groups=admissionregistration.k8s.io,resources=validatingwebhookconfigurations,resourceNames=trellis-validation,verbs=get;update
 
-// Sync writes the bundle into every webhook of the configuration.
+// Sync writes the bundle into every webhook of both configurations.
 func (w *WebhookBundle) Sync(ctx context.Context) error {
 	bundle, err := w.Bundle(ctx)
 	if err != nil {
 		return err
 	}
-	var mwc admissionv1.MutatingWebhookConfiguration
-	if err := w.Client.Get(ctx, client.ObjectKey{Name: w.Name}, &mwc); err != nil {
-		if !apierrors.IsNotFound(err) {
-			return err
+	err = syncBundle(ctx, w.Client, w.Name, bundle, func() *admissionv1.MutatingWebhookConfiguration { return &admissionv1.MutatingWebhookConfiguration{} },
+		func(c *admissionv1.MutatingWebhookConfiguration) (out []*[]byte) {
+			for i := range c.Webhooks {
+				out = append(out, &c.Webhooks[i].ClientConfig.CABundle)
+			}
+			return out
+		})
+	if err != nil || w.ValidatingName == "" {
+		return err
+	}
+	return syncBundle(ctx, w.Client, w.ValidatingName, bundle, func() *admissionv1.ValidatingWebhookConfiguration {
+		return &admissionv1.ValidatingWebhookConfiguration{}
+	},
+		func(c *admissionv1.ValidatingWebhookConfiguration) (out []*[]byte) {
+			for i := range c.Webhooks {
+				out = append(out, &c.Webhooks[i].ClientConfig.CABundle)
+			}
+			return out
+		})
+}
+
+// syncBundle writes bundle into the caBundles of the named configuration.
+// A conflict (another writer got there first: a chart upgrade, a former
+// leader) is no error: the configuration is read again and the write
+// retried. A configuration not installed (yet) is no error either.
+func syncBundle[T client.Object](ctx context.Context, c client.Client, name string, bundle []byte, newObj func() T, caBundles func(T) []*[]byte) error {
+	return retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		obj := newObj()
+		if err := c.Get(ctx, client.ObjectKey{Name: name}, obj); err != nil {
+			return client.IgnoreNotFound(err)
 		}
-		// not installed (yet)
-	}
-	changed := false
-	for i := range mwc.Webhooks {
-		if !bytes.Equal(mwc.Webhooks[i].ClientConfig.CABundle, bundle) {
-			mwc.Webhooks[i].ClientConfig.CABundle = bundle
-			changed = true
+		changed := false
+		for _, b := range caBundles(obj) {
+			if !bytes.Equal(*b, bundle) {
+				*b, changed = bundle, true
+			}
 		}
-	}
-	if changed {
-		if err := w.Client.Update(ctx, &mwc); err != nil {
-			return err
+		if !changed {
+			return nil
 		}
-	}
-	if w.ValidatingName == "" {
-		return nil
-	}
-	var vwc admissionv1.ValidatingWebhookConfiguration
-	if err := w.Client.Get(ctx, client.ObjectKey{Name: w.ValidatingName}, &vwc); err != nil {
-		return client.IgnoreNotFound(err)
-	}
-	changed = false
-	for i := range vwc.Webhooks {
-		if !bytes.Equal(vwc.Webhooks[i].ClientConfig.CABundle, bundle) {
-			vwc.Webhooks[i].ClientConfig.CABundle = bundle
-			changed = true
-		}
-	}
-	if !changed {
-		return nil
-	}
-	return w.Client.Update(ctx, &vwc)
+		return c.Update(ctx, obj)
+	})
 }
