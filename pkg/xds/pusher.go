@@ -353,16 +353,18 @@ func (p *Pusher) round(ctx context.Context) {
 	p.mu.Lock()
 	mesh, start, prev := p.mesh, p.firstEvent, p.pushed
 	p.firstEvent = time.Time{}
+	p.mu.Unlock()
 	if mesh == nil {
-		p.mu.Unlock()
 		return
 	}
+	// Outside the lock: a walk of both models (only rounds change pushed).
 	var eps *endpointRound
 	if changed, ok := model.EndpointChanges(prev, mesh); ok && !p.fullRoundsOnly {
 		if u, ok := translate.NewEndpointUpdate(prev, mesh, changed); ok {
 			eps = &endpointRound{update: u, marshalled: map[*endpointv3.ClusterLoadAssignment]*Resource{}}
 		}
 	}
+	p.mu.Lock()
 	jobs := map[string]*classJob{}
 	rebind := map[string]string{}
 	for nodeID, n := range p.nodes {
