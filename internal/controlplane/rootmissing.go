@@ -56,20 +56,17 @@ func (cp *ControlPlane) replacedRootAnnotations(ctx context.Context) map[string]
 }
 
 // rootReplaced watches the root Secret's ReplacedRootAnnotation (every
-// replica, every root-rotation tick) and reports it on MeshConfig, with a
-// log line and a Warning Event when it first appears.
+// replica, every root-rotation tick, from the read RootRotation.Sync makes)
+// and reports it on MeshConfig, with a log line and a Warning Event when it
+// first appears.
 type rootReplaced struct {
 	cp       *ControlPlane
 	mu       sync.Mutex
 	reported string
 }
 
-func (r *rootReplaced) check(ctx context.Context) error {
+func (r *rootReplaced) observe(s *corev1.Secret) {
 	cp := r.cp
-	var s corev1.Secret
-	if err := cp.direct.Get(ctx, client.ObjectKey{Namespace: cp.opts.Namespace, Name: ca.RootSecretName}, &s); err != nil {
-		return client.IgnoreNotFound(err) // the rotation restores it
-	}
 	replaced := s.Annotations[ReplacedRootAnnotation]
 	r.mu.Lock()
 	first := replaced != "" && replaced != r.reported
@@ -77,7 +74,7 @@ func (r *rootReplaced) check(ctx context.Context) error {
 	r.mu.Unlock()
 	if replaced == "" {
 		cp.Reconciler.SetCAProblems(nil)
-		return nil
+		return
 	}
 	msg := fmt.Sprintf("Secret %s/%s was missing while no replica held the mesh root, so a new root (sha256:%s) replaced %s. "+
 		"Proxies started before trust only the old root: they cannot reach the control plane or workloads started since. "+
@@ -86,11 +83,10 @@ func (r *rootReplaced) check(ctx context.Context) error {
 		cp.opts.Namespace, ca.RootSecretName, ca.Fingerprint(cp.Authority), replaced, ReplacedRootAnnotation)
 	if first {
 		cp.opts.Log.Error(nil, "the mesh root was replaced without rotation", "reason", meshv1alpha1.ReasonCARootMissing, "detail", msg)
-		cp.Manager.GetEventRecorderFor("trellis-controller").Event(&s, corev1.EventTypeWarning, meshv1alpha1.ReasonCARootMissing, msg)
+		cp.Manager.GetEventRecorderFor("trellis-controller").Event(s, corev1.EventTypeWarning, meshv1alpha1.ReasonCARootMissing, msg)
 	}
 	cp.Reconciler.SetCAProblems([]model.Problem{{
 		Object: model.Ref{Kind: "MeshConfig", Name: meshv1alpha1.MeshConfigName}, Condition: meshv1alpha1.ConditionProgrammed,
 		Reason: meshv1alpha1.ReasonCARootMissing, Message: msg,
 	}})
-	return nil
 }

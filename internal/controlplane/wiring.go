@@ -257,13 +257,13 @@ func (cp *ControlPlane) wireCA() error {
 	if o.Authority != nil {
 		return nil
 	}
+	replaced := &rootReplaced{cp: cp}
 	rr := &controller.RootRotation{
 		Client: cp.direct, Namespace: o.Namespace, Backend: cp.rotating, Clock: o.Clock, Overlap: o.RootRotationOverlap,
 		Recorder: cp.Manager.GetEventRecorderFor("trellis-controller"), Current: cp.Authority,
-		OnChange: cp.rootChanged,
+		OnChange: cp.rootChanged, OnRootSecret: replaced.observe,
 	}
-	replaced := &rootReplaced{cp: cp}
-	if err := add(cp.Manager, everyReplica(cp.every(rr.Sync, "apply root rotation")), everyReplica(cp.every(replaced.check, "check the root Secret"))); err != nil {
+	if err := add(cp.Manager, everyReplica(cp.every(rr.Sync, "apply root rotation"))); err != nil {
 		return err
 	}
 	return cp.leaderTask(cp.every(rr.Step, "advance root rotation"))

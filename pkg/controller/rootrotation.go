@@ -44,6 +44,9 @@ type RootRotation struct {
 	// OnChange runs after the signer or the trust bundle changed: re-issue
 	// workload and serving certificates, republish the bundle.
 	OnChange func()
+	// OnRootSecret, when set, is handed the trellis-ca Secret each Sync
+	// reads (one read per tick serves both).
+	OnRootSecret func(*corev1.Secret)
 }
 
 // +kubebuilder:rbac:groups="",namespace=trellis-system,resources=secrets,verbs=get;create;update;delete
@@ -68,7 +71,10 @@ func (r *RootRotation) meshConfig(ctx context.Context) (*meshv1alpha1.MeshConfig
 // A trellis-ca Secret that was deleted is restored from memory: minting a
 // new root would cut every workload off (nothing would trust it).
 func (r *RootRotation) Sync(ctx context.Context) error {
-	cur, _, err := r.secretRoot(ctx, ca.RootSecretName)
+	cur, secret, err := r.secretRoot(ctx, ca.RootSecretName)
+	if secret != nil && r.OnRootSecret != nil {
+		r.OnRootSecret(secret)
+	}
 	if apierrors.IsNotFound(err) && r.Current != nil {
 		if cur, err = r.restore(ctx); err != nil {
 			return err
