@@ -222,7 +222,7 @@ func (c *Cache) UpdateResources(key, typeURL string, rs map[string]*Resource) bo
 		return false
 	}
 	// In place: every reader of class maps holds the lock or gets copies
-	// (NodeView, Class).
+	// (NodeView).
 	typed := class[typeURL]
 	if typed == nil {
 		typed = map[string]*Resource{}
@@ -275,43 +275,14 @@ func (c *Cache) respondUpdated(w *watch, version string, rs map[string]*Resource
 	if len(changed) == 0 {
 		return
 	}
-	slices.SortFunc(changed, func(a, b *Resource) int { return compareStrings(a.Name, b.Name) })
 	returned := maps.Clone(known)
 	if returned == nil {
 		returned = map[string]string{}
 	}
-	bytes := 0
 	for _, r := range changed {
 		returned[r.Name] = r.Version
-		bytes += r.Size
 	}
-	typeURL := w.typeURL()
-	if w.sotw != nil {
-		resp := &discovery.DiscoveryResponse{VersionInfo: version, TypeUrl: typeURL}
-		for _, r := range changed {
-			resp.Resources = append(resp.Resources, r.Any)
-		}
-		w.ch <- &sotwResponse{req: w.sotw, resp: resp, returned: returned}
-	} else {
-		resp := &discovery.DeltaDiscoveryResponse{SystemVersionInfo: version, TypeUrl: typeURL}
-		for _, r := range changed {
-			resp.Resources = append(resp.Resources, &discovery.Resource{Name: r.Name, Version: r.Version, Resource: r.Any})
-		}
-		w.dch <- &deltaResponse{req: w.delta, resp: resp, next: returned}
-	}
-	if c.OnRespond != nil {
-		c.OnRespond(w.nodeID, typeURL, len(changed), bytes)
-	}
-	delete(c.watches, w)
-}
-
-// Class returns a copy of a class's resources (the resources themselves
-// are shared: read only).
-func (c *Cache) Class(key string) (Class, bool) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	class, ok := c.classes[key]
-	return class.copy(), ok
+	c.deliver(w, version, changed, nil, returned)
 }
 
 // Resource returns one resource of a class.
@@ -583,26 +554,14 @@ func (c *Cache) respondSotw(w *watch, class Class, typeVersion func(string) stri
 	if cachev3.ResourceRequiresFullStateInSotw(typeURL) || removed {
 		send = slices.Collect(maps.Values(want))
 	}
-	slices.SortFunc(send, func(a, b *Resource) int { return compareStrings(a.Name, b.Name) })
-	resp := &discovery.DiscoveryResponse{VersionInfo: version, TypeUrl: typeURL}
 	returned := make(map[string]string, len(want))
 	if !cachev3.ResourceRequiresFullStateInSotw(typeURL) && !removed {
 		maps.Copy(returned, known)
 	}
-	bytes := 0
-	for _, r := range send {
-		resp.Resources = append(resp.Resources, r.Any)
-		returned[r.Name] = r.Version
-		bytes += r.Size
-	}
 	for n, r := range want {
 		returned[n] = r.Version
 	}
-	w.ch <- &sotwResponse{req: w.sotw, resp: resp, returned: returned}
-	if c.OnRespond != nil {
-		c.OnRespond(w.nodeID, typeURL, len(send), bytes)
-	}
-	delete(c.watches, w)
+	c.deliver(w, version, send, nil, returned)
 	return true
 }
 
@@ -640,24 +599,42 @@ func (c *Cache) respondDelta(w *watch, class Class, typeVersion func(string) str
 	if len(changed) == 0 && len(removed) == 0 && !initial {
 		return false
 	}
-	slices.SortFunc(changed, func(a, b *Resource) int { return compareStrings(a.Name, b.Name) })
-	slices.Sort(removed)
 	next := make(map[string]string, len(want))
 	for n, r := range want {
 		next[n] = r.Version
 	}
-	resp := &discovery.DeltaDiscoveryResponse{SystemVersionInfo: typeVersion(typeURL), TypeUrl: typeURL, RemovedResources: removed}
+	c.deliver(w, typeVersion(typeURL), changed, removed, next)
+	return true
+}
+
+// deliver answers w with send (sorted here) and, for delta, the removed
+// names; returned is what the client holds once it has the response. The
+// watch is done. The caller holds the lock.
+func (c *Cache) deliver(w *watch, version string, send []*Resource, removed []string, returned map[string]string) {
+	slices.SortFunc(send, func(a, b *Resource) int { return compareStrings(a.Name, b.Name) })
+	slices.Sort(removed)
+	typeURL := w.typeURL()
 	bytes := 0
-	for _, r := range changed {
-		resp.Resources = append(resp.Resources, &discovery.Resource{Name: r.Name, Version: r.Version, Resource: r.Any})
+	for _, r := range send {
 		bytes += r.Size
 	}
-	w.dch <- &deltaResponse{req: w.delta, resp: resp, next: next}
+	if w.sotw != nil {
+		resp := &discovery.DiscoveryResponse{VersionInfo: version, TypeUrl: typeURL}
+		for _, r := range send {
+			resp.Resources = append(resp.Resources, r.Any)
+		}
+		w.ch <- &sotwResponse{req: w.sotw, resp: resp, returned: returned}
+	} else {
+		resp := &discovery.DeltaDiscoveryResponse{SystemVersionInfo: version, TypeUrl: typeURL, RemovedResources: removed}
+		for _, r := range send {
+			resp.Resources = append(resp.Resources, &discovery.Resource{Name: r.Name, Version: r.Version, Resource: r.Any})
+		}
+		w.dch <- &deltaResponse{req: w.delta, resp: resp, next: returned}
+	}
 	if c.OnRespond != nil {
-		c.OnRespond(w.nodeID, typeURL, len(changed), bytes)
+		c.OnRespond(w.nodeID, typeURL, len(send), bytes)
 	}
 	delete(c.watches, w)
-	return true
 }
 
 func compareStrings(a, b string) int {

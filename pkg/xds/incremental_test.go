@@ -203,7 +203,7 @@ func servedDiff(t *testing.T, p *Pusher, mesh *model.Mesh, node string) string {
 	if want := translate.ClassKey(mesh, w); key != want {
 		return fmt.Sprintf("bound to class %s, want %s", key, want)
 	}
-	got, ok := p.Cache.Class(key)
+	got, ok := p.Cache.classes[key] // no round runs meanwhile
 	if !ok {
 		return "class not held"
 	}
